@@ -1,0 +1,179 @@
+//! `file://` repositories: durable local writes.
+//!
+//! A put writes a temporary file in the target's directory (`.tmp.*`, never listed), fsyncs it,
+//! then links (create-only) or renames (overwrite) it into place and fsyncs the directory, so an
+//! acknowledged object survives a power loss, and a reader never sees a half-written one.
+
+use crate::{BlobStore, ObjectInfo, PutMode, Result, StorageError, check_key};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::fs::{self, File};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+fn io_err(op: &'static str, key: &str, e: std::io::Error) -> StorageError {
+    match e.kind() {
+        ErrorKind::NotFound => StorageError::NotFound { key: key.to_string() },
+        ErrorKind::AlreadyExists => StorageError::AlreadyExists { key: key.to_string() },
+        _ => StorageError::Other { op, key: key.to_string(), message: e.to_string(), retryable: false },
+    }
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and its missing parents, fsyncing each parent whose entries changed.
+fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dirs_durably(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = dir.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}
+
+impl LocalStore {
+    /// A store rooted at `root` (created if missing).
+    pub fn new(root: impl Into<PathBuf>) -> Result<LocalStore> {
+        let root = root.into();
+        create_dirs_durably(&root).map_err(|e| io_err("create", &root.display().to_string(), e))?;
+        Ok(LocalStore { root })
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    fn put_blocking(path: &Path, data: &[u8], mode: PutMode) -> std::io::Result<()> {
+        let dir = path.parent().expect("keys have a parent");
+        create_dirs_durably(dir)?;
+        let name = path.file_name().expect("keys have a name").to_string_lossy();
+        let tmp = dir.join(format!(".tmp.{name}.{}.{:016x}", std::process::id(), rand::random::<u64>()));
+        let result = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            drop(f);
+            match mode {
+                PutMode::Create => fs::hard_link(&tmp, path)?,
+                PutMode::Overwrite => fs::rename(&tmp, path)?,
+            }
+            fsync_dir(dir)
+        })();
+        let _ = fs::remove_file(&tmp);
+        result
+    }
+
+    fn list_blocking(root: &Path, dir: &str) -> std::io::Result<Vec<ObjectInfo>> {
+        let mut out = Vec::new();
+        let start = if dir.is_empty() { root.to_path_buf() } else { root.join(dir) };
+        let mut stack = vec![start];
+        while let Some(d) = stack.pop() {
+            let entries = match fs::read_dir(&d) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with(".tmp.") {
+                    continue;
+                }
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                } else if meta.is_file() {
+                    let rel = entry.path().strip_prefix(root).expect("below root").to_string_lossy().replace('\\', "/");
+                    out.push(ObjectInfo {
+                        key: rel,
+                        size: meta.len(),
+                        last_modified: meta.modified().map(Into::into).unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("storage task panicked")
+}
+
+#[async_trait]
+impl BlobStore for LocalStore {
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<()> {
+        let path = self.path(key)?;
+        let k = key.to_string();
+        blocking(move || LocalStore::put_blocking(&path, &data, mode).map_err(|e| io_err("put", &k, e))).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes> {
+        let path = self.path(key)?;
+        let k = key.to_string();
+        blocking(move || fs::read(&path).map(Bytes::from).map_err(|e| io_err("get", &k, e))).await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let path = self.path(key)?;
+        let k = key.to_string();
+        blocking(move || match fs::metadata(&path) {
+            Ok(m) => Ok(Some(ObjectInfo {
+                key: k,
+                size: m.len(),
+                last_modified: m.modified().map(Into::into).unwrap_or_default(),
+            })),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("head", &k, e)),
+        })
+        .await
+    }
+
+    async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
+        if !dir.is_empty() {
+            check_key(dir)?;
+        }
+        let root = self.root.clone();
+        let d = dir.to_string();
+        blocking(move || LocalStore::list_blocking(&root, &d).map_err(|e| io_err("list", &d, e))).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        let k = key.to_string();
+        blocking(move || {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_err("delete", &k, e)),
+            }
+            fsync_dir(path.parent().expect("keys have a parent")).map_err(|e| io_err("delete", &k, e))
+        })
+        .await
+    }
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}

@@ -1,0 +1,121 @@
+//! Object stores reached over HTTP (S3 and compatibles, GCS, Azure) and the in-memory store, all
+//! through `object_store`. Its client retries transient failures with exponential backoff until
+//! the configured retry time has passed; [`crate::Bounded`] adds a hard deadline on top.
+
+use crate::{BlobStore, ObjectInfo, PutMode, Result, StorageError, check_key};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutOptions};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct RemoteStore {
+    inner: Arc<dyn ObjectStore>,
+    /// The prefix inside the bucket, without leading or trailing `/` (may be empty).
+    prefix: String,
+    description: String,
+}
+
+fn map_err(op: &'static str, key: &str, e: object_store::Error) -> StorageError {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. } => StorageError::NotFound { key: key.to_string() },
+        E::AlreadyExists { .. } | E::Precondition { .. } => StorageError::AlreadyExists { key: key.to_string() },
+        E::NotSupported { .. } | E::NotImplemented { .. } | E::InvalidPath { .. } => {
+            StorageError::Other { op, key: key.to_string(), message: e.to_string(), retryable: false }
+        }
+        other => {
+            let message = other.to_string();
+            // Credentials and permissions do not heal by retrying; everything else might.
+            let permanent = ["403", "401", "Forbidden", "Unauthorized", "InvalidAccessKeyId", "SignatureDoesNotMatch"]
+                .iter()
+                .any(|m| message.contains(m));
+            StorageError::Other { op, key: key.to_string(), message, retryable: !permanent }
+        }
+    }
+}
+
+impl RemoteStore {
+    pub fn new(inner: Arc<dyn ObjectStore>, prefix: &str, description: String) -> RemoteStore {
+        RemoteStore { inner, prefix: prefix.trim_matches('/').to_string(), description }
+    }
+
+    /// An in-memory store, for tests.
+    pub fn memory() -> RemoteStore {
+        RemoteStore::new(Arc::new(object_store::memory::InMemory::new()), "", "memory://".into())
+    }
+
+    fn path(&self, key: &str) -> Result<Path> {
+        check_key(key)?;
+        Ok(if self.prefix.is_empty() { Path::from(key) } else { Path::from(format!("{}/{key}", self.prefix)) })
+    }
+
+    fn relative(&self, location: &Path) -> String {
+        let full = location.as_ref();
+        if self.prefix.is_empty() {
+            full.to_string()
+        } else {
+            full.strip_prefix(&self.prefix).map(|s| s.trim_start_matches('/')).unwrap_or(full).to_string()
+        }
+    }
+}
+
+#[async_trait]
+impl BlobStore for RemoteStore {
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<()> {
+        let path = self.path(key)?;
+        let mode = match mode {
+            PutMode::Create => object_store::PutMode::Create,
+            PutMode::Overwrite => object_store::PutMode::Overwrite,
+        };
+        self.inner
+            .put_opts(&path, data.into(), PutOptions::from(mode))
+            .await
+            .map(|_| ())
+            .map_err(|e| map_err("put", key, e))
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes> {
+        let path = self.path(key)?;
+        let r = self.inner.get(&path).await.map_err(|e| map_err("get", key, e))?;
+        r.bytes().await.map_err(|e| map_err("get", key, e))
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let path = self.path(key)?;
+        match self.inner.head(&path).await {
+            Ok(m) => Ok(Some(ObjectInfo { key: key.to_string(), size: m.size, last_modified: m.last_modified })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(map_err("head", key, e)),
+        }
+    }
+
+    async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
+        let full = match (self.prefix.is_empty(), dir.is_empty()) {
+            (true, true) => None,
+            (true, false) => Some(self.path(dir)?),
+            (false, true) => Some(Path::from(self.prefix.as_str())),
+            (false, false) => Some(self.path(dir)?),
+        };
+        let metas: Vec<_> =
+            self.inner.list(full.as_ref()).try_collect().await.map_err(|e| map_err("list", dir, e))?;
+        Ok(metas
+            .into_iter()
+            .map(|m| ObjectInfo { key: self.relative(&m.location), size: m.size, last_modified: m.last_modified })
+            .collect())
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        match self.inner.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(map_err("delete", key, e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}

@@ -1,0 +1,16 @@
+//! Test fixtures with real parts: a PostgreSQL 15 cluster and a local S3-compatible server.
+//!
+//! Missing infrastructure is a loud failure with a fix-it message, never a skipped test.
+
+pub mod pg;
+pub mod s3;
+
+pub use pg::PgCluster;
+pub use s3::S3Server;
+
+/// Creates a temporary directory that the PostgreSQL OS user can use when tests run as root.
+pub fn shared_tempdir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir_in(std::env::temp_dir()).expect("create temp dir");
+    pg::give_to_postgres_user(dir.path());
+    dir
+}

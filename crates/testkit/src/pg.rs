@@ -1,0 +1,233 @@
+//! A real PostgreSQL 15 cluster for tests.
+//!
+//! PostgreSQL refuses to run as root; when the tests run as root (CI does), every server-side
+//! command runs as the unprivileged `postgres` OS user through `setpriv`, and the cluster's
+//! directories are given to that user.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const FIX: &str = "install the PostgreSQL 15 server (apt-get install postgresql-15), or run `bash .ci/run`, which installs what the tests need";
+
+pub fn is_root() -> bool {
+    // The effective UID, asked of `id` once (no libc call needed).
+    static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ROOT.get_or_init(|| {
+        Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    })
+}
+
+/// Gives `path` (recursively) to the `postgres` OS user when running as root.
+pub fn give_to_postgres_user(path: &Path) {
+    if is_root() {
+        let st = Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).status().expect("run chown");
+        assert!(st.success(), "chown -R postgres {}: the `postgres` OS user must exist ({FIX})", path.display());
+    }
+}
+
+/// The directory with initdb, pg_ctl and postgres: `pg_config --bindir`, else Debian's path.
+pub fn bindir() -> PathBuf {
+    if let Ok(dir) = std::env::var("WALNUT_TEST_PG_BINDIR") {
+        return PathBuf::from(dir);
+    }
+    let from_pg_config = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let candidates = from_pg_config.into_iter().chain([PathBuf::from("/usr/lib/postgresql/15/bin")]);
+    for c in candidates {
+        if c.join("postgres").exists() && c.join("initdb").exists() {
+            return c;
+        }
+    }
+    panic!("PostgreSQL 15 server binaries (initdb, postgres) not found via `pg_config --bindir` or /usr/lib/postgresql/15/bin: {FIX}");
+}
+
+/// A command that runs as the `postgres` OS user when we are root.
+pub fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn check(what: &str, out: Output) -> String {
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Options for a new cluster.
+pub struct PgOptions {
+    /// `archive_command`, or `None` to leave archiving off.
+    pub archive_command: Option<String>,
+    /// `initdb --wal-segsize` in MiB.
+    pub wal_segsize_mb: u32,
+    pub extra_conf: String,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions { archive_command: None, wal_segsize_mb: 16, extra_conf: String::new() }
+    }
+}
+
+pub struct PgCluster {
+    pub dir: tempfile::TempDir,
+    pub pgdata: PathBuf,
+    pub port: u16,
+    pub bindir: PathBuf,
+    running: bool,
+}
+
+impl PgCluster {
+    /// `initdb` a new cluster in a temporary directory and start it.
+    pub fn start(opts: PgOptions) -> PgCluster {
+        let bindir = bindir();
+        let dir = crate::shared_tempdir("walnut-pg-");
+        let pgdata = dir.path().join("data");
+        let out = as_postgres(&bindir.join("initdb"))
+            .arg("-D")
+            .arg(&pgdata)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .arg(format!("--wal-segsize={}", opts.wal_segsize_mb))
+            .output()
+            .unwrap_or_else(|e| panic!("run initdb: {e}: {FIX}"));
+        check("initdb", out);
+        let port = free_port();
+        let mut conf = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             wal_level = replica\nmax_wal_senders = 2\nfsync = off\nfull_page_writes = on\n\
+             shared_buffers = 32MB\nmax_wal_size = 256MB\nlog_min_messages = info\n\
+             logging_collector = off\n",
+            dir.path().display()
+        );
+        if let Some(cmd) = &opts.archive_command {
+            conf += &format!("archive_mode = on\narchive_command = '{}'\n", cmd.replace('\'', "''"));
+        }
+        conf += &opts.extra_conf;
+        let conf_path = pgdata.join("postgresql.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).unwrap();
+        existing += "\n# walnut test fixture\n";
+        existing += &conf;
+        std::fs::write(&conf_path, existing).unwrap();
+        give_to_postgres_user(dir.path());
+        let mut c = PgCluster { dir, pgdata, port, bindir, running: false };
+        c.pg_ctl_start();
+        c
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    pub fn pg_ctl_start(&mut self) {
+        let out = as_postgres(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.pgdata)
+            .arg("-l")
+            .arg(self.log_path())
+            .args(["-w", "-t", "60", "start"])
+            .output()
+            .expect("run pg_ctl");
+        if !out.status.success() {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            panic!("pg_ctl start failed: {}\n{log}", String::from_utf8_lossy(&out.stderr));
+        }
+        self.running = true;
+    }
+
+    /// `pg_ctl stop -m MODE` (smart, fast, immediate).
+    pub fn stop(&mut self, mode: &str) {
+        let out = as_postgres(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.pgdata)
+            .args(["-w", "-t", "60", "-m", mode, "stop"])
+            .output()
+            .expect("run pg_ctl");
+        check("pg_ctl stop", out);
+        self.running = false;
+    }
+
+    /// Runs SQL through psql and returns its unaligned, tuples-only output.
+    pub fn sql(&self, sql: &str) -> String {
+        check(&format!("psql {sql:?}"), self.psql(sql))
+    }
+
+    pub fn psql(&self, sql: &str) -> Output {
+        Command::new(self.bindir.join("psql"))
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-c")
+            .arg(sql)
+            .output()
+            .expect("run psql")
+    }
+
+    /// A libpq connection URL for this cluster.
+    pub fn url(&self) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Waits until `cond` holds, polling, or panics after `timeout` with `what`.
+    pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            if start.elapsed() > timeout {
+                panic!("timed out after {timeout:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Forces a WAL switch (after making sure the current segment has something in it) and returns
+    /// the name of the segment that was completed.
+    pub fn switch_wal(&self) -> String {
+        self.sql("CREATE TABLE IF NOT EXISTS walnut_switch(x int); INSERT INTO walnut_switch VALUES (1)");
+        self.sql("SELECT pg_walfile_name(pg_switch_wal())").trim().to_string()
+    }
+
+    /// `(archived_count, last_archived_wal, failed_count)` from `pg_stat_archiver`.
+    pub fn archiver(&self) -> (u64, String, u64) {
+        let out = self.sql("SELECT archived_count, coalesce(last_archived_wal,''), failed_count FROM pg_stat_archiver");
+        let parts: Vec<&str> = out.trim().split('|').collect();
+        (parts[0].parse().unwrap(), parts[1].to_string(), parts[2].parse().unwrap())
+    }
+
+    /// Waits until PostgreSQL reports `name` archived (or a later segment).
+    pub fn wait_archived(&self, name: &str, timeout: Duration) {
+        PgCluster::wait_for(&format!("{name} to be archived"), timeout, || {
+            let (_, last, _) = self.archiver();
+            !last.is_empty() && last.as_str() >= name
+        });
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = as_postgres(&self.bindir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.pgdata)
+                .args(["-w", "-t", "30", "-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}
