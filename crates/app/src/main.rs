@@ -1,1 +1,50 @@
-fn main() {}
+//! The `walnut` binary: command line, configuration, output and the exit-code contract with
+//! PostgreSQL. Library crates below it never read the environment or exit the process.
+
+mod cli;
+mod cmd;
+mod config;
+mod exit;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("walnut: cannot start the async runtime: {e}");
+            return exit::FAILURE.into();
+        }
+    };
+    let code = runtime.block_on(cmd::run(cli));
+    // Do not wait for stray blocking tasks (a prefetch child is a separate process).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code.into()
+}
+
+fn init_logging(cli: &cli::Cli) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let level = match (cli.global.quiet, cli.global.verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    // Our own crates at the chosen level; dependencies only warn unless asked for with RUST_LOG.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("warn,walnut={level},walnut_core={level},walnut_storage={level},walnut_pg={level}"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if std::io::stderr().is_terminal() {
+        builder.without_time().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}

@@ -1,1 +1,17 @@
-//! placeholder
+//! walnut's domain: the repository and everything stored in it.
+//!
+//! - [`envelope`]: the format of every stored object (codec chain, metadata, checksum trailer).
+//! - [`layout`]: the ONLY place object keys are built.
+//! - [`repo`]: a repository = a store + its identity (one cluster per repository, checked on
+//!   every write).
+//! - [`wal`]: `wal-push` (validate, upload-ahead) and `wal-fetch` (verify, prefetch spool).
+//! - [`state`]: walnut's own working state on the local disk (never inside PGDATA).
+
+pub mod envelope;
+pub mod layout;
+pub mod repo;
+pub mod state;
+pub mod wal;
+
+pub use envelope::{Codec, Compression};
+pub use repo::{Identity, Repository};

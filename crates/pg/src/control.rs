@@ -1,8 +1,8 @@
 //! `global/pg_control`: the cluster's identity as PostgreSQL itself records it.
 
+use crate::SystemId;
 use crate::lsn::{Lsn, TimelineId, WalSegSize};
 use crate::version::control_layout as L;
-use crate::SystemId;
 
 /// The fields walnut reads from `pg_control`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -170,9 +170,7 @@ mod tests {
     #[test]
     fn segment_numbers() {
         let ws = WalSegSize::DEFAULT;
-        let WalFileName::Segment(s) = WalFileName::parse("0000000100000001000000FF").unwrap() else {
-            panic!()
-        };
+        let WalFileName::Segment(s) = WalFileName::parse("0000000100000001000000FF").unwrap() else { panic!() };
         assert_eq!(s.segno(ws), Some(SegNo(511)));
         assert_eq!(s.next(ws).unwrap().to_string(), "000000010000000200000000");
         let big = WalSegSize::new(1 << 30).unwrap();

@@ -4,10 +4,10 @@
 //! the header's magic names a supported PostgreSQL version, and the header's timeline and address
 //! match the file name. This rejects truncated files, files renamed by hand and foreign files.
 
+use crate::SystemId;
 use crate::lsn::{Lsn, SegNo, TimelineId, WalSegSize};
 use crate::names::SegName;
 use crate::version::PgMajor;
-use crate::SystemId;
 
 pub const XLOG_BLCKSZ: usize = 8192;
 pub const SIZE_OF_SHORT_PHD: usize = 24;
@@ -89,13 +89,17 @@ pub struct SegmentCheck {
 pub enum SegmentError {
     #[error("{name}: {len} bytes is too short to hold a WAL page header (truncated or not a WAL segment)")]
     TooShort { name: String, len: usize },
-    #[error("{name}: the first page has no valid long WAL page header (magic {magic:#06X}, info {info:#06X}): not a WAL segment, or corrupt")]
+    #[error(
+        "{name}: the first page has no valid long WAL page header (magic {magic:#06X}, info {info:#06X}): not a WAL segment, or corrupt"
+    )]
     NoLongHeader { name: String, magic: u16, info: u16 },
     #[error("{name}: WAL page magic {magic:#06X} is not from a PostgreSQL version walnut supports (15)")]
     UnknownMagic { name: String, magic: u16 },
     #[error("{name}: the page header declares an invalid segment size {declared} or block size {blcksz}")]
     BadSizes { name: String, declared: u32, blcksz: u32 },
-    #[error("{name}: the file is {len} bytes but WAL segments of this cluster are {expected} bytes: truncated or padded")]
+    #[error(
+        "{name}: the file is {len} bytes but WAL segments of this cluster are {expected} bytes: truncated or padded"
+    )]
     WrongLength { name: String, len: usize, expected: u64 },
     #[error("{name}: the page header says timeline {header}, the file name says timeline {named}")]
     TimelineMismatch { name: String, header: u32, named: u32 },
@@ -110,8 +114,8 @@ pub fn check_segment(name: SegName, data: &[u8]) -> Result<SegmentCheck, Segment
         return Err(SegmentError::TooShort { name: n(), len: data.len() });
     }
     let std = PageHeader::parse(data).expect("length checked");
-    let major = PgMajor::from_page_magic(std.magic)
-        .ok_or(SegmentError::UnknownMagic { name: n(), magic: std.magic })?;
+    let major =
+        PgMajor::from_page_magic(std.magic).ok_or(SegmentError::UnknownMagic { name: n(), magic: std.magic })?;
     let long = LongPageHeader::parse(data)
         .filter(|h| h.std.info & !XLP_ALL_FLAGS == 0)
         .ok_or(SegmentError::NoLongHeader { name: n(), magic: std.magic, info: std.info })?;
@@ -137,11 +141,7 @@ pub fn check_segment(name: SegName, data: &[u8]) -> Result<SegmentCheck, Segment
 /// such as `.partial` segments, which PostgreSQL may truncate).
 pub fn peek_identity(data: &[u8]) -> Option<(SystemId, PgMajor, WalSegSize)> {
     let long = LongPageHeader::parse(data)?;
-    Some((
-        long.sysid,
-        PgMajor::from_page_magic(long.std.magic)?,
-        WalSegSize::new(u64::from(long.seg_size)).ok()?,
-    ))
+    Some((long.sysid, PgMajor::from_page_magic(long.std.magic)?, WalSegSize::new(u64::from(long.seg_size)).ok()?))
 }
 
 /// Builds a syntactically valid first page for tests and tools: a long header and nothing else.

@@ -99,8 +99,7 @@ impl BlobStore for RemoteStore {
             (false, true) => Some(Path::from(self.prefix.as_str())),
             (false, false) => Some(self.path(dir)?),
         };
-        let metas: Vec<_> =
-            self.inner.list(full.as_ref()).try_collect().await.map_err(|e| map_err("list", dir, e))?;
+        let metas: Vec<_> = self.inner.list(full.as_ref()).try_collect().await.map_err(|e| map_err("list", dir, e))?;
         Ok(metas
             .into_iter()
             .map(|m| ObjectInfo { key: self.relative(&m.location), size: m.size, last_modified: m.last_modified })

@@ -51,7 +51,11 @@ fn client_options(o: &StorageOptions, allow_http: bool) -> ClientOptions {
 
 fn retry(o: &StorageOptions) -> RetryConfig {
     RetryConfig {
-        backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5), base: 2.0 },
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
         max_retries: 20,
         retry_timeout: o.retry_time,
     }
@@ -59,7 +63,11 @@ fn retry(o: &StorageOptions) -> RetryConfig {
 
 fn split_bucket(url: &url::Url) -> Result<(String, String)> {
     let bucket = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| {
-        StorageError::Config(format!("{}://… needs a bucket name, like {}://my-bucket/prefix", url.scheme(), url.scheme()))
+        StorageError::Config(format!(
+            "{}://… needs a bucket name, like {}://my-bucket/prefix",
+            url.scheme(),
+            url.scheme()
+        ))
     })?;
     Ok((bucket.to_string(), url.path().trim_matches('/').to_string()))
 }
@@ -67,12 +75,16 @@ fn split_bucket(url: &url::Url) -> Result<(String, String)> {
 /// Opens the store a repository URL names, wrapped in [`Bounded`].
 pub fn open(repo: &str, o: &StorageOptions) -> Result<DynStore> {
     let url = url::Url::parse(repo).map_err(|e| {
-        StorageError::Config(format!("{repo:?}: {e}; use file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"))
+        StorageError::Config(format!(
+            "{repo:?}: {e}; use file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+        ))
     })?;
     let store: DynStore = match url.scheme() {
         "file" => {
             if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
-                return Err(StorageError::Config(format!("{repo:?}: file URLs take an absolute path: file:///var/lib/walnut")));
+                return Err(StorageError::Config(format!(
+                    "{repo:?}: file URLs take an absolute path: file:///var/lib/walnut"
+                )));
             }
             let path = url
                 .to_file_path()

@@ -43,7 +43,9 @@ pub fn bindir() -> PathBuf {
             return c;
         }
     }
-    panic!("PostgreSQL 15 server binaries (initdb, postgres) not found via `pg_config --bindir` or /usr/lib/postgresql/15/bin: {FIX}");
+    panic!(
+        "PostgreSQL 15 server binaries (initdb, postgres) not found via `pg_config --bindir` or /usr/lib/postgresql/15/bin: {FIX}"
+    );
 }
 
 /// A command that runs as the `postgres` OS user when we are root.

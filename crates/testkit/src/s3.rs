@@ -36,8 +36,8 @@ impl S3Server {
         let root = self.root.clone();
         let bind = self.addr;
         // Bound with std so this works from inside another runtime (async tests).
-        let listener = std::net::TcpListener::bind(bind)
-            .unwrap_or_else(|e| panic!("local S3 server: cannot bind {bind}: {e}"));
+        let listener =
+            std::net::TcpListener::bind(bind).unwrap_or_else(|e| panic!("local S3 server: cannot bind {bind}: {e}"));
         listener.set_nonblocking(true).expect("nonblocking listener");
         self.addr = listener.local_addr().unwrap();
         runtime.spawn(async move {

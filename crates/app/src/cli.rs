@@ -1,0 +1,54 @@
+//! Command-line flags (raw); `cmd` validates them into actions.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "walnut", version, about = "Continuous archiving and point-in-time recovery for PostgreSQL")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Global {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, env = "WALNUT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Repository URL: file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix.
+    #[arg(long, global = true, value_name = "URL")]
+    pub repo: Option<String>,
+    /// Machine-readable output on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More logging (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Archive one WAL file (archive_command = 'walnut --config FILE wal-push %p').
+    WalPush {
+        /// The file, as PostgreSQL passes it (%p).
+        path: PathBuf,
+    },
+    /// Restore one WAL file (restore_command = 'walnut --config FILE wal-fetch %f %p').
+    WalFetch {
+        /// The WAL file name PostgreSQL asks for (%f).
+        name: String,
+        /// Where to write it (%p).
+        dest: PathBuf,
+    },
+    /// Print the resolved configuration (secrets redacted), to debug what walnut will use.
+    #[command(hide = true)]
+    ShowConfig,
+    /// Fill the prefetch spool after NAME (started in the background by wal-fetch).
+    #[command(hide = true)]
+    WalPrefetch { name: String },
+}

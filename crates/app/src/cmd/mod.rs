@@ -1,0 +1,79 @@
+//! Command dispatch: each command returns its exit code; errors are printed once, here or in
+//! the command, with their context chain.
+
+mod wal;
+
+use crate::cli::{Cli, Command};
+use crate::config::Config;
+use crate::exit;
+use anyhow::Result;
+use walnut_core::Repository;
+
+/// Everything a command needs from the global options.
+pub struct Ctx {
+    pub global: crate::cli::Global,
+    pub config: Config,
+}
+
+impl Ctx {
+    pub fn repository(&self) -> Result<Repository> {
+        let url = self.config.repo_url()?;
+        let store = walnut_storage::open(url, &self.config.storage)?;
+        Ok(Repository::new(store))
+    }
+}
+
+pub async fn run(cli: Cli) -> u8 {
+    let config = match Config::load(cli.global.config.as_deref(), cli.global.repo.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            report(&e);
+            return match cli.command {
+                Command::WalFetch { .. } => exit::FATAL,
+                _ => exit::FAILURE,
+            };
+        }
+    };
+    let ctx = Ctx { global: cli.global, config };
+    match cli.command {
+        Command::WalPush { path } => wal::push(&ctx, &path).await,
+        Command::WalFetch { name, dest } => wal::fetch(&ctx, &name, &dest).await,
+        Command::WalPrefetch { name } => wal::prefetch(&ctx, &name).await,
+        Command::ShowConfig => show_config(&ctx),
+    }
+}
+
+/// Prints an error with its causes on one line.
+pub fn report(e: &anyhow::Error) {
+    tracing::error!("{e:#}");
+}
+
+fn show_config(ctx: &Ctx) -> u8 {
+    let c = &ctx.config;
+    let redacted = |s: &Option<walnut_storage::Secret>| s.as_ref().map(|_| "[redacted]");
+    let v = serde_json::json!({
+        "config_file": c.path,
+        "repo": c.repo,
+        "compression": format!("{:?}", c.codec.compression).to_lowercase(),
+        "compression_level": c.codec.level,
+        "state_dir": c.state_dir,
+        "s3": {
+            "endpoint": c.storage.s3.endpoint,
+            "region": c.storage.s3.region,
+            "access_key_id": c.storage.s3.access_key_id,
+            "secret_access_key": redacted(&c.storage.s3.secret_access_key),
+            "force_path_style": c.storage.s3.force_path_style,
+        },
+        "storage": {
+            "request_timeout": humantime::format_duration(c.storage.request_timeout).to_string(),
+            "retry_time": humantime::format_duration(c.storage.retry_time).to_string(),
+            "deadline": humantime::format_duration(c.storage.deadline).to_string(),
+        },
+        "postgres": { "pgdata": c.pgdata, "url": c.pg_url, "bindir": c.pg_bindir },
+        "wal": { "upload_ahead": c.upload_ahead, "prefetch": c.prefetch },
+        "agent": { "listen": c.agent_listen, "token_file": c.agent_token_file, "token": redacted(&c.agent_token) },
+        "settings": c.settings,
+    });
+    println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
+    exit::OK
+}

@@ -1,0 +1,137 @@
+//! Shared helpers for walnut's end-to-end tests: repositories on `file://` and on the local S3
+//! server, config files, running the walnut binary under test.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use walnut_testkit::{PgCluster, S3Server, pg::PgOptions, shared_tempdir};
+
+pub fn walnut_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_walnut")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    File,
+    S3,
+}
+
+/// A repository plus a config file pointing at it, in a directory the postgres user owns.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub backend: Backend,
+    pub s3: Option<S3Server>,
+    pub repo_url: String,
+    pub config: PathBuf,
+}
+
+impl Env {
+    pub fn new(backend: Backend) -> Env {
+        Env::with_extra(backend, "")
+    }
+
+    pub fn with_extra(backend: Backend, extra: &str) -> Env {
+        let dir = shared_tempdir("walnut-env-");
+        let (s3, repo_url) = match backend {
+            Backend::File => (None, format!("file://{}/repo", dir.path().display())),
+            Backend::S3 => {
+                let s = S3Server::start();
+                let url = s.repo_url("cluster-a");
+                (Some(s), url)
+            }
+        };
+        let config = dir.path().join("walnut.toml");
+        let mut env = Env { dir, backend, s3, repo_url, config };
+        env.write_config(extra);
+        env
+    }
+
+    /// (Re)writes the config file: repo, state dir, backend settings, short storage bounds.
+    pub fn write_config(&mut self, extra: &str) {
+        let mut text =
+            format!("repo = \"{}\"\nstate_dir = \"{}\"\n", self.repo_url, self.dir.path().join("state").display());
+        // Split `extra` into top-level keys and sections so keys land before any [section].
+        let (top, sections): (Vec<&str>, Vec<&str>) = {
+            let mut top = vec![];
+            let mut rest = vec![];
+            let mut in_section = false;
+            for line in extra.lines() {
+                if line.trim_start().starts_with('[') {
+                    in_section = true;
+                }
+                if in_section { rest.push(line) } else { top.push(line) }
+            }
+            (top, rest)
+        };
+        for l in top {
+            text += l;
+            text += "\n";
+        }
+        if !extra.contains("[storage]") {
+            text += "[storage]\nrequest_timeout = \"2s\"\nretry_time = \"3s\"\ndeadline = \"6s\"\n";
+        }
+        if let Some(s3) = &self.s3 {
+            text += &s3.config_toml();
+        }
+        for l in sections {
+            text += l;
+            text += "\n";
+        }
+        std::fs::write(&self.config, text).unwrap();
+        walnut_testkit::pg::give_to_postgres_user(self.dir.path());
+    }
+
+    pub fn archive_command(&self) -> String {
+        format!("{} --config {} wal-push %p", walnut_bin(), self.config.display())
+    }
+
+    /// An archive command that also appends walnut's JSON report of each call to `log`.
+    pub fn archive_command_logging(&self, log: &Path) -> String {
+        format!("{} --json --config {} wal-push %p >> {}", walnut_bin(), self.config.display(), log.display())
+    }
+
+    pub fn restore_command_logging(&self, log: &Path) -> String {
+        format!("{} --json --config {} wal-fetch %f %p >> {}", walnut_bin(), self.config.display(), log.display())
+    }
+
+    pub fn cluster(&self) -> PgCluster {
+        PgCluster::start(PgOptions { archive_command: Some(self.archive_command()), ..Default::default() })
+    }
+
+    /// Runs walnut with this environment's config.
+    pub fn walnut(&self, args: &[&str]) -> Output {
+        Command::new(walnut_bin()).arg("--config").arg(&self.config).args(args).output().expect("run walnut")
+    }
+
+    /// The on-disk file behind a stored object (both backends store objects as plain files).
+    pub fn object_path(&self, key: &str) -> PathBuf {
+        match self.backend {
+            Backend::File => self.dir.path().join("repo").join(key),
+            Backend::S3 => self.s3.as_ref().unwrap().bucket_dir().join("cluster-a").join(key),
+        }
+    }
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Archived segment names (`.done` in archive_status) that still exist in pg_wal.
+pub fn archived_segments(pg: &PgCluster) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(pg.pgdata.join("pg_wal/archive_status"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".done").map(str::to_string))
+        .filter(|n| n.len() == 24 && pg.pgdata.join("pg_wal").join(n).exists())
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn wal_key(name: &str) -> String {
+    format!("wal/{}/{name}", &name[..8])
+}

@@ -1,0 +1,183 @@
+//! A repository: a blob store plus the identity of the one cluster it belongs to.
+//!
+//! The identity (format version, system identifier, PostgreSQL major version, WAL segment size) is
+//! written once, create-only, by the first write; every later write checks it first. A file from
+//! another cluster is refused with both identities named, and nothing stored is touched.
+
+use crate::envelope::{self, Codec, EnvelopeError};
+use crate::layout;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use walnut_pg::{PgMajor, SystemId, WalSegSize};
+use walnut_storage::{DynStore, PutMode, StorageError};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Which cluster a repository belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub format: u32,
+    /// As a string: JSON numbers lose precision above 2^53.
+    #[serde(with = "sysid_text")]
+    pub system_identifier: SystemId,
+    pub pg_major: PgMajor,
+    pub wal_segment_size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+}
+
+mod sysid_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use walnut_pg::SystemId;
+    pub fn serialize<S: Serializer>(v: &SystemId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.0.to_string())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemId, D::Error> {
+        let t = String::deserialize(d)?;
+        t.parse().map(SystemId).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Identity {
+    pub fn new(system_identifier: SystemId, pg_major: PgMajor, seg: WalSegSize) -> Identity {
+        Identity {
+            format: FORMAT_VERSION,
+            system_identifier,
+            pg_major,
+            wal_segment_size: seg.bytes(),
+            created_at: None,
+            created_by: None,
+        }
+    }
+
+    pub fn seg_size(&self) -> WalSegSize {
+        WalSegSize::new(self.wal_segment_size).unwrap_or(WalSegSize::DEFAULT)
+    }
+
+    /// Same cluster (creation details aside)?
+    pub fn same_cluster(&self, other: &Identity) -> bool {
+        self.system_identifier == other.system_identifier
+            && self.pg_major == other.pg_major
+            && self.wal_segment_size == other.wal_segment_size
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "system identifier {}, PostgreSQL {}, WAL segments of {}",
+            self.system_identifier,
+            self.pg_major,
+            self.seg_size()
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(
+        "this repository belongs to another cluster: the repository holds {repo}; this file comes from {ours}. \
+         Point this cluster at its own repository (a different `repo` URL or prefix)"
+    )]
+    IdentityMismatch { repo: Box<Identity>, ours: Box<Identity> },
+    #[error("repository format {0} is newer than this walnut understands ({FORMAT_VERSION}): upgrade walnut")]
+    FormatTooNew(u32),
+    #[error("the repository has no identity yet ({}): nothing has been archived to it", layout::IDENTITY)]
+    Uninitialised,
+    #[error("{key}: {source}")]
+    Corrupt { key: String, source: EnvelopeError },
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+}
+
+/// A repository handle. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    store: DynStore,
+}
+
+/// Runs CPU-bound work off the async executor.
+pub async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("CPU task panicked")
+}
+
+impl Repository {
+    pub fn new(store: DynStore) -> Repository {
+        Repository { store }
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    /// The stored identity, if any.
+    pub async fn identity(&self) -> Result<Option<Identity>, RepoError> {
+        match self.get_object(layout::IDENTITY).await {
+            Ok(d) => {
+                let id: Identity = serde_json::from_slice(&d.content).map_err(|e| RepoError::Corrupt {
+                    key: layout::IDENTITY.into(),
+                    source: EnvelopeError::Corrupt(e.to_string()),
+                })?;
+                if id.format > FORMAT_VERSION {
+                    return Err(RepoError::FormatTooNew(id.format));
+                }
+                Ok(Some(id))
+            }
+            Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks `ours` against the stored identity, writing it first if the repository is new.
+    pub async fn ensure_identity(&self, ours: &Identity) -> Result<Identity, RepoError> {
+        if let Some(stored) = self.identity().await? {
+            return self.compare(stored, ours);
+        }
+        let mut fresh = ours.clone();
+        fresh.created_at = Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        fresh.created_by = Some(format!("walnut {}", env!("CARGO_PKG_VERSION")));
+        let body = serde_json::to_vec_pretty(&fresh).expect("identity serialises");
+        let obj = envelope::encode(
+            &body,
+            &serde_json::Value::Null,
+            Codec { compression: crate::Compression::None, level: 0 },
+        );
+        match self.store.put(layout::IDENTITY, obj, PutMode::Create).await {
+            Ok(()) => Ok(fresh),
+            // Another writer initialised it first: compare with theirs.
+            Err(StorageError::AlreadyExists { .. }) => {
+                let stored = self.identity().await?.ok_or(RepoError::Uninitialised)?;
+                self.compare(stored, ours)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn compare(&self, stored: Identity, ours: &Identity) -> Result<Identity, RepoError> {
+        if stored.same_cluster(ours) {
+            Ok(stored)
+        } else {
+            Err(RepoError::IdentityMismatch { repo: Box::new(stored), ours: Box::new(ours.clone()) })
+        }
+    }
+
+    /// Reads and verifies one object.
+    pub async fn get_object(&self, key: &str) -> Result<envelope::Decoded, RepoError> {
+        let raw = self.store.get(key).await?;
+        let k = key.to_string();
+        cpu(move || envelope::decode(&raw)).await.map_err(|source| RepoError::Corrupt { key: k, source })
+    }
+
+    /// Stores an already encoded object, create-only.
+    pub async fn put_new(&self, key: &str, object: Bytes) -> Result<(), StorageError> {
+        self.store.put(key, object, PutMode::Create).await
+    }
+}

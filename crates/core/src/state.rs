@@ -1,0 +1,135 @@
+//! walnut's own working state on local disk, per repository: upload-ahead records and the
+//! prefetch spool. Never inside PGDATA, never PostgreSQL's own status files.
+//!
+//! ```text
+//! <state_dir>/repos/<hash of the repository URL>/ahead/<WAL name>   "<sha256 hex> <object size>"
+//! <state_dir>/repos/<hash of the repository URL>/spool/<WAL name>   the stored object, as fetched
+//! <state_dir>/repos/<hash of the repository URL>/spool/.lock        held by the one prefetcher
+//! ```
+//! Losing any of it is harmless: a missing record means an upload is repeated (and found
+//! identical), a missing spool file means a fetch from the repository.
+
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// What upload-ahead recorded about a WAL file it stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AheadRecord {
+    pub sha256: [u8; 32],
+    pub object_size: u64,
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".tmp.{}.{}",
+        path.file_name().expect("file name").to_string_lossy(),
+        std::process::id()
+    ));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}
+
+impl StateDir {
+    /// The state of the repository described by `repo` below `base`.
+    pub fn open(base: &Path, repo: &str) -> std::io::Result<StateDir> {
+        let hash = hex::encode(&crate::envelope::sha256(repo.as_bytes())[..8]);
+        let root = base.join("repos").join(hash);
+        fs::create_dir_all(root.join("ahead"))?;
+        fs::create_dir_all(root.join("spool"))?;
+        // A note for humans poking around.
+        let about = root.join("repository");
+        if !about.exists() {
+            let _ = write_atomic(&about, format!("{repo}\n").as_bytes());
+        }
+        Ok(StateDir { root })
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.root.join("spool")
+    }
+
+    pub fn spool_path(&self, name: &str) -> PathBuf {
+        self.spool_dir().join(name)
+    }
+
+    pub fn record_ahead(&self, name: &str, rec: &AheadRecord) -> std::io::Result<()> {
+        let text = format!("{} {}\n", hex::encode(rec.sha256), rec.object_size);
+        write_atomic(&self.root.join("ahead").join(name), text.as_bytes())
+    }
+
+    pub fn ahead(&self, name: &str) -> Option<AheadRecord> {
+        let text = fs::read_to_string(self.root.join("ahead").join(name)).ok()?;
+        let (sum, size) = text.trim().split_once(' ')?;
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(sum, &mut sha256).ok()?;
+        Some(AheadRecord { sha256, object_size: size.parse().ok()? })
+    }
+
+    pub fn forget_ahead(&self, name: &str) {
+        let _ = fs::remove_file(self.root.join("ahead").join(name));
+    }
+
+    /// Names that have an upload-ahead record.
+    pub fn ahead_names(&self) -> Vec<String> {
+        list_names(&self.root.join("ahead"))
+    }
+
+    /// Names in the spool.
+    pub fn spooled(&self) -> Vec<String> {
+        list_names(&self.spool_dir())
+    }
+
+    pub fn write_spool(&self, name: &str, object: &[u8]) -> std::io::Result<()> {
+        write_atomic(&self.spool_path(name), object)
+    }
+
+    /// Takes the spool's lock without waiting: `None` if another prefetcher holds it.
+    pub fn try_lock_spool(&self) -> std::io::Result<Option<fs::File>> {
+        use fs2::FileExt;
+        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.spool_dir().join(".lock"))?;
+        match f.try_lock_exclusive() {
+            Ok(()) => Ok(Some(f)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.raw_os_error() == Some(11) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn list_names(dir: &Path) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(dir) else { return vec![] };
+    rd.filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn records_round_trip_and_repos_are_separate() {
+        let d = tempfile::tempdir().unwrap();
+        let a = StateDir::open(d.path(), "s3://a").unwrap();
+        let b = StateDir::open(d.path(), "s3://b").unwrap();
+        let rec = AheadRecord { sha256: [7; 32], object_size: 123 };
+        a.record_ahead("000000010000000000000001", &rec).unwrap();
+        assert_eq!(a.ahead("000000010000000000000001"), Some(rec));
+        assert_eq!(b.ahead("000000010000000000000001"), None);
+        assert_eq!(a.ahead_names(), ["000000010000000000000001"]);
+        a.forget_ahead("000000010000000000000001");
+        assert!(a.ahead_names().is_empty());
+        let lock = a.try_lock_spool().unwrap();
+        assert!(lock.is_some());
+    }
+}

@@ -1,0 +1,396 @@
+//! `wal-push` and `wal-fetch`.
+//!
+//! Push: the file is validated (a segment's size and first page header must match its name), the
+//! repository identity is checked (or written, on first use), then the object is stored
+//! create-only. An identical object already stored is success; a different one is a conflict that
+//! leaves the stored copy untouched. Because PostgreSQL runs `archive_command` one file at a time,
+//! a push also uploads the next segments already marked `.ready` (upload-ahead, bounded), and
+//! records each in the state directory, so the next calls confirm (one HEAD) and return at once.
+//!
+//! Fetch: the object is read from the spool (if a prefetcher put it there) or the repository,
+//! verified (checksum of the decoded content), written to a temporary file beside the
+//! destination, fsynced and renamed. [`prefetch`] fills the spool with the next segments.
+
+use crate::envelope::{self, Codec, EnvelopeError};
+use crate::layout;
+use crate::repo::{Identity, RepoError, Repository, cpu};
+use crate::state::{AheadRecord, StateDir};
+use bytes::Bytes;
+use futures::StreamExt;
+use std::path::{Path, PathBuf};
+use walnut_pg::walpage::{self, SegmentError};
+use walnut_pg::{ControlFile, WalFileName, names::SegName};
+use walnut_storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("{0}")]
+    Name(#[from] walnut_pg::names::NameError),
+    #[error("refusing to archive {0}")]
+    InvalidSegment(#[from] SegmentError),
+    #[error(
+        "{name}: a different file with this name is already archived (stored checksum {stored}, this file {ours}); \
+         the stored copy is kept. Two clusters may be archiving to one repository, or this file was modified"
+    )]
+    Conflict { name: String, stored: String, ours: String },
+    #[error("{0}")]
+    Repo(#[from] RepoError),
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error(
+        "{name}: cannot tell which cluster this file belongs to: no WAL segment has been archived to this \
+         repository yet and {pgdata}/global/pg_control could not be read ({reason})"
+    )]
+    UnknownCluster { name: String, pgdata: String, reason: String },
+}
+
+impl WalError {
+    fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> WalError {
+        let context = context.into();
+        move |source| WalError::Io { context, source }
+    }
+}
+
+/// What one push did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushReport {
+    /// The file itself was uploaded now.
+    pub uploaded: bool,
+    /// It was already stored, identical (a re-push).
+    pub already_stored: bool,
+    /// It had been uploaded ahead by an earlier call, and that was confirmed.
+    pub confirmed_ahead: bool,
+    /// Segments uploaded ahead during this call.
+    pub ahead_uploaded: Vec<String>,
+}
+
+pub struct WalPusher {
+    pub repo: Repository,
+    pub codec: Codec,
+    pub state: Option<StateDir>,
+    /// How many `.ready` segments to upload ahead, in parallel (0 turns it off).
+    pub upload_ahead: usize,
+}
+
+/// A validated file, ready to store.
+struct Prepared {
+    name: WalFileName,
+    identity: Option<Identity>,
+    content: Bytes,
+}
+
+fn identity_from_control(path: &Path) -> Result<Identity, String> {
+    let abs = std::fs::canonicalize(path).map_err(|e| e.to_string())?;
+    let pgdata = abs.parent().and_then(Path::parent).ok_or("no parent directory")?;
+    let control = std::fs::read(pgdata.join("global/pg_control")).map_err(|e| e.to_string())?;
+    let c = ControlFile::parse(&control).map_err(|e| e.to_string())?;
+    let major = std::fs::read_to_string(pgdata.join("PG_VERSION"))
+        .ok()
+        .and_then(|t| walnut_pg::PgMajor::from_version_text(&t))
+        .ok_or("PG_VERSION unreadable")?;
+    Ok(Identity::new(c.system_identifier, major, c.wal_seg_size))
+}
+
+/// Validates a WAL file and works out which cluster it comes from.
+fn prepare(path: &Path, content: Bytes) -> Result<Prepared, WalError> {
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = WalFileName::parse(&file_name)?;
+    let identity = match name {
+        WalFileName::Segment(seg) => {
+            let c = walpage::check_segment(seg, &content)?;
+            Some(Identity::new(c.sysid, c.major, c.seg_size))
+        }
+        WalFileName::Partial(_) => {
+            let (sysid, major, size) = walpage::peek_identity(&content)
+                .ok_or(SegmentError::TooShort { name: file_name.clone(), len: content.len() })?;
+            Some(Identity::new(sysid, major, size))
+        }
+        WalFileName::History(_) | WalFileName::Backup(..) => identity_from_control(path).ok(),
+    };
+    Ok(Prepared { name, identity, content })
+}
+
+fn same_sum(stored: &[u8], ours: &[u8; 32]) -> Result<(), (String, String)> {
+    match envelope::stored_checksum(stored) {
+        Some(s) if &s == ours => Ok(()),
+        Some(s) => Err((hex::encode(s), hex::encode(ours))),
+        None => Err(("(unreadable)".into(), hex::encode(ours))),
+    }
+}
+
+impl WalPusher {
+    /// Archives the WAL file at `path` (see the module docs).
+    pub async fn push(&self, path: &Path) -> Result<PushReport, WalError> {
+        let content: Bytes =
+            tokio::fs::read(path).await.map_err(WalError::io(format!("read {}", path.display())))?.into();
+        let prepared = prepare(path, content)?;
+        let identity = match &prepared.identity {
+            Some(ours) => self.repo.ensure_identity(ours).await?,
+            None => match self.repo.identity().await? {
+                Some(stored) => stored,
+                None => {
+                    let reason = identity_from_control(path).err().unwrap_or_default();
+                    return Err(WalError::UnknownCluster {
+                        name: prepared.name.to_string(),
+                        pgdata: path.parent().and_then(Path::parent).unwrap_or(Path::new("?")).display().to_string(),
+                        reason,
+                    });
+                }
+            },
+        };
+        let mut report = PushReport::default();
+        let name_text = prepared.name.to_string();
+
+        // Uploaded ahead by an earlier call? Confirm the object is there, with the recorded size.
+        if let Some(state) = &self.state
+            && let Some(rec) = state.ahead(&name_text)
+        {
+            let sum = cpu({
+                let c = prepared.content.clone();
+                move || envelope::sha256(&c)
+            })
+            .await;
+            let key = layout::wal_key(&prepared.name);
+            if rec.sha256 == sum
+                && let Some(info) = self.repo.store().head(&key).await?
+                && info.size == rec.object_size
+            {
+                state.forget_ahead(&name_text);
+                report.confirmed_ahead = true;
+            }
+        }
+
+        let ahead = self.ready_segments_after(path, &prepared.name);
+        let this = async {
+            if report.confirmed_ahead {
+                Ok((false, false))
+            } else {
+                self.store_one(&prepared).await.map(|(up, _)| (up, !up))
+            }
+        };
+        let others = self.upload_ahead(ahead, &identity);
+        let (this, ahead_done) = tokio::join!(this, others);
+        let (uploaded, already) = this?;
+        report.uploaded = uploaded;
+        report.already_stored = already;
+        report.ahead_uploaded = ahead_done;
+        if let Some(state) = &self.state {
+            prune_ahead_records(state, &prepared.name);
+        }
+        Ok(report)
+    }
+
+    /// Stores one prepared file create-only. Returns (uploaded now, object size).
+    async fn store_one(&self, p: &Prepared) -> Result<(bool, u64), WalError> {
+        let key = layout::wal_key(&p.name);
+        let codec = self.codec;
+        let meta = serde_json::json!({ "name": p.name.to_string() });
+        let content = p.content.clone();
+        let (object, sum) = cpu(move || (envelope::encode(&content, &meta, codec), envelope::sha256(&content))).await;
+        let size = object.len() as u64;
+        match self.repo.put_new(&key, object).await {
+            Ok(()) => Ok((true, size)),
+            Err(StorageError::AlreadyExists { .. }) => {
+                let stored = self.repo.store().get(&key).await?;
+                match same_sum(&stored, &sum) {
+                    Ok(()) => Ok((false, stored.len() as u64)),
+                    Err((stored, ours)) => Err(WalError::Conflict { name: p.name.to_string(), stored, ours }),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The next segments PostgreSQL has marked `.ready`, after `current`, at most `upload_ahead`.
+    fn ready_segments_after(&self, path: &Path, current: &WalFileName) -> Vec<PathBuf> {
+        if self.upload_ahead == 0 || self.state.is_none() {
+            return vec![];
+        }
+        let WalFileName::Segment(cur) = current else { return vec![] };
+        let Some(pg_wal) = path.parent() else { return vec![] };
+        let Ok(rd) = std::fs::read_dir(pg_wal.join("archive_status")) else { return vec![] };
+        let mut names: Vec<SegName> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".ready").map(str::to_string))
+            .filter_map(|n| WalFileName::parse(&n).ok()?.segment())
+            .filter(|s| s > cur)
+            .collect();
+        names.sort();
+        let state = self.state.as_ref().expect("checked");
+        names
+            .into_iter()
+            .filter(|s| state.ahead(&s.to_string()).is_none())
+            .take(self.upload_ahead)
+            .map(|s| pg_wal.join(s.to_string()))
+            .collect()
+    }
+
+    /// Uploads `paths` in parallel; failures are ignored (the file's own push will report them).
+    async fn upload_ahead(&self, paths: Vec<PathBuf>, identity: &Identity) -> Vec<String> {
+        let Some(state) = &self.state else { return vec![] };
+        futures::stream::iter(paths)
+            .map(|p| async move {
+                let content: Bytes = tokio::fs::read(&p).await.ok()?.into();
+                let prepared = prepare(&p, content).ok()?;
+                if !prepared.identity.as_ref().is_some_and(|i| i.same_cluster(identity)) {
+                    return None;
+                }
+                let (_, size) = self.store_one(&prepared).await.ok()?;
+                let sum = cpu(move || envelope::sha256(&prepared.content)).await;
+                let name = prepared.name.to_string();
+                state.record_ahead(&name, &AheadRecord { sha256: sum, object_size: size }).ok()?;
+                Some(name)
+            })
+            .buffer_unordered(self.upload_ahead.max(1))
+            .filter_map(|x| async move { x })
+            .collect()
+            .await
+    }
+}
+
+/// Drops upload-ahead records of earlier segments of the same timeline: PostgreSQL archives in
+/// order, so they will not be asked for again (and a later re-push simply uploads again).
+fn prune_ahead_records(state: &StateDir, current: &WalFileName) {
+    let WalFileName::Segment(cur) = current else { return };
+    for n in state.ahead_names() {
+        if let Ok(WalFileName::Segment(s)) = WalFileName::parse(&n)
+            && s.tli == cur.tli
+            && s < *cur
+        {
+            state.forget_ahead(&n);
+        }
+    }
+}
+
+/// What a fetch found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchOutcome {
+    /// Delivered from the repository.
+    Fetched,
+    /// Delivered from the prefetch spool.
+    FromSpool,
+    /// Not in the archive (normal at the end of recovery).
+    NotFound,
+}
+
+pub struct WalFetcher {
+    pub repo: Repository,
+    pub state: Option<StateDir>,
+}
+
+impl WalFetcher {
+    /// Fetches `name` into `dest` (see the module docs). `dest` is never created unless the
+    /// content was verified.
+    pub async fn fetch(&self, name: &str, dest: &Path) -> Result<FetchOutcome, WalError> {
+        let wal_name = WalFileName::parse(name)?;
+        if let Some(state) = &self.state {
+            let spooled = state.spool_path(name);
+            if let Ok(raw) = tokio::fs::read(&spooled).await {
+                let decoded = cpu(move || envelope::decode(&raw)).await;
+                let _ = tokio::fs::remove_file(&spooled).await;
+                if let Ok(d) = decoded {
+                    write_durably(dest, &d.content).await?;
+                    return Ok(FetchOutcome::FromSpool);
+                }
+                tracing::warn!(name, "spooled copy failed verification; fetching from the repository");
+            }
+        }
+        let key = layout::wal_key(&wal_name);
+        let decoded = match self.repo.get_object(&key).await {
+            Ok(d) => d,
+            Err(RepoError::Storage(e)) if e.is_not_found() => return Ok(FetchOutcome::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        write_durably(dest, &decoded.content).await?;
+        Ok(FetchOutcome::Fetched)
+    }
+}
+
+/// Fills the spool with up to `count` segments following `after` on its timeline, in parallel,
+/// verifying each. Stops quietly at the end of the archive. Only one prefetcher runs per
+/// repository (a lock in the spool); a second returns at once. Returns how many it spooled.
+pub async fn prefetch(repo: &Repository, state: &StateDir, after: &str, count: usize) -> Result<usize, WalError> {
+    let Some(_lock) = state.try_lock_spool().map_err(WalError::io("lock the prefetch spool"))? else {
+        return Ok(0);
+    };
+    let Some(start) = WalFileName::parse(after)?.segment() else { return Ok(0) };
+    let Some(identity) = repo.identity().await? else { return Ok(0) };
+    let size = identity.seg_size();
+    // Spooled segments at or before `after` on this timeline will not be asked for again.
+    for n in state.spooled() {
+        if let Ok(WalFileName::Segment(s)) = WalFileName::parse(&n)
+            && s.tli == start.tli
+            && s <= start
+        {
+            let _ = std::fs::remove_file(state.spool_path(&n));
+        }
+    }
+    let mut wanted = Vec::new();
+    let mut cur = start;
+    for _ in 0..count {
+        let Some(next) = cur.next(size) else { break };
+        cur = next;
+        if !state.spool_path(&cur.to_string()).exists() {
+            wanted.push(cur);
+        }
+    }
+    let results: Vec<Result<bool, WalError>> = futures::stream::iter(wanted)
+        .map(|seg| async move {
+            let key = layout::wal_key(&WalFileName::Segment(seg));
+            let raw = match repo.store().get(&key).await {
+                Ok(r) => r,
+                Err(e) if e.is_not_found() => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+            let check = raw.clone();
+            cpu(move || envelope::decode(&check).map(|_| ()))
+                .await
+                .map_err(|source: EnvelopeError| RepoError::Corrupt { key, source })?;
+            state.write_spool(&seg.to_string(), &raw).map_err(WalError::io("write to the prefetch spool"))?;
+            Ok(true)
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    let mut spooled = 0;
+    for r in results {
+        if r? {
+            spooled += 1;
+        }
+    }
+    Ok(spooled)
+}
+
+/// Writes `data` to a temporary file beside `dest`, fsyncs it, renames it into place and fsyncs
+/// the directory. On any failure `dest` does not exist.
+pub async fn write_durably(dest: &Path, data: &Bytes) -> Result<(), WalError> {
+    let dest = dest.to_path_buf();
+    let data = data.clone();
+    cpu(move || {
+        use std::io::Write;
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let tmp = dir.join(format!(
+            ".{}.walnut-tmp.{}",
+            dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            std::process::id()
+        ));
+        let result = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, &dest)?;
+            std::fs::File::open(&dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map_err(WalError::io(format!("write {}", dest.display())))
+    })
+    .await
+}
