@@ -74,6 +74,28 @@ pub async fn run(store: &dyn BlobStore, caps: Capabilities) {
     let stored = store.get("c/race").await.unwrap();
     assert!(String::from_utf8_lossy(&stored).starts_with("writer "), "{d}: one whole value is stored");
 
+    // streamed uploads: invisible until finished, then whole; aborted ones leave nothing
+    let mut w = store.put_writer("c/s/streamed").await.unwrap();
+    let mut expected = Vec::new();
+    for i in 0..12u8 {
+        let chunk: Bytes = vec![i; 1 << 20].into();
+        expected.extend_from_slice(&chunk);
+        w.write(chunk).await.unwrap();
+    }
+    assert!(store.head("c/s/streamed").await.unwrap().is_none(), "{d}: visible before finish");
+    w.finish().await.unwrap();
+    let mut got = Vec::new();
+    let mut stream = store.get_stream("c/s/streamed").await.unwrap();
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(got == expected, "{d}: streamed object differs ({} vs {} bytes)", got.len(), expected.len());
+    let mut w = store.put_writer("c/s/aborted").await.unwrap();
+    w.write(Bytes::from_static(b"partial")).await.unwrap();
+    w.abort().await.unwrap();
+    assert!(store.head("c/s/aborted").await.unwrap().is_none(), "{d}: aborted upload visible");
+    assert!(store.get_stream("c/s/missing").await.is_err(), "{d}: stream of a missing key");
+
     // invalid keys are refused before reaching the backend
     assert!(store.put("../escape", Bytes::new(), PutMode::Create).await.is_err(), "{d}: key check");
 }

@@ -96,11 +96,58 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
     async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>>;
     /// Deletes `key`; deleting an absent key succeeds.
     async fn delete(&self, key: &str) -> Result<()>;
+    /// Starts a streamed upload of `key` (multipart on object stores); nothing is visible under
+    /// `key` until [`ObjectWriter::finish`]. Replaces an existing object: use for keys that are
+    /// unique by construction (a new backup's parts), never for WAL.
+    async fn put_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>>;
+    /// Streams an object's bytes.
+    async fn get_stream(&self, key: &str) -> Result<ByteStream>;
     /// A description safe to print (no credentials).
     fn describe(&self) -> String;
 }
 
 pub type DynStore = Arc<dyn BlobStore>;
+
+/// A stream of an object's bytes.
+pub type ByteStream = futures::stream::BoxStream<'static, Result<Bytes>>;
+
+/// A streamed upload. Memory is bounded by the backend's chunk size and concurrency.
+#[async_trait]
+pub trait ObjectWriter: Send {
+    async fn write(&mut self, data: Bytes) -> Result<()>;
+    /// Makes the object visible, durably.
+    async fn finish(self: Box<Self>) -> Result<()>;
+    /// Discards everything written.
+    async fn abort(self: Box<Self>) -> Result<()>;
+}
+
+/// Wraps a writer so that every call has the store's deadline.
+struct BoundedWriter {
+    inner: Box<dyn ObjectWriter>,
+    key: String,
+    deadline: Duration,
+}
+
+#[async_trait]
+impl ObjectWriter for BoundedWriter {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        tokio::time::timeout(self.deadline, self.inner.write(data))
+            .await
+            .unwrap_or_else(|_| Err(StorageError::Timeout { op: "upload", key: self.key.clone(), after: self.deadline }))
+    }
+    async fn finish(self: Box<Self>) -> Result<()> {
+        let (key, deadline) = (self.key.clone(), self.deadline);
+        tokio::time::timeout(deadline, self.inner.finish())
+            .await
+            .unwrap_or(Err(StorageError::Timeout { op: "complete upload", key, after: deadline }))
+    }
+    async fn abort(self: Box<Self>) -> Result<()> {
+        let (key, deadline) = (self.key.clone(), self.deadline);
+        tokio::time::timeout(deadline, self.inner.abort())
+            .await
+            .unwrap_or(Err(StorageError::Timeout { op: "abort upload", key, after: deadline }))
+    }
+}
 
 pub(crate) fn check_key(key: &str) -> Result<()> {
     if key.is_empty()
@@ -153,6 +200,30 @@ impl BlobStore for Bounded {
     }
     async fn delete(&self, key: &str) -> Result<()> {
         self.run("delete", key, self.inner.delete(key)).await
+    }
+    async fn put_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
+        let inner = self.run("start upload", key, self.inner.put_writer(key)).await?;
+        Ok(Box::new(BoundedWriter { inner, key: key.to_string(), deadline: self.deadline }))
+    }
+    async fn get_stream(&self, key: &str) -> Result<ByteStream> {
+        use futures::StreamExt;
+        let stream = self.run("get", key, self.inner.get_stream(key)).await?;
+        // Each chunk must arrive within the deadline: a stalled download fails instead of hanging.
+        let (deadline, key) = (self.deadline, key.to_string());
+        Ok(futures::stream::unfold((stream, false), move |(mut s, done)| {
+            let key = key.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                match tokio::time::timeout(deadline, s.next()).await {
+                    Ok(Some(item)) => Some((item, (s, false))),
+                    Ok(None) => None,
+                    Err(_) => Some((Err(StorageError::Timeout { op: "download", key, after: deadline }), (s, true))),
+                }
+            }
+        })
+        .boxed())
     }
     fn describe(&self) -> String {
         self.inner.describe()

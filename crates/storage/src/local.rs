@@ -4,7 +4,7 @@
 //! then links (create-only) or renames (overwrite) it into place and fsyncs the directory, so an
 //! acknowledged object survives a power loss, and a reader never sees a half-written one.
 
-use crate::{BlobStore, ObjectInfo, PutMode, Result, StorageError, check_key};
+use crate::{BlobStore, ByteStream, ObjectInfo, ObjectWriter, PutMode, Result, StorageError, check_key};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::fs::{self, File};
@@ -173,7 +173,85 @@ impl BlobStore for LocalStore {
         .await
     }
 
+    async fn put_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
+        let path = self.path(key)?;
+        let k = key.to_string();
+        blocking(move || {
+            let dir = path.parent().expect("keys have a parent").to_path_buf();
+            create_dirs_durably(&dir).map_err(|e| io_err("put", &k, e))?;
+            let name = path.file_name().expect("name").to_string_lossy().into_owned();
+            let tmp = dir.join(format!(".tmp.{name}.{}.{:016x}", std::process::id(), rand::random::<u64>()));
+            let file = File::create(&tmp).map_err(|e| io_err("put", &k, e))?;
+            Ok(Box::new(LocalWriter { file: Some(file), tmp, path, key: k }) as Box<dyn ObjectWriter>)
+        })
+        .await
+    }
+
+    async fn get_stream(&self, key: &str) -> Result<ByteStream> {
+        use futures::StreamExt;
+        let path = self.path(key)?;
+        let k = key.to_string();
+        let file = tokio::fs::File::open(&path).await.map_err(|e| io_err("get", &k, e))?;
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
+        Ok(stream.map(move |r| r.map_err(|e| io_err("get", &k, e))).boxed())
+    }
+
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
+    }
+}
+
+/// A streamed local upload: a temporary file, fsynced and renamed into place on finish.
+struct LocalWriter {
+    file: Option<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    key: String,
+}
+
+#[async_trait]
+impl ObjectWriter for LocalWriter {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        let mut file = self.file.take().expect("writer used after finish");
+        let k = self.key.clone();
+        let (file, r) = blocking(move || {
+            let r = file.write_all(&data);
+            (file, r)
+        })
+        .await;
+        self.file = Some(file);
+        r.map_err(|e| io_err("put", &k, e))
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<()> {
+        let file = self.file.take().expect("writer used after finish");
+        let (tmp, path, k) = (self.tmp.clone(), self.path.clone(), self.key.clone());
+        blocking(move || {
+            let r = (|| {
+                file.sync_all()?;
+                drop(file);
+                fs::rename(&tmp, &path)?;
+                fsync_dir(path.parent().expect("parent"))
+            })();
+            if r.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            r.map_err(|e| io_err("put", &k, e))
+        })
+        .await
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<()> {
+        self.file.take();
+        let _ = fs::remove_file(&self.tmp);
+        Ok(())
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! through `object_store`. Its client retries transient failures with exponential backoff until
 //! the configured retry time has passed; [`crate::Bounded`] adds a hard deadline on top.
 
-use crate::{BlobStore, ObjectInfo, PutMode, Result, StorageError, check_key};
+use crate::{BlobStore, ByteStream, ObjectInfo, ObjectWriter, PutMode, Result, StorageError, check_key};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -114,7 +114,53 @@ impl BlobStore for RemoteStore {
         }
     }
 
+    async fn put_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
+        let path = self.path(key)?;
+        let upload = self.inner.put_multipart(&path).await.map_err(|e| map_err("start upload", key, e))?;
+        Ok(Box::new(RemoteWriter {
+            inner: object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE),
+            key: key.to_string(),
+        }))
+    }
+
+    async fn get_stream(&self, key: &str) -> Result<ByteStream> {
+        use futures::StreamExt;
+        let path = self.path(key)?;
+        let r = self.inner.get(&path).await.map_err(|e| map_err("get", key, e))?;
+        let k = key.to_string();
+        Ok(r.into_stream().map(move |c| c.map_err(|e| map_err("get", &k, e))).boxed())
+    }
+
     fn describe(&self) -> String {
         self.description.clone()
+    }
+}
+
+/// Multipart chunk size: S3 needs at least 5 MiB per part.
+const PART_SIZE: usize = 8 << 20;
+/// Parts in flight per upload (memory: PART_SIZE x this).
+const PARTS_IN_FLIGHT: usize = 4;
+
+struct RemoteWriter {
+    inner: object_store::WriteMultipart,
+    key: String,
+}
+
+#[async_trait]
+impl ObjectWriter for RemoteWriter {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        self.inner.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(|e| map_err("upload", &self.key, e))?;
+        self.inner.put(data);
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<()> {
+        let key = self.key.clone();
+        self.inner.finish().await.map(|_| ()).map_err(|e| map_err("complete upload", &key, e))
+    }
+
+    async fn abort(self: Box<Self>) -> Result<()> {
+        let key = self.key.clone();
+        self.inner.abort().await.map_err(|e| map_err("abort upload", &key, e))
     }
 }
