@@ -45,3 +45,53 @@ mod tests {
         assert_eq!(parse_wal_key("backups/x"), None);
     }
 }
+
+/// A backup ID: UTC `YYYYMMDDTHHMMSS`, with `-N` appended only when two start in one second.
+pub fn is_backup_id(id: &str) -> bool {
+    let (ts, suffix) = id.split_once('-').map_or((id, None), |(a, b)| (a, Some(b)));
+    ts.len() == 15
+        && ts.as_bytes()[8] == b'T'
+        && ts.bytes().enumerate().all(|(i, b)| i == 8 || b.is_ascii_digit())
+        && suffix.is_none_or(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+}
+
+pub fn backup_dir(id: &str) -> String {
+    format!("{BACKUPS_DIR}/{id}")
+}
+
+/// Written last: the backup exists (DONE) once this exists.
+pub fn backup_manifest(id: &str) -> String {
+    format!("{BACKUPS_DIR}/{id}/manifest.json")
+}
+
+/// Written first and refreshed while a backup runs; removed once the manifest is written.
+pub fn backup_running(id: &str) -> String {
+    format!("{BACKUPS_DIR}/{id}/running.json")
+}
+
+/// A data part of a backup: stream `stream`, part `n`.
+pub fn backup_part(id: &str, stream: usize, n: usize) -> String {
+    format!("{BACKUPS_DIR}/{id}/data/s{stream:02}-p{n:04}.tar")
+}
+
+/// The backup ID a key belongs to, if it is below `backups/`.
+pub fn backup_id_of(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(BACKUPS_DIR)?.strip_prefix('/')?;
+    let id = rest.split('/').next()?;
+    is_backup_id(id).then_some(id)
+}
+
+#[cfg(test)]
+mod backup_tests {
+    use super::*;
+    #[test]
+    fn backup_ids() {
+        assert!(is_backup_id("20260102T030405"));
+        assert!(is_backup_id("20260102T030405-2"));
+        for bad in ["2026010T030405", "20260102X030405", "20260102T030405-", "20260102T030405-x", "latest"] {
+            assert!(!is_backup_id(bad), "{bad}");
+        }
+        assert_eq!(backup_id_of(&backup_part("20260102T030405", 1, 2)), Some("20260102T030405"));
+        assert_eq!(backup_id_of("wal/00000001/x"), None);
+    }
+}

@@ -19,10 +19,16 @@ pub struct S3Server {
 impl S3Server {
     /// Starts a server with one bucket, [`BUCKET`], storing its data in a new temporary directory.
     pub fn start() -> S3Server {
+        S3Server::start_on(0)
+    }
+
+    /// Like [`S3Server::start`], on 127.0.0.1:`port` (0 picks a free port).
+    pub fn start_on(port: u16) -> S3Server {
         let dir = tempfile::Builder::new().prefix("walnut-s3-").tempdir().expect("temp dir for S3 data");
         std::fs::create_dir_all(dir.path().join(BUCKET)).expect("create bucket dir");
         let root = dir.path().to_path_buf();
-        let mut s = S3Server { root, addr: "127.0.0.1:0".parse().unwrap(), runtime: None, _dir: Some(dir) };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = S3Server { root, addr, runtime: None, _dir: Some(dir) };
         s.serve();
         s
     }
