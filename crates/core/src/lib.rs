@@ -10,6 +10,7 @@
 pub mod backup;
 pub mod envelope;
 pub mod layout;
+pub mod plan;
 pub mod repo;
 pub mod state;
 pub mod wal;

@@ -9,6 +9,7 @@
 //! else, so PostgreSQL 16 and 17 are added there.
 
 pub mod control;
+pub mod history;
 pub mod lsn;
 pub mod names;
 pub mod version;

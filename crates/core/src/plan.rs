@@ -1,0 +1,501 @@
+//! Restore planning: a pure function of (backups, archived WAL, request) -> plan or refusal.
+//!
+//! The plan picks the newest backup whose consistency point is at or before the target, on the
+//! timeline path the target timeline descends through, and checks that every WAL segment from
+//! that backup's start to the target exists on the right timeline. A target it cannot reach is
+//! refused with the restorable range, before anything is written.
+//!
+//! Time bounds come from what the repository knows without decoding WAL: a backup's end time, and
+//! the time each segment was stored (a commit in a segment happened before the segment was
+//! archived). A time target after the newest archived segment, on an archive with no gap, is the
+//! end of the archive: the plan recovers to it instead of letting PostgreSQL fail with "recovery
+//! ended before configured recovery target was reached".
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use walnut_pg::history::HistoryEntry;
+use walnut_pg::{Lsn, SegNo, TimelineId, WalSegSize};
+
+#[derive(Debug, Clone)]
+pub struct BackupPoint {
+    pub id: String,
+    pub name: Option<String>,
+    pub tli: TimelineId,
+    pub start: Lsn,
+    /// Consistency point.
+    pub end: Lsn,
+    pub end_time: DateTime<Utc>,
+}
+
+/// What is archived: segments per timeline (with the time each was stored) and history files.
+#[derive(Debug, Clone, Default)]
+pub struct WalInventory {
+    pub segments: BTreeMap<TimelineId, BTreeMap<SegNo, DateTime<Utc>>>,
+    pub histories: HashMap<TimelineId, Vec<HistoryEntry>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum Target {
+    Latest,
+    Time(DateTime<Utc>),
+    Name(String),
+    Lsn(String),
+    Xid(u32),
+    Immediate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimelineChoice {
+    Latest,
+    Current,
+    Id(TimelineId),
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub target: Target,
+    pub backup: Option<String>,
+    pub timeline: TimelineChoice,
+}
+
+/// What PostgreSQL is told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum RecoveryTarget {
+    /// Replay everything archived.
+    EndOfArchive,
+    Time(DateTime<Utc>),
+    Name(String),
+    Lsn(String),
+    Xid(u32),
+    Immediate,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Range {
+    pub earliest_time: DateTime<Utc>,
+    pub earliest_lsn: String,
+    pub latest_time: DateTime<Utc>,
+    pub latest_lsn: String,
+    pub timeline: u32,
+}
+
+impl std::fmt::Display for Range {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "earliest: {} (LSN {}), latest: {} (LSN {}) on timeline {}",
+            self.earliest_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            self.earliest_lsn,
+            self.latest_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            self.latest_lsn,
+            self.timeline
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub backup_id: String,
+    pub backup_name: Option<String>,
+    pub backup_timeline: u32,
+    pub backup_end_lsn: String,
+    pub target_timeline: u32,
+    pub recovery_target: RecoveryTarget,
+    pub first_segment_lsn: String,
+    pub last_segment_lsn: String,
+    pub segments: u64,
+    pub restorable: Range,
+    /// Things the operator should know (said on output).
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("the repository has no complete (DONE) backup: take one with `walnut backup-push`")]
+    NoBackups,
+    #[error("no backup matches {0:?}: give a backup ID, a backup name, or LATEST")]
+    UnknownBackup(String),
+    #[error("timeline {0} is not in the archive (no history file for it)")]
+    UnknownTimeline(u32),
+    #[error("{reason}; the restorable range is {range}")]
+    Unreachable { reason: String, range: Box<Range> },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The timelines from the oldest ancestor to `tli`, each with the LSN where it begins.
+fn path_to(inv: &WalInventory, tli: TimelineId) -> Vec<(TimelineId, Lsn)> {
+    let mut out = Vec::new();
+    let mut begin = Lsn(0);
+    if let Some(h) = inv.histories.get(&tli) {
+        for e in h {
+            out.push((e.tli, begin));
+            begin = e.switchpoint;
+        }
+    }
+    out.push((tli, begin));
+    out
+}
+
+/// The highest timeline any history file (or segment) names that descends from `from`.
+fn latest_descendant(inv: &WalInventory, from: TimelineId) -> TimelineId {
+    let mut best = from;
+    let candidates = inv.histories.keys().chain(inv.segments.keys());
+    for &t in candidates {
+        if t > best && (t == from || path_to(inv, t).iter().any(|(a, _)| *a == from)) {
+            best = t;
+        }
+    }
+    best
+}
+
+/// Which timeline's copy of segment `s` recovery reads on `path`.
+fn tli_for(path: &[(TimelineId, Lsn)], s: SegNo, seg: WalSegSize) -> TimelineId {
+    path.iter().rev().find(|(_, begin)| seg.segno(*begin) <= s).map(|(t, _)| *t).unwrap_or(path[0].0)
+}
+
+/// Walks contiguous segments from `start` along `path`. Returns the last present segment (if any)
+/// and whether any segment exists beyond the first missing one (a gap).
+fn contiguous(inv: &WalInventory, path: &[(TimelineId, Lsn)], start: SegNo, seg: WalSegSize) -> (Option<(SegNo, DateTime<Utc>)>, bool) {
+    let mut last = None;
+    let mut s = start;
+    loop {
+        let t = tli_for(path, s, seg);
+        match inv.segments.get(&t).and_then(|m| m.get(&s)) {
+            Some(when) => last = Some((s, *when)),
+            None => break,
+        }
+        s = SegNo(s.0 + 1);
+    }
+    let gap = path.iter().any(|(t, _)| inv.segments.get(t).is_some_and(|m| m.range(s..).next().is_some()));
+    (last, gap)
+}
+
+pub fn plan(
+    backups: &[BackupPoint],
+    inv: &WalInventory,
+    seg: WalSegSize,
+    req: &Request,
+    now: DateTime<Utc>,
+) -> Result<Plan, PlanError> {
+    if backups.is_empty() {
+        return Err(PlanError::NoBackups);
+    }
+    let mut backups: Vec<&BackupPoint> = backups.iter().collect();
+    backups.sort_by_key(|b| b.end);
+    let forced = match &req.backup {
+        Some(r) => {
+            let b = if r.eq_ignore_ascii_case("latest") {
+                backups.last().copied()
+            } else {
+                backups.iter().find(|b| b.id == *r || b.name.as_deref() == Some(r.as_str())).copied()
+            };
+            Some(b.ok_or_else(|| PlanError::UnknownBackup(r.clone()))?)
+        }
+        None => None,
+    };
+    // A --target-name that names a backup means that backup's consistency point.
+    let named_backup = match &req.target {
+        Target::Name(n) => backups.iter().find(|b| b.id == *n || b.name.as_deref() == Some(n.as_str())).copied(),
+        _ => None,
+    };
+    let anchor_tli = forced.or(named_backup).map(|b| b.tli).unwrap_or_else(|| backups.last().expect("non-empty").tli);
+    let target_tli = match req.timeline {
+        TimelineChoice::Current => anchor_tli,
+        TimelineChoice::Latest => latest_descendant(inv, anchor_tli),
+        TimelineChoice::Id(t) => {
+            if t != anchor_tli && !inv.histories.contains_key(&t) && !inv.segments.contains_key(&t) {
+                return Err(PlanError::UnknownTimeline(t.0));
+            }
+            t
+        }
+    };
+    let path = path_to(inv, target_tli);
+    // Backups usable on this path: on one of its timelines, before that timeline switched away.
+    let on_path: Vec<&BackupPoint> = backups
+        .iter()
+        .copied()
+        .filter(|b| {
+            path.iter().enumerate().any(|(i, (t, _))| {
+                *t == b.tli && path.get(i + 1).is_none_or(|(_, next_begin)| b.end <= *next_begin)
+            })
+        })
+        .collect();
+    let Some(oldest) = on_path.first().copied() else {
+        return Err(PlanError::Invalid(format!(
+            "no backup lies on the history of timeline {}: choose another --target-timeline",
+            target_tli.0
+        )));
+    };
+    // The restorable range, from the oldest usable backup.
+    let range_from = |b: &BackupPoint| -> Range {
+        let (last, _) = contiguous(inv, &path, seg.segno(b.start), seg);
+        let (latest_lsn, latest_time) = match last {
+            Some((s, when)) => (seg.start_lsn(SegNo(s.0 + 1)), when.max(b.end_time)),
+            None => (b.end, b.end_time),
+        };
+        Range {
+            earliest_time: b.end_time,
+            earliest_lsn: b.end.to_string(),
+            latest_time,
+            latest_lsn: latest_lsn.to_string(),
+            timeline: target_tli.0,
+        }
+    };
+    let range = range_from(oldest);
+    let unreachable = |reason: String| PlanError::Unreachable { reason, range: Box::new(range.clone()) };
+
+    let mut notes = Vec::new();
+    // Choose the backup.
+    let chosen: &BackupPoint = if let Some(b) = forced.or(named_backup) {
+        if !on_path.iter().any(|x| x.id == b.id) {
+            return Err(unreachable(format!("backup {} is not on the history of timeline {}", b.id, target_tli.0)));
+        }
+        b
+    } else {
+        match &req.target {
+            Target::Time(t) => *on_path.iter().rev().find(|b| b.end_time <= *t).ok_or_else(|| {
+                unreachable(format!(
+                    "{} is before the oldest backup's consistency point",
+                    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ))
+            })?,
+            Target::Lsn(l) => {
+                let l: Lsn = l.parse().map_err(|e: walnut_pg::lsn::ParseError| PlanError::Invalid(e.to_string()))?;
+                *on_path.iter().rev().find(|b| b.end <= l).ok_or_else(|| {
+                    unreachable(format!("LSN {l} is before the oldest backup's consistency point"))
+                })?
+            }
+            _ => *on_path.last().expect("non-empty"),
+        }
+    };
+    let start_seg = seg.segno(chosen.start);
+    let end_seg = seg.segno(Lsn(chosen.end.0.saturating_sub(1).max(chosen.start.0)));
+    let (last, gap) = contiguous(inv, &path, start_seg, seg);
+    let Some((last_seg, last_time)) = last.filter(|(s, _)| *s >= end_seg) else {
+        return Err(unreachable(format!(
+            "the WAL backup {} needs to become consistent ({} on timeline {}) is missing from the archive",
+            chosen.id,
+            walnut_pg::names::SegName::new(tli_for(&path, end_seg, seg), end_seg, seg),
+            tli_for(&path, end_seg, seg).0
+        )));
+    };
+    let archive_end_lsn = seg.start_lsn(SegNo(last_seg.0 + 1));
+    let missing_name = |s: SegNo| walnut_pg::names::SegName::new(tli_for(&path, s, seg), s, seg).to_string();
+
+    let recovery_target = match &req.target {
+        Target::Latest => {
+            if gap {
+                notes.push(format!(
+                    "the archive has a gap after {}: recovery stops there (WAL after the gap cannot be replayed)",
+                    missing_name(last_seg)
+                ));
+            }
+            RecoveryTarget::EndOfArchive
+        }
+        Target::Immediate => RecoveryTarget::Immediate,
+        Target::Name(n) if named_backup.is_some() => {
+            notes.push(format!("{n:?} is backup {}: restoring to its consistency point", chosen.id));
+            RecoveryTarget::Immediate
+        }
+        Target::Name(n) => RecoveryTarget::Name(n.clone()),
+        Target::Xid(x) => RecoveryTarget::Xid(*x),
+        Target::Lsn(l) => {
+            let lsn: Lsn = l.parse().map_err(|e: walnut_pg::lsn::ParseError| PlanError::Invalid(e.to_string()))?;
+            if lsn > archive_end_lsn {
+                let why = if gap {
+                    format!("LSN {lsn} is beyond a gap in the archive (first missing segment {})", missing_name(SegNo(last_seg.0 + 1)))
+                } else {
+                    format!("LSN {lsn} is after the end of the archive")
+                };
+                return Err(unreachable(why));
+            }
+            if lsn < chosen.end {
+                return Err(unreachable(format!("LSN {lsn} is before backup {}'s consistency point {}", chosen.id, chosen.end)));
+            }
+            RecoveryTarget::Lsn(lsn.to_string())
+        }
+        Target::Time(t) => {
+            if *t < chosen.end_time {
+                return Err(unreachable(format!(
+                    "{} is before backup {}'s consistency point",
+                    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    chosen.id
+                )));
+            }
+            if *t > now {
+                return Err(PlanError::Invalid(format!(
+                    "target time {} is in the future",
+                    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )));
+            }
+            if *t > last_time {
+                if gap {
+                    return Err(unreachable(format!(
+                        "{} is beyond a gap in the archive (first missing segment {})",
+                        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        missing_name(SegNo(last_seg.0 + 1))
+                    )));
+                }
+                notes.push(format!(
+                    "{} is after the last archived WAL ({}): that is the end of the archive, so walnut recovers to it",
+                    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    last_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ));
+                RecoveryTarget::EndOfArchive
+            } else {
+                RecoveryTarget::Time(*t)
+            }
+        }
+    };
+    let segments_to = match &recovery_target {
+        RecoveryTarget::Immediate => end_seg,
+        RecoveryTarget::Lsn(l) => seg.segno(l.parse().expect("checked")).max(end_seg).min(last_seg),
+        _ => last_seg,
+    };
+    Ok(Plan {
+        backup_id: chosen.id.clone(),
+        backup_name: chosen.name.clone(),
+        backup_timeline: chosen.tli.0,
+        backup_end_lsn: chosen.end.to_string(),
+        target_timeline: target_tli.0,
+        recovery_target,
+        first_segment_lsn: seg.start_lsn(start_seg).to_string(),
+        last_segment_lsn: seg.start_lsn(segments_to).to_string(),
+        segments: segments_to.0 - start_seg.0 + 1,
+        restorable: range,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    const SEG: WalSegSize = WalSegSize::DEFAULT;
+
+    fn t(min: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap() + chrono::Duration::minutes(min)
+    }
+    fn seg_lsn(s: u64) -> Lsn {
+        SEG.start_lsn(SegNo(s))
+    }
+    fn backup(id: &str, tli: u32, start_seg: u64, end_time: i64) -> BackupPoint {
+        BackupPoint {
+            id: id.into(),
+            name: Some(format!("name-{id}")),
+            tli: TimelineId(tli),
+            start: Lsn(seg_lsn(start_seg).0 + 0x28),
+            end: Lsn(seg_lsn(start_seg).0 + 0x100),
+            end_time: t(end_time),
+        }
+    }
+    /// Segments `from..=to` on `tli`, segment s stored at minute s.
+    fn inv(ranges: &[(u32, u64, u64)]) -> WalInventory {
+        let mut i = WalInventory::default();
+        for &(tli, from, to) in ranges {
+            let m = i.segments.entry(TimelineId(tli)).or_default();
+            for s in from..=to {
+                m.insert(SegNo(s), t(s as i64));
+            }
+        }
+        i
+    }
+    fn req(target: Target) -> Request {
+        Request { target, backup: None, timeline: TimelineChoice::Latest }
+    }
+
+    #[test]
+    fn picks_the_newest_backup_before_a_time_target() {
+        let b = [backup("A", 1, 2, 2), backup("B", 1, 5, 5)];
+        let i = inv(&[(1, 2, 10)]);
+        let p = plan(&b, &i, SEG, &req(Target::Time(t(4))), t(100)).unwrap();
+        assert_eq!(p.backup_id, "A");
+        assert_eq!(p.recovery_target, RecoveryTarget::Time(t(4)));
+        let p = plan(&b, &i, SEG, &req(Target::Time(t(7))), t(100)).unwrap();
+        assert_eq!(p.backup_id, "B");
+        let p = plan(&b, &i, SEG, &req(Target::Latest), t(100)).unwrap();
+        assert_eq!((p.backup_id.as_str(), p.recovery_target.clone()), ("B", RecoveryTarget::EndOfArchive));
+        assert_eq!(p.segments, 6);
+    }
+
+    #[test]
+    fn refuses_targets_before_the_oldest_backup_with_the_range() {
+        let b = [backup("A", 1, 2, 2)];
+        let i = inv(&[(1, 2, 10)]);
+        let e = plan(&b, &i, SEG, &req(Target::Time(t(1))), t(100)).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("before the oldest backup") && msg.contains("earliest:") && msg.contains("latest:"), "{msg}");
+        let e = plan(&b, &i, SEG, &req(Target::Lsn("0/1000000".into())), t(100)).unwrap_err();
+        assert!(e.to_string().contains("before the oldest backup"), "{e}");
+    }
+
+    #[test]
+    fn time_after_the_archive_is_the_end_of_the_archive_unless_there_is_a_gap() {
+        let b = [backup("A", 1, 2, 2)];
+        let p = plan(&b, &inv(&[(1, 2, 10)]), SEG, &req(Target::Time(t(50))), t(100)).unwrap();
+        assert_eq!(p.recovery_target, RecoveryTarget::EndOfArchive);
+        assert!(p.notes[0].contains("end of the archive"));
+        let gappy = inv(&[(1, 2, 6), (1, 8, 10)]);
+        let e = plan(&b, &gappy, SEG, &req(Target::Time(t(9))), t(100)).unwrap_err().to_string();
+        assert!(e.contains("beyond a gap") && e.contains("000000010000000000000007"), "{e}");
+        let e = plan(&b, &gappy, SEG, &req(Target::Lsn(seg_lsn(9).to_string())), t(100)).unwrap_err().to_string();
+        assert!(e.contains("beyond a gap"), "{e}");
+        // Inside the contiguous part is fine.
+        assert!(plan(&b, &gappy, SEG, &req(Target::Time(t(5))), t(100)).is_ok());
+        let p = plan(&b, &gappy, SEG, &req(Target::Latest), t(100)).unwrap();
+        assert!(p.notes[0].contains("gap"));
+    }
+
+    #[test]
+    fn missing_wal_for_consistency_is_refused() {
+        let b = [backup("A", 1, 2, 2)];
+        let e = plan(&b, &inv(&[(1, 3, 10)]), SEG, &req(Target::Latest), t(100)).unwrap_err().to_string();
+        assert!(e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn names_of_backups_restore_to_their_consistency_point() {
+        let b = [backup("A", 1, 2, 2), backup("B", 1, 5, 5)];
+        let i = inv(&[(1, 2, 10)]);
+        let p = plan(&b, &i, SEG, &req(Target::Name("name-A".into())), t(100)).unwrap();
+        assert_eq!((p.backup_id.as_str(), p.recovery_target.clone()), ("A", RecoveryTarget::Immediate));
+        let p = plan(&b, &i, SEG, &req(Target::Name("B".into())), t(100)).unwrap();
+        assert_eq!(p.backup_id, "B");
+        let p = plan(&b, &i, SEG, &req(Target::Name("some-restore-point".into())), t(100)).unwrap();
+        assert_eq!(p.recovery_target, RecoveryTarget::Name("some-restore-point".into()));
+    }
+
+    #[test]
+    fn follows_timelines_through_history_files() {
+        // Timeline 2 branched from 1 in segment 6; timeline 1 continued to 9 (a fork that was abandoned).
+        let b = [backup("A", 1, 2, 2)];
+        let mut i = inv(&[(1, 2, 9), (2, 6, 12)]);
+        i.histories.insert(TimelineId(2), vec![HistoryEntry { tli: TimelineId(1), switchpoint: Lsn(seg_lsn(6).0 + 0x500) }]);
+        let p = plan(&b, &i, SEG, &req(Target::Latest), t(100)).unwrap();
+        assert_eq!((p.target_timeline, p.segments), (2, 11), "segments 2..=12, switching timeline at 6");
+        let p = plan(&b, &i, SEG, &Request { timeline: TimelineChoice::Current, ..req(Target::Latest) }, t(100)).unwrap();
+        assert_eq!((p.target_timeline, p.segments), (1, 8));
+        // A backup taken on timeline 2 is usable for timeline 2 but not for timeline 1.
+        let b2 = [backup("A", 1, 2, 2), backup("C", 2, 10, 10)];
+        let p = plan(&b2, &i, SEG, &req(Target::Latest), t(100)).unwrap();
+        assert_eq!(p.backup_id, "C");
+        let p = plan(&b2, &i, SEG, &Request { timeline: TimelineChoice::Id(TimelineId(1)), ..req(Target::Latest) }, t(100)).unwrap();
+        assert_eq!(p.backup_id, "A");
+    }
+
+    #[test]
+    fn forced_backup_and_errors() {
+        let b = [backup("A", 1, 2, 2), backup("B", 1, 5, 5)];
+        let i = inv(&[(1, 2, 10)]);
+        let p = plan(&b, &i, SEG, &Request { backup: Some("A".into()), ..req(Target::Latest) }, t(100)).unwrap();
+        assert_eq!(p.backup_id, "A");
+        assert!(matches!(plan(&b, &i, SEG, &Request { backup: Some("Z".into()), ..req(Target::Latest) }, t(100)), Err(PlanError::UnknownBackup(_))));
+        assert!(matches!(plan(&[], &i, SEG, &req(Target::Latest), t(100)), Err(PlanError::NoBackups)));
+        assert!(plan(&b, &i, SEG, &req(Target::Time(t(200))), t(100)).unwrap_err().to_string().contains("future"));
+    }
+}
