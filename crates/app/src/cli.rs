@@ -45,6 +45,33 @@ pub enum Command {
         /// Where to write it (%p).
         dest: PathBuf,
     },
+    /// Take a base backup of a running cluster.
+    BackupPush {
+        /// The data directory (default: [postgres] pgdata, PGDATA, or what the server says).
+        #[arg(long)]
+        pgdata: Option<PathBuf>,
+        /// A unique name for this backup: [A-Za-z0-9._-]{1,64}.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List backups.
+    BackupList {
+        /// More columns: LSNs, sizes, duration.
+        #[arg(long)]
+        detail: bool,
+    },
+    /// Show one backup (ID, name or LATEST).
+    BackupShow { reference: String },
+    /// Download a base backup into an empty directory (no recovery configuration).
+    BackupFetch { dest: PathBuf, reference: String },
+    /// Plan, validate, fetch and configure a point-in-time restore.
+    Restore(crate::cmd::restore::RestoreArgs),
+    /// The showcase: a throwaway cluster, a backup, a disaster, a point-in-time restore.
+    Demo {
+        /// Keep the temporary directory.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Print the resolved configuration (secrets redacted), to debug what walnut will use.
     #[command(hide = true)]
     ShowConfig,

@@ -49,6 +49,19 @@ pub struct FileConfig {
     pub storage: StorageSection,
     #[serde(default)]
     pub wal: WalSection,
+    #[serde(default)]
+    pub backup: BackupSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSection {
+    /// Parallel streams (compression threads and uploads in flight).
+    pub parallel: Option<usize>,
+    /// A part object rolls over after this many MiB of tar.
+    pub part_size_mb: Option<u64>,
+    /// How long backup-push waits for its WAL to be archived.
+    pub archive_wait: Option<ConfigDuration>,
 }
 
 #[derive(Default, Deserialize)]
@@ -134,6 +147,9 @@ pub struct Config {
     pub pg_bindir: Option<PathBuf>,
     pub upload_ahead: usize,
     pub prefetch: usize,
+    pub backup_parallel: usize,
+    pub backup_part_size: u64,
+    pub backup_archive_wait: Duration,
     pub agent_listen: String,
     pub agent_token_file: Option<PathBuf>,
     pub agent_token: Option<Secret>,
@@ -271,6 +287,9 @@ impl Config {
             pg_bindir: file.postgres.bindir,
             upload_ahead: file.wal.upload_ahead.unwrap_or(DEFAULT_UPLOAD_AHEAD),
             prefetch: file.wal.prefetch.unwrap_or(DEFAULT_PREFETCH),
+            backup_parallel: file.backup.parallel.unwrap_or(2).clamp(1, 64),
+            backup_part_size: file.backup.part_size_mb.unwrap_or(1024).max(1) << 20,
+            backup_archive_wait: file.backup.archive_wait.map(|d| d.0).unwrap_or(Duration::from_secs(300)),
             agent_listen: env("WALNUT_AGENT_LISTEN").or(file.agent.listen).unwrap_or_else(|| "127.0.0.1:5500".into()),
             agent_token_file: file.agent.token_file,
             agent_token: env("WALNUT_AGENT_TOKEN").map(Secret::new),

@@ -5,6 +5,8 @@ mod cli;
 mod cmd;
 mod config;
 mod exit;
+mod output;
+mod pgserver;
 
 use clap::Parser;
 

@@ -253,7 +253,8 @@ pub async fn list(repo: &Repository) -> Result<Vec<BackupInfo>, BackupError> {
                 Ok(d) => serde_json::from_slice::<RunningMarker>(&d.content).ok(),
                 Err(_) => None,
             };
-            let fresh = marker.is_some_and(|t| chrono::Utc::now() - t < chrono::Duration::from_std(HEARTBEAT * 3).unwrap());
+            let fresh =
+                marker.is_some_and(|t| chrono::Utc::now() - t < chrono::Duration::from_std(HEARTBEAT * 3).unwrap());
             let error = marker_doc.as_ref().and_then(|m| m.error.clone());
             let status = if fresh && error.is_none() { Status::Running } else { Status::Failed };
             let error = error.or((status == Status::Failed).then(|| "interrupted (no manifest, marker stale)".into()));
@@ -371,7 +372,12 @@ fn exclusion(rel: &str, name: &str, is_dir: bool) -> Option<&'static str> {
     None
 }
 
-fn walk(root: &Path, prefix: &str, out: &mut Vec<SourceFile>, tablespaces: &mut Vec<Tablespace>) -> std::io::Result<()> {
+fn walk(
+    root: &Path,
+    prefix: &str,
+    out: &mut Vec<SourceFile>,
+    tablespaces: &mut Vec<Tablespace>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let mut stack = vec![(root.to_path_buf(), prefix.to_string())];
     while let Some((dir, rel_dir)) = stack.pop() {
@@ -395,7 +401,14 @@ fn walk(root: &Path, prefix: &str, out: &mut Vec<SourceFile>, tablespaces: &mut 
                     let target = std::fs::read_link(entry.path())?;
                     if rel_dir == "pg_tblspc" {
                         tablespaces.push(Tablespace { oid: name.clone(), location: target.display().to_string() });
-                        out.push(SourceFile { rel: rel.clone(), abs: entry.path(), size: 0, mtime: 0, mode: 0o700, dir: true });
+                        out.push(SourceFile {
+                            rel: rel.clone(),
+                            abs: entry.path(),
+                            size: 0,
+                            mtime: 0,
+                            mode: 0o700,
+                            dir: true,
+                        });
                         stack.push((target, rel));
                     } else {
                         // pg_wal elsewhere: an empty pg_wal in the backup.
@@ -438,10 +451,13 @@ fn balance(files: Vec<SourceFile>, n: usize) -> Vec<Vec<SourceFile>> {
         lightest.0 += f.size.max(512);
         lightest.1.push(f);
     }
-    let mut out: Vec<Vec<SourceFile>> = streams.into_iter().map(|(_, mut v)| {
-        v.sort_by(|a, b| a.rel.cmp(&b.rel));
-        v
-    }).collect();
+    let mut out: Vec<Vec<SourceFile>> = streams
+        .into_iter()
+        .map(|(_, mut v)| {
+            v.sort_by(|a, b| a.rel.cmp(&b.rel));
+            v
+        })
+        .collect();
     // Directories first, in the first stream, parents before children.
     let mut dirs = dirs;
     dirs.sort_by(|a, b| a.rel.cmp(&b.rel));
@@ -567,7 +583,11 @@ fn produce_stream(
 }
 
 /// Uploads what one stream produces.
-async fn upload_stream(repo: Repository, codec: Codec, mut rx: mpsc::Receiver<Msg>) -> Result<Vec<PartEntry>, BackupError> {
+async fn upload_stream(
+    repo: Repository,
+    codec: Codec,
+    mut rx: mpsc::Receiver<Msg>,
+) -> Result<Vec<PartEntry>, BackupError> {
     let mut parts = Vec::new();
     let mut current: Option<(Box<dyn walnut_storage::ObjectWriter>, String, u64)> = None;
     let result = async {
@@ -668,7 +688,10 @@ fn json_object(v: &impl Serialize) -> Bytes {
 pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>) -> Result<Manifest, BackupError> {
     if let Some(n) = &opts.name {
         check_name(n)?;
-        let taken = list(repo).await?.into_iter().any(|b| b.manifest.as_ref().and_then(|m| m.name.as_deref()) == Some(n.as_str()));
+        let taken = list(repo)
+            .await?
+            .into_iter()
+            .any(|b| b.manifest.as_ref().and_then(|m| m.name.as_deref()) == Some(n.as_str()));
         if taken {
             return Err(BackupError::Invalid(format!("a backup named {n:?} already exists: names are unique")));
         }
@@ -729,7 +752,9 @@ pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>
             }
         })
     };
-    let result = push_inner(repo, opts, &client, &id, &pgdata, started, version_num as u32, major, seg, &sysid_text, progress).await;
+    let result =
+        push_inner(repo, opts, &client, &id, &pgdata, started, version_num as u32, major, seg, &sysid_text, progress)
+            .await;
     heartbeat.abort();
     match result {
         Ok(m) => {
@@ -760,11 +785,8 @@ async fn push_inner(
 ) -> Result<Manifest, BackupError> {
     let q = |e: tokio_postgres::Error| BackupError::Postgres(pg_error(&e));
     let label = format!("walnut {id}");
-    let start_lsn: String = client
-        .query_one("SELECT pg_backup_start($1, true)::text", &[&label])
-        .await
-        .map_err(q)?
-        .get(0);
+    let start_lsn: String =
+        client.query_one("SELECT pg_backup_start($1, true)::text", &[&label]).await.map_err(q)?.get(0);
 
     let root = pgdata.to_path_buf();
     let (files, tablespaces) = crate::repo::cpu(move || {
@@ -782,9 +804,8 @@ async fn push_inner(
     for (i, files) in streams.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(2);
         let (id, codec, part_size, progress) = (id.to_string(), opts.codec, opts.part_size, progress.clone());
-        producers.push(tokio::task::spawn_blocking(move || {
-            produce_stream(&id, i, files, codec, part_size, tx, &progress)
-        }));
+        producers
+            .push(tokio::task::spawn_blocking(move || produce_stream(&id, i, files, codec, part_size, tx, &progress)));
         uploaders.push(tokio::spawn(upload_stream(repo.clone(), opts.codec, rx)));
     }
     let mut file_entries = Vec::new();
@@ -812,14 +833,13 @@ async fn push_inner(
     }
 
     // Stop without PostgreSQL's own unbounded wait for archiving; walnut waits, bounded, below.
-    let row = client
-        .query_one("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)", &[])
-        .await
-        .map_err(q)?;
+    let row =
+        client.query_one("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)", &[]).await.map_err(q)?;
     let end_lsn_text: String = row.get(0);
     let backup_label: String = row.get(1);
     let tablespace_map: String = row.get(2);
-    let end_lsn: Lsn = end_lsn_text.parse().map_err(|_| BackupError::Postgres(format!("bad stop LSN {end_lsn_text}")))?;
+    let end_lsn: Lsn =
+        end_lsn_text.parse().map_err(|_| BackupError::Postgres(format!("bad stop LSN {end_lsn_text}")))?;
     let start: Lsn = start_lsn.parse().map_err(|_| BackupError::Postgres(format!("bad start LSN {start_lsn}")))?;
     let tli: u32 = parse_label_field(&backup_label, "START TIMELINE:")
         .and_then(|t| t.parse().ok())
@@ -856,8 +876,8 @@ async fn push_inner(
         end_lsn: end_lsn.to_string(),
         start_wal: start_seg.to_string(),
         end_wal: end_seg.to_string(),
-        start_time: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        end_time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        start_time: started.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        end_time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         label,
         backup_label,
         tablespace_map,
@@ -944,7 +964,8 @@ fn extract_part(
                         if let Some(parent) = target.parent() {
                             std::fs::create_dir_all(parent).map_err(io_ctx(format!("create {}", parent.display())))?;
                         }
-                        let mut file = std::fs::File::create(&target).map_err(io_ctx(format!("create {}", target.display())))?;
+                        let mut file =
+                            std::fs::File::create(&target).map_err(io_ctx(format!("create {}", target.display())))?;
                         let mut h = HashingReader::new(&mut entry);
                         std::io::copy(&mut h, &mut file).map_err(|e| corrupt(format!("{rel}: {e}")))?;
                         let (n, sum) = h.finish();
@@ -988,7 +1009,8 @@ pub async fn fetch(
         Arc::new(manifest.files.iter().map(|f| (f.path.clone(), f.clone())).collect());
     let results: Vec<Result<Vec<String>, BackupError>> = futures::stream::iter(manifest.parts.clone())
         .map(|part| {
-            let (repo, expected, progress, dest) = (repo.clone(), expected.clone(), progress.clone(), dest.to_path_buf());
+            let (repo, expected, progress, dest) =
+                (repo.clone(), expected.clone(), progress.clone(), dest.to_path_buf());
             async move {
                 let mut stream = repo.store().get_stream(&part.key).await?;
                 let (tx, rx) = mpsc::channel(4);
@@ -1085,7 +1107,14 @@ mod tests {
 
     #[test]
     fn balance_spreads_bytes() {
-        let f = |rel: &str, size| SourceFile { rel: rel.into(), abs: PathBuf::new(), size, mtime: 0, mode: 0o600, dir: false };
+        let f = |rel: &str, size| SourceFile {
+            rel: rel.into(),
+            abs: PathBuf::new(),
+            size,
+            mtime: 0,
+            mode: 0o600,
+            dir: false,
+        };
         let mut files = vec![f("a", 100), f("b", 90), f("c", 50), f("d", 40)];
         files.push(SourceFile { dir: true, ..f("base", 0) });
         let s = balance(files, 2);

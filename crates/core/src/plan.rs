@@ -159,7 +159,12 @@ fn tli_for(path: &[(TimelineId, Lsn)], s: SegNo, seg: WalSegSize) -> TimelineId 
 
 /// Walks contiguous segments from `start` along `path`. Returns the last present segment (if any)
 /// and whether any segment exists beyond the first missing one (a gap).
-fn contiguous(inv: &WalInventory, path: &[(TimelineId, Lsn)], start: SegNo, seg: WalSegSize) -> (Option<(SegNo, DateTime<Utc>)>, bool) {
+fn contiguous(
+    inv: &WalInventory,
+    path: &[(TimelineId, Lsn)],
+    start: SegNo,
+    seg: WalSegSize,
+) -> (Option<(SegNo, DateTime<Utc>)>, bool) {
     let mut last = None;
     let mut s = start;
     loop {
@@ -219,9 +224,9 @@ pub fn plan(
         .iter()
         .copied()
         .filter(|b| {
-            path.iter().enumerate().any(|(i, (t, _))| {
-                *t == b.tli && path.get(i + 1).is_none_or(|(_, next_begin)| b.end <= *next_begin)
-            })
+            path.iter()
+                .enumerate()
+                .any(|(i, (t, _))| *t == b.tli && path.get(i + 1).is_none_or(|(_, next_begin)| b.end <= *next_begin))
         })
         .collect();
     let Some(oldest) = on_path.first().copied() else {
@@ -265,9 +270,11 @@ pub fn plan(
             })?,
             Target::Lsn(l) => {
                 let l: Lsn = l.parse().map_err(|e: walnut_pg::lsn::ParseError| PlanError::Invalid(e.to_string()))?;
-                *on_path.iter().rev().find(|b| b.end <= l).ok_or_else(|| {
-                    unreachable(format!("LSN {l} is before the oldest backup's consistency point"))
-                })?
+                *on_path
+                    .iter()
+                    .rev()
+                    .find(|b| b.end <= l)
+                    .ok_or_else(|| unreachable(format!("LSN {l} is before the oldest backup's consistency point")))?
             }
             _ => *on_path.last().expect("non-empty"),
         }
@@ -307,14 +314,20 @@ pub fn plan(
             let lsn: Lsn = l.parse().map_err(|e: walnut_pg::lsn::ParseError| PlanError::Invalid(e.to_string()))?;
             if lsn > archive_end_lsn {
                 let why = if gap {
-                    format!("LSN {lsn} is beyond a gap in the archive (first missing segment {})", missing_name(SegNo(last_seg.0 + 1)))
+                    format!(
+                        "LSN {lsn} is beyond a gap in the archive (first missing segment {})",
+                        missing_name(SegNo(last_seg.0 + 1))
+                    )
                 } else {
                     format!("LSN {lsn} is after the end of the archive")
                 };
                 return Err(unreachable(why));
             }
             if lsn < chosen.end {
-                return Err(unreachable(format!("LSN {lsn} is before backup {}'s consistency point {}", chosen.id, chosen.end)));
+                return Err(unreachable(format!(
+                    "LSN {lsn} is before backup {}'s consistency point {}",
+                    chosen.id, chosen.end
+                )));
             }
             RecoveryTarget::Lsn(lsn.to_string())
         }
@@ -429,7 +442,10 @@ mod tests {
         let i = inv(&[(1, 2, 10)]);
         let e = plan(&b, &i, SEG, &req(Target::Time(t(1))), t(100)).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("before the oldest backup") && msg.contains("earliest:") && msg.contains("latest:"), "{msg}");
+        assert!(
+            msg.contains("before the oldest backup") && msg.contains("earliest:") && msg.contains("latest:"),
+            "{msg}"
+        );
         let e = plan(&b, &i, SEG, &req(Target::Lsn("0/1000000".into())), t(100)).unwrap_err();
         assert!(e.to_string().contains("before the oldest backup"), "{e}");
     }
@@ -475,16 +491,20 @@ mod tests {
         // Timeline 2 branched from 1 in segment 6; timeline 1 continued to 9 (a fork that was abandoned).
         let b = [backup("A", 1, 2, 2)];
         let mut i = inv(&[(1, 2, 9), (2, 6, 12)]);
-        i.histories.insert(TimelineId(2), vec![HistoryEntry { tli: TimelineId(1), switchpoint: Lsn(seg_lsn(6).0 + 0x500) }]);
+        i.histories
+            .insert(TimelineId(2), vec![HistoryEntry { tli: TimelineId(1), switchpoint: Lsn(seg_lsn(6).0 + 0x500) }]);
         let p = plan(&b, &i, SEG, &req(Target::Latest), t(100)).unwrap();
         assert_eq!((p.target_timeline, p.segments), (2, 11), "segments 2..=12, switching timeline at 6");
-        let p = plan(&b, &i, SEG, &Request { timeline: TimelineChoice::Current, ..req(Target::Latest) }, t(100)).unwrap();
+        let p =
+            plan(&b, &i, SEG, &Request { timeline: TimelineChoice::Current, ..req(Target::Latest) }, t(100)).unwrap();
         assert_eq!((p.target_timeline, p.segments), (1, 8));
         // A backup taken on timeline 2 is usable for timeline 2 but not for timeline 1.
         let b2 = [backup("A", 1, 2, 2), backup("C", 2, 10, 10)];
         let p = plan(&b2, &i, SEG, &req(Target::Latest), t(100)).unwrap();
         assert_eq!(p.backup_id, "C");
-        let p = plan(&b2, &i, SEG, &Request { timeline: TimelineChoice::Id(TimelineId(1)), ..req(Target::Latest) }, t(100)).unwrap();
+        let p =
+            plan(&b2, &i, SEG, &Request { timeline: TimelineChoice::Id(TimelineId(1)), ..req(Target::Latest) }, t(100))
+                .unwrap();
         assert_eq!(p.backup_id, "A");
     }
 
@@ -494,7 +514,10 @@ mod tests {
         let i = inv(&[(1, 2, 10)]);
         let p = plan(&b, &i, SEG, &Request { backup: Some("A".into()), ..req(Target::Latest) }, t(100)).unwrap();
         assert_eq!(p.backup_id, "A");
-        assert!(matches!(plan(&b, &i, SEG, &Request { backup: Some("Z".into()), ..req(Target::Latest) }, t(100)), Err(PlanError::UnknownBackup(_))));
+        assert!(matches!(
+            plan(&b, &i, SEG, &Request { backup: Some("Z".into()), ..req(Target::Latest) }, t(100)),
+            Err(PlanError::UnknownBackup(_))
+        ));
         assert!(matches!(plan(&[], &i, SEG, &req(Target::Latest), t(100)), Err(PlanError::NoBackups)));
         assert!(plan(&b, &i, SEG, &req(Target::Time(t(200))), t(100)).unwrap_err().to_string().contains("future"));
     }

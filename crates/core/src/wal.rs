@@ -394,3 +394,31 @@ pub async fn write_durably(dest: &Path, data: &Bytes) -> Result<(), WalError> {
     })
     .await
 }
+
+/// What the repository holds of WAL, for planning: segments per timeline with the time each was
+/// stored, and every timeline history file, parsed.
+pub async fn inventory(repo: &Repository) -> Result<crate::plan::WalInventory, WalError> {
+    let mut inv = crate::plan::WalInventory::default();
+    let Some(identity) = repo.identity().await? else { return Ok(inv) };
+    let size = identity.seg_size();
+    let mut histories = Vec::new();
+    for o in repo.store().list(layout::WAL_DIR).await? {
+        match layout::parse_wal_key(&o.key) {
+            Some(WalFileName::Segment(s)) => {
+                if let Some(segno) = s.segno(size) {
+                    inv.segments.entry(s.tli).or_default().insert(segno, o.last_modified);
+                }
+            }
+            Some(WalFileName::History(t)) => histories.push((t, o.key)),
+            _ => {}
+        }
+    }
+    for (t, key) in histories {
+        let d = repo.get_object(&key).await?;
+        let text = String::from_utf8_lossy(&d.content);
+        let entries = walnut_pg::history::parse_history(&text)
+            .map_err(|e| RepoError::Corrupt { key: key.clone(), source: EnvelopeError::Corrupt(e.to_string()) })?;
+        inv.histories.insert(t, entries);
+    }
+    Ok(inv)
+}

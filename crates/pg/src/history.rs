@@ -45,7 +45,8 @@ mod tests {
     use super::*;
     #[test]
     fn parses_postgres_history() {
-        let h = parse_history("1\t0/3000000\tno recovery target specified\n\n2\t0/5000A8\tat restore point \"x\"\n").unwrap();
+        let h = parse_history("1\t0/3000000\tno recovery target specified\n\n2\t0/5000A8\tat restore point \"x\"\n")
+            .unwrap();
         assert_eq!(h.len(), 2);
         assert_eq!(h[1], HistoryEntry { tli: TimelineId(2), switchpoint: Lsn(0x5000A8) });
         assert!(parse_history("2\t0/1\tx\n1\t0/2\ty\n").is_err());

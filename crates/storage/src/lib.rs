@@ -131,21 +131,25 @@ struct BoundedWriter {
 #[async_trait]
 impl ObjectWriter for BoundedWriter {
     async fn write(&mut self, data: Bytes) -> Result<()> {
-        tokio::time::timeout(self.deadline, self.inner.write(data))
-            .await
-            .unwrap_or_else(|_| Err(StorageError::Timeout { op: "upload", key: self.key.clone(), after: self.deadline }))
+        tokio::time::timeout(self.deadline, self.inner.write(data)).await.unwrap_or_else(|_| {
+            Err(StorageError::Timeout { op: "upload", key: self.key.clone(), after: self.deadline })
+        })
     }
     async fn finish(self: Box<Self>) -> Result<()> {
         let (key, deadline) = (self.key.clone(), self.deadline);
-        tokio::time::timeout(deadline, self.inner.finish())
-            .await
-            .unwrap_or(Err(StorageError::Timeout { op: "complete upload", key, after: deadline }))
+        tokio::time::timeout(deadline, self.inner.finish()).await.unwrap_or(Err(StorageError::Timeout {
+            op: "complete upload",
+            key,
+            after: deadline,
+        }))
     }
     async fn abort(self: Box<Self>) -> Result<()> {
         let (key, deadline) = (self.key.clone(), self.deadline);
-        tokio::time::timeout(deadline, self.inner.abort())
-            .await
-            .unwrap_or(Err(StorageError::Timeout { op: "abort upload", key, after: deadline }))
+        tokio::time::timeout(deadline, self.inner.abort()).await.unwrap_or(Err(StorageError::Timeout {
+            op: "abort upload",
+            key,
+            after: deadline,
+        }))
     }
 }
 

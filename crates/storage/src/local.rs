@@ -14,6 +14,16 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
+    /// When walnut runs as root in a repository owned by another user (typically `postgres`, who
+    /// runs `archive_command`), what it creates is given to that owner, so the archiver can
+    /// still write next to it.
+    owner: Option<(u32, u32)>,
+}
+
+fn hand_over(path: &Path, owner: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = owner {
+        let _ = std::os::unix::fs::chown(path, Some(uid), Some(gid));
+    }
 }
 
 fn io_err(op: &'static str, key: &str, e: std::io::Error) -> StorageError {
@@ -29,15 +39,15 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Creates `dir` and its missing parents, fsyncing each parent whose entries changed.
-fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
+fn create_dirs_durably(dir: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
-        create_dirs_durably(parent)?;
+        create_dirs_durably(parent, owner)?;
     }
     match fs::create_dir(dir) {
-        Ok(()) => {}
+        Ok(()) => hand_over(dir, owner),
         Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(e),
     }
@@ -50,9 +60,12 @@ fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
 impl LocalStore {
     /// A store rooted at `root` (created if missing).
     pub fn new(root: impl Into<PathBuf>) -> Result<LocalStore> {
+        use std::os::unix::fs::MetadataExt;
         let root = root.into();
-        create_dirs_durably(&root).map_err(|e| io_err("create", &root.display().to_string(), e))?;
-        Ok(LocalStore { root })
+        create_dirs_durably(&root, None).map_err(|e| io_err("create", &root.display().to_string(), e))?;
+        let am_root = fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+        let owner = fs::metadata(&root).ok().filter(|m| am_root && m.uid() != 0).map(|m| (m.uid(), m.gid()));
+        Ok(LocalStore { root, owner })
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
@@ -60,14 +73,15 @@ impl LocalStore {
         Ok(self.root.join(key))
     }
 
-    fn put_blocking(path: &Path, data: &[u8], mode: PutMode) -> std::io::Result<()> {
+    fn put_blocking(path: &Path, data: &[u8], mode: PutMode, owner: Option<(u32, u32)>) -> std::io::Result<()> {
         let dir = path.parent().expect("keys have a parent");
-        create_dirs_durably(dir)?;
+        create_dirs_durably(dir, owner)?;
         let name = path.file_name().expect("keys have a name").to_string_lossy();
         let tmp = dir.join(format!(".tmp.{name}.{}.{:016x}", std::process::id(), rand::random::<u64>()));
         let result = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(data)?;
+            hand_over(&tmp, owner);
             f.sync_all()?;
             drop(f);
             match mode {
@@ -125,8 +139,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 impl BlobStore for LocalStore {
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<()> {
         let path = self.path(key)?;
-        let k = key.to_string();
-        blocking(move || LocalStore::put_blocking(&path, &data, mode).map_err(|e| io_err("put", &k, e))).await
+        let (k, owner) = (key.to_string(), self.owner);
+        blocking(move || LocalStore::put_blocking(&path, &data, mode, owner).map_err(|e| io_err("put", &k, e))).await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {
@@ -175,13 +189,14 @@ impl BlobStore for LocalStore {
 
     async fn put_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
         let path = self.path(key)?;
-        let k = key.to_string();
+        let (k, owner) = (key.to_string(), self.owner);
         blocking(move || {
             let dir = path.parent().expect("keys have a parent").to_path_buf();
-            create_dirs_durably(&dir).map_err(|e| io_err("put", &k, e))?;
+            create_dirs_durably(&dir, owner).map_err(|e| io_err("put", &k, e))?;
             let name = path.file_name().expect("name").to_string_lossy().into_owned();
             let tmp = dir.join(format!(".tmp.{name}.{}.{:016x}", std::process::id(), rand::random::<u64>()));
             let file = File::create(&tmp).map_err(|e| io_err("put", &k, e))?;
+            hand_over(&tmp, owner);
             Ok(Box::new(LocalWriter { file: Some(file), tmp, path, key: k }) as Box<dyn ObjectWriter>)
         })
         .await

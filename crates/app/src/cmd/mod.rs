@@ -1,6 +1,9 @@
 //! Command dispatch: each command returns its exit code; errors are printed once, here or in
 //! the command, with their context chain.
 
+pub mod backup;
+mod demo;
+pub mod restore;
 mod wal;
 
 use crate::cli::{Cli, Command};
@@ -40,6 +43,22 @@ pub async fn run(cli: Cli) -> u8 {
         Command::WalFetch { name, dest } => wal::fetch(&ctx, &name, &dest).await,
         Command::WalPrefetch { name } => wal::prefetch(&ctx, &name).await,
         Command::ShowConfig => show_config(&ctx),
+        Command::BackupPush { pgdata, name } => finish(backup::push(&ctx, pgdata.as_deref(), name).await),
+        Command::BackupList { detail } => finish(backup::list(&ctx, detail).await),
+        Command::BackupShow { reference } => finish(backup::show(&ctx, &reference).await),
+        Command::BackupFetch { dest, reference } => finish(backup::fetch(&ctx, &dest, &reference).await),
+        Command::Restore(args) => finish(restore::run(&ctx, &args).await),
+        Command::Demo { keep } => finish(demo::run(&ctx, keep).await),
+    }
+}
+
+fn finish(r: Result<()>) -> u8 {
+    match r {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            report(&e);
+            exit::FAILURE
+        }
     }
 }
 

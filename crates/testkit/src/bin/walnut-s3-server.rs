@@ -9,7 +9,7 @@
 
 use std::io::Write;
 use std::time::Duration;
-use walnut_testkit::s3::{ACCESS_KEY, BUCKET, SECRET_KEY, S3Server};
+use walnut_testkit::s3::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
 
 const USAGE: &str = "usage: walnut-s3-server [--port N] [--exit-after SECS] [--stop-on-stdin-eof]";
 
@@ -40,6 +40,17 @@ fn main() {
         }
     }
 
+    // Signal handlers first, so a SIGTERM right after the endpoint is printed is not fatal.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _in_runtime = rt.enter();
+        (
+            signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            signal(SignalKind::interrupt()).expect("SIGINT handler"),
+        )
+    };
+
     let server = S3Server::start_on(port);
     {
         let mut out = std::io::stdout().lock();
@@ -52,23 +63,18 @@ fn main() {
         let _ = out.flush();
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let why = rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         let stdin_closed = async {
             if !stdin_eof {
                 return std::future::pending::<()>().await;
             }
-            use tokio::io::AsyncReadExt;
-            let mut stdin = tokio::io::stdin();
-            let mut buf = [0u8; 256];
-            while let Ok(n) = stdin.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-            }
+            // A plain thread reads stdin to its end (tokio's stdin needs a feature we do not use).
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+                let _ = tx.send(());
+            });
+            let _ = rx.await;
         };
         let deadline = async {
             match exit_after {
@@ -85,7 +91,6 @@ fn main() {
     });
     eprintln!("walnut-s3-server: stopping ({why})");
     drop(server); // stops serving and removes the data directory
-    // Do not wait for a blocking stdin read still in flight.
     rt.shutdown_background();
     std::process::exit(0);
 }

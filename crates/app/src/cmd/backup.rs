@@ -1,0 +1,232 @@
+//! `backup-push`, `backup-list`, `backup-show`, `backup-fetch`.
+
+use super::Ctx;
+use crate::output::{self, Bar};
+use crate::pgserver;
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use walnut_core::backup::{self, Progress, PushOptions, Status};
+
+pub fn push_options(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>, scheduled: bool) -> Result<PushOptions> {
+    Ok(PushOptions {
+        pg: pgserver::pg_config(ctx.config.pg_url.as_deref())?,
+        pgdata: pgdata.map(Path::to_path_buf).or(ctx.config.pgdata.clone()),
+        name,
+        scheduled,
+        codec: ctx.config.codec,
+        parallel: ctx.config.backup_parallel,
+        part_size: ctx.config.backup_part_size,
+        archive_wait: ctx.config.backup_archive_wait,
+    })
+}
+
+pub async fn push(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>) -> Result<()> {
+    let repo = ctx.repository()?;
+    let opts = push_options(ctx, pgdata, name, false)?;
+    let progress = Arc::new(Progress::default());
+    let start = Instant::now();
+    let m = {
+        let _bar = Bar::start("backup", progress.clone(), ctx.global.quiet);
+        backup::push(&repo, &opts, progress).await?
+    };
+    let took = start.elapsed();
+    if ctx.global.json {
+        println!("{}", serde_json::to_string_pretty(&backup::ManifestSummary::from(&m))?.replace("\n", "\n"));
+    } else if !ctx.global.quiet {
+        println!(
+            "backup {}{} DONE: {} in {} files -> {} stored ({:.1}x) in {:.1?} ({}); consistent at {} (WAL {}..{})",
+            m.id,
+            m.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
+            output::bytes(m.data_bytes),
+            m.files.len(),
+            output::bytes(m.stored_bytes),
+            m.data_bytes as f64 / m.stored_bytes.max(1) as f64,
+            took,
+            output::rate(m.data_bytes, took),
+            m.end_lsn,
+            m.start_wal,
+            m.end_wal
+        );
+    }
+    Ok(())
+}
+
+pub async fn list(ctx: &Ctx, detail: bool) -> Result<()> {
+    let repo = ctx.repository()?;
+    let all = backup::list(&repo).await?;
+    if ctx.global.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no backups in {}", repo.describe());
+        return Ok(());
+    }
+    let mut rows = vec![];
+    let mut header = vec!["ID", "NAME", "STATUS", "END TIME", "BEGIN WAL"];
+    if detail {
+        header.extend(["START LSN", "END LSN", "TLI", "SIZE", "STORED", "DURATION"]);
+    }
+    for b in &all {
+        let m = b.manifest.as_ref();
+        let mut row = vec![
+            b.id.clone(),
+            m.and_then(|m| m.name.clone()).unwrap_or_else(|| "-".into()),
+            b.status.to_string(),
+            m.map(|m| m.end_time.clone()).unwrap_or_else(|| "-".into()),
+            m.map(|m| m.start_wal.clone()).unwrap_or_else(|| "-".into()),
+        ];
+        if detail {
+            let dur = m
+                .and_then(|m| {
+                    let s = chrono::DateTime::parse_from_rfc3339(&m.start_time).ok()?;
+                    let e = chrono::DateTime::parse_from_rfc3339(&m.end_time).ok()?;
+                    Some(format!("{}s", (e - s).num_seconds()))
+                })
+                .unwrap_or_else(|| "-".into());
+            row.extend([
+                m.map(|m| m.start_lsn.clone()).unwrap_or_else(|| "-".into()),
+                m.map(|m| m.end_lsn.clone()).unwrap_or_else(|| "-".into()),
+                m.map(|m| m.timeline.to_string()).unwrap_or_else(|| "-".into()),
+                m.map(|m| output::bytes(m.data_bytes)).unwrap_or_else(|| "-".into()),
+                m.map(|m| output::bytes(m.stored_bytes)).unwrap_or_else(|| "-".into()),
+                dur,
+            ]);
+        }
+        rows.push(row);
+    }
+    print_table(&header, &rows);
+    Ok(())
+}
+
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(header.iter().map(|s| s.to_string()).collect()));
+    for r in rows {
+        println!("{}", line(r.clone()));
+    }
+}
+
+pub async fn show(ctx: &Ctx, reference: &str) -> Result<()> {
+    let repo = ctx.repository()?;
+    let m = backup::resolve(&repo, reference).await?;
+    if ctx.global.json {
+        let mut v = serde_json::to_value(&m)?;
+        v["status"] = serde_json::json!(Status::Done);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s = backup::ManifestSummary::from(&m);
+    println!("ID:            {}", m.id);
+    println!("Name:          {}", s.name.as_deref().unwrap_or("-"));
+    println!("Status:        DONE{}", if m.scheduled { " (scheduled)" } else { " (on demand)" });
+    println!("PostgreSQL:    {} (system identifier {})", m.pg_version_num, m.system_identifier);
+    println!("Timeline:      {}", m.timeline);
+    println!("Start:         {}  LSN {}  WAL {}", m.start_time, m.start_lsn, m.start_wal);
+    println!("Consistent at: {}  LSN {}  WAL {}", m.end_time, m.end_lsn, m.end_wal);
+    println!("Data:          {} in {} files", output::bytes(m.data_bytes), m.files.len());
+    println!("Stored:        {} in {} parts ({})", output::bytes(m.stored_bytes), m.parts.len(), m.compression);
+    if !m.tablespaces.is_empty() {
+        for t in &m.tablespaces {
+            println!("Tablespace:    {} at {}", t.oid, t.location);
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `dest` is absent or an empty directory; returns whether it existed.
+pub fn check_dest(dest: &Path) -> Result<bool> {
+    match std::fs::read_dir(dest) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                bail!("{} is not empty: restore into an empty or new directory", dest.display());
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            bail!("{} is a file, not a directory", dest.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("read {}", dest.display())),
+    }
+}
+
+/// Creates `dest` (0700) if needed.
+pub fn create_dest(dest: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dest).with_context(|| format!("create {}", dest.display()))?;
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+/// Removes what a failed fetch left in `dest` (which was empty or absent before).
+pub fn clean_dest(dest: &Path, existed: bool) {
+    if existed {
+        if let Ok(rd) = std::fs::read_dir(dest) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+        }
+    } else {
+        let _ = std::fs::remove_dir_all(dest);
+    }
+}
+
+/// Fetches `m` into `dest` with progress; cleans up on failure.
+pub async fn fetch_into(
+    ctx: &Ctx,
+    repo: &walnut_core::Repository,
+    m: &backup::Manifest,
+    dest: &Path,
+) -> Result<Duration> {
+    let existed = check_dest(dest)?;
+    create_dest(dest)?;
+    let progress = Arc::new(Progress::default());
+    let start = Instant::now();
+    let r = {
+        let _bar = Bar::start("fetch", progress.clone(), ctx.global.quiet);
+        backup::fetch(repo, m, dest, ctx.config.backup_parallel, progress).await
+    };
+    if let Err(e) = r {
+        clean_dest(dest, existed);
+        return Err(e).with_context(|| format!("fetch backup {} (nothing was left in {})", m.id, dest.display()));
+    }
+    Ok(start.elapsed())
+}
+
+pub async fn fetch(ctx: &Ctx, dest: &Path, reference: &str) -> Result<()> {
+    let repo = ctx.repository()?;
+    check_dest(dest)?;
+    let m = backup::resolve(&repo, reference).await?;
+    let took = fetch_into(ctx, &repo, &m, dest).await?;
+    std::fs::write(dest.join("backup_manifest"), backup::postgres_manifest(&m))?;
+    if !ctx.global.quiet {
+        println!(
+            "fetched backup {} into {}: {} in {:.1?} ({}). No recovery configuration was written: use `walnut restore` for PITR.",
+            m.id,
+            dest.display(),
+            output::bytes(m.data_bytes),
+            took,
+            output::rate(m.data_bytes, took)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,450 @@
+//! `walnut restore`: plan, validate, fetch, configure recovery, and optionally start and wait.
+
+use super::Ctx;
+use super::backup::{check_dest, clean_dest, fetch_into};
+use crate::output;
+use crate::pgserver;
+use anyhow::{Context, Result, bail};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use walnut_core::backup::{self, Status};
+use walnut_core::plan::{self, BackupPoint, Plan, RecoveryTarget, Request, Target, TimelineChoice};
+use walnut_pg::TimelineId;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreArgs {
+    /// The new data directory (absent or empty).
+    pub dest: PathBuf,
+    /// Recover everything archived (the default).
+    #[arg(long, group = "target")]
+    pub target_latest: bool,
+    /// A time with a zone: 2024-07-15T15:17:54Z or '2024-07-15 15:17:54+00'.
+    #[arg(long, group = "target", value_name = "TIME")]
+    pub target_time: Option<String>,
+    /// A named restore point, or a backup ID or name (that backup's consistency point).
+    #[arg(long, group = "target", value_name = "NAME")]
+    pub target_name: Option<String>,
+    /// A WAL position, like 16/B374D848.
+    #[arg(long, group = "target", value_name = "LSN")]
+    pub target_lsn: Option<String>,
+    /// A transaction ID.
+    #[arg(long, group = "target", value_name = "XID")]
+    pub target_xid: Option<u32>,
+    /// The chosen backup's consistency point.
+    #[arg(long, group = "target")]
+    pub target_immediate: bool,
+    /// Use this base backup (ID, name or LATEST).
+    #[arg(long, value_name = "REF")]
+    pub backup: Option<String>,
+    /// Stop just before the target (default: include it).
+    #[arg(long)]
+    pub exclusive: bool,
+    /// What the server does at the target.
+    #[arg(long, default_value = "promote", value_parser = ["promote", "pause", "shutdown"])]
+    pub target_action: String,
+    /// latest, current, or a timeline ID.
+    #[arg(long, default_value = "latest")]
+    pub target_timeline: String,
+    /// A follower: standby.signal, keeps replaying from the archive.
+    #[arg(long)]
+    pub standby: bool,
+    /// Start the restored cluster and wait until recovery is over.
+    #[arg(long)]
+    pub start: bool,
+    /// Port for the restored cluster.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Keep archiving to the same repository (replacing a lost primary).
+    #[arg(long)]
+    pub archive: bool,
+    /// Change this role's password once the cluster accepts writes (value from WALNUT_NEW_PASSWORD).
+    #[arg(long, value_name = "ROLE")]
+    pub set_password: Option<String>,
+    /// Print the plan and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Parses a target time: RFC 3339 or PostgreSQL style; a time without a zone is an error.
+pub fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    let t = text.trim();
+    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(t) {
+        return Ok(d.with_timezone(&chrono::Utc));
+    }
+    let mut s = t.replacen(' ', "T", 1);
+    // PostgreSQL writes offsets as +00 or +05:30; RFC 3339 wants +00:00.
+    if let Some(pos) = s.rfind(['+', '-']).filter(|p| *p > 10) {
+        let off = &s[pos + 1..];
+        if off.len() == 2 && off.bytes().all(|b| b.is_ascii_digit()) {
+            s.push_str(":00");
+        } else if off.len() == 4 && off.bytes().all(|b| b.is_ascii_digit()) {
+            s.insert(pos + 3, ':');
+        }
+    }
+    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(&s) {
+        return Ok(d.with_timezone(&chrono::Utc));
+    }
+    if chrono::NaiveDateTime::parse_from_str(&s, "%Y-%m-%dT%H:%M:%S%.f").is_ok() {
+        bail!("target time {text:?} has no time zone: add one, like {text}Z or '{text}+00'");
+    }
+    bail!(
+        "invalid target time {text:?}: use RFC 3339 (2024-07-15T15:17:54Z) or PostgreSQL style ('2024-07-15 15:17:54+00')"
+    )
+}
+
+fn request(a: &RestoreArgs) -> Result<Request> {
+    let target = if let Some(t) = &a.target_time {
+        Target::Time(parse_time(t)?)
+    } else if let Some(n) = &a.target_name {
+        Target::Name(n.clone())
+    } else if let Some(l) = &a.target_lsn {
+        let lsn: walnut_pg::Lsn = l.parse()?;
+        Target::Lsn(lsn.to_string())
+    } else if let Some(x) = a.target_xid {
+        Target::Xid(x)
+    } else if a.target_immediate {
+        Target::Immediate
+    } else {
+        Target::Latest
+    };
+    let timeline =
+        match a.target_timeline.as_str() {
+            "latest" => TimelineChoice::Latest,
+            "current" => TimelineChoice::Current,
+            n => TimelineChoice::Id(TimelineId(n.parse().map_err(|_| {
+                anyhow::anyhow!("--target-timeline must be latest, current or a timeline ID, got {n:?}")
+            })?)),
+        };
+    if a.standby && !matches!(target, Target::Latest) {
+        bail!("--standby follows the archive and takes no recovery target");
+    }
+    Ok(Request { target, backup: a.backup.clone(), timeline })
+}
+
+fn quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+/// The recovery settings appended to postgresql.auto.conf.
+fn recovery_settings(ctx: &Ctx, a: &RestoreArgs, p: &Plan, port: Option<u16>) -> Result<Vec<(String, String)>> {
+    let exe = std::env::current_exe().context("find the walnut executable")?;
+    let mut base = format!("{}", exe.display());
+    if let Some(c) = &ctx.config.path {
+        base += &format!(" --config {}", c.display());
+    }
+    base += &format!(" --repo {}", ctx.config.repo_url()?);
+    let mut s: Vec<(String, String)> = vec![("restore_command".into(), quote(&format!("{base} wal-fetch %f %p")))];
+    match &p.recovery_target {
+        RecoveryTarget::EndOfArchive => {}
+        RecoveryTarget::Time(t) => {
+            s.push(("recovery_target_time".into(), quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())))
+        }
+        RecoveryTarget::Name(n) => s.push(("recovery_target_name".into(), quote(n))),
+        RecoveryTarget::Lsn(l) => s.push(("recovery_target_lsn".into(), quote(l))),
+        RecoveryTarget::Xid(x) => s.push(("recovery_target_xid".into(), quote(&x.to_string()))),
+        RecoveryTarget::Immediate => s.push(("recovery_target".into(), quote("immediate"))),
+    }
+    if !a.standby && p.recovery_target != RecoveryTarget::EndOfArchive {
+        s.push(("recovery_target_action".into(), quote(&a.target_action)));
+        if a.exclusive {
+            s.push(("recovery_target_inclusive".into(), "off".into()));
+        }
+    }
+    s.push(("recovery_target_timeline".into(), quote(&a.target_timeline)));
+    if a.archive {
+        s.push(("archive_mode".into(), quote("on")));
+        s.push(("archive_command".into(), quote(&format!("{base} wal-push %p"))));
+    } else {
+        s.push(("archive_mode".into(), quote("off")));
+    }
+    if let Some(port) = port {
+        s.push(("port".into(), port.to_string()));
+    }
+    Ok(s)
+}
+
+fn describe_target(t: &RecoveryTarget) -> String {
+    match t {
+        RecoveryTarget::EndOfArchive => "the end of the archive".into(),
+        RecoveryTarget::Time(t) => format!("time {}", t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        RecoveryTarget::Name(n) => format!("restore point {n:?}"),
+        RecoveryTarget::Lsn(l) => format!("LSN {l}"),
+        RecoveryTarget::Xid(x) => format!("transaction {x}"),
+        RecoveryTarget::Immediate => "the backup's consistency point".into(),
+    }
+}
+
+/// Builds the plan from what the repository holds.
+pub async fn make_plan(repo: &walnut_core::Repository, req: &Request) -> Result<(Plan, backup::Manifest)> {
+    let identity =
+        repo.identity().await?.ok_or_else(|| anyhow::anyhow!("{} is empty: nothing to restore", repo.describe()))?;
+    let listed = backup::list(repo).await?;
+    let mut points = Vec::new();
+    for b in listed.iter().filter(|b| b.status == Status::Done) {
+        let m = b.manifest.as_ref().expect("DONE has a manifest");
+        let end_time = chrono::DateTime::parse_from_rfc3339(&m.end_time)?.with_timezone(&chrono::Utc);
+        points.push(BackupPoint {
+            id: b.id.clone(),
+            name: m.name.clone(),
+            tli: TimelineId(m.timeline),
+            start: m.start_lsn.parse()?,
+            end: m.end_lsn.parse()?,
+            end_time,
+        });
+    }
+    let inv = walnut_core::wal::inventory(repo).await?;
+    let p = plan::plan(&points, &inv, identity.seg_size(), req, chrono::Utc::now())?;
+    let m = backup::load_manifest(repo, &p.backup_id).await?;
+    Ok((p, m))
+}
+
+pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
+    let req = request(a)?;
+    if a.set_password.is_some() && std::env::var("WALNUT_NEW_PASSWORD").map(|v| v.is_empty()).unwrap_or(true) {
+        bail!(
+            "--set-password needs the new password in the environment variable WALNUT_NEW_PASSWORD (never on the command line)"
+        );
+    }
+    if a.set_password.is_some() && !a.start {
+        bail!("--set-password needs --start (the password is changed once the cluster accepts writes)");
+    }
+    check_dest(&a.dest)?;
+    let repo = ctx.repository()?;
+    let (p, m) = make_plan(&repo, &req).await?;
+    let say = |s: String| {
+        if !ctx.global.quiet && !ctx.global.json {
+            println!("{s}");
+        }
+    };
+    say(format!(
+        "plan: backup {}{} (timeline {}, consistent at {}), then WAL to {} on timeline {} ({} segments checked present)",
+        p.backup_id,
+        p.backup_name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
+        p.backup_timeline,
+        p.backup_end_lsn,
+        describe_target(&p.recovery_target),
+        p.target_timeline,
+        p.segments
+    ));
+    say(format!("restorable range: {}", p.restorable));
+    for n in &p.notes {
+        say(format!("note: {n}"));
+    }
+    if a.dry_run {
+        if ctx.global.json {
+            println!("{}", serde_json::to_string_pretty(&p)?);
+        }
+        return Ok(());
+    }
+    let existed = a.dest.exists();
+    let took = fetch_into(ctx, &repo, &m, &a.dest).await?;
+    say(format!("fetched backup {} ({}) in {:.1?}", m.id, output::bytes(m.data_bytes), took));
+    let configured = configure(ctx, a, &p);
+    if let Err(e) = configured {
+        clean_dest(&a.dest, existed);
+        return Err(e);
+    }
+    let port = configured.expect("checked");
+    say(if a.archive {
+        format!("the restored cluster archives to {} on its new timeline (--archive)", repo.describe())
+    } else {
+        "the restored cluster does not archive (archive_mode = off): a fork must not write into the source's history; use --archive to replace a lost primary".to_string()
+    });
+    if !a.start {
+        say(format!(
+            "ready: start it with pg_ctl -D {} start; recovery replays WAL to {} and then {}",
+            a.dest.display(),
+            describe_target(&p.recovery_target),
+            if a.standby { "keeps following the archive".to_string() } else { action_text(a, &p) }
+        ));
+        if ctx.global.json {
+            println!("{}", serde_json::json!({"plan": p, "dest": a.dest, "started": false}));
+        }
+        return Ok(());
+    }
+    let port = port.expect("start chooses a port");
+    start_and_wait(ctx, a, &p, &m, port).await?;
+    if ctx.global.json {
+        println!("{}", serde_json::json!({"plan": p, "dest": a.dest, "started": true, "port": port}));
+    }
+    Ok(())
+}
+
+fn action_text(a: &RestoreArgs, p: &Plan) -> String {
+    if p.recovery_target == RecoveryTarget::EndOfArchive {
+        return "promotes".into();
+    }
+    match a.target_action.as_str() {
+        "pause" => "pauses (inspect it, then SELECT pg_wal_replay_resume() to promote)".into(),
+        "shutdown" => "shuts down".into(),
+        _ => "promotes".into(),
+    }
+}
+
+/// Writes the recovery configuration and signal file; returns the port when one is set.
+fn configure(ctx: &Ctx, a: &RestoreArgs, p: &Plan) -> Result<Option<u16>> {
+    let port = match (a.port, a.start) {
+        (Some(p), _) => Some(p),
+        (None, true) => Some(pgserver::free_port()?),
+        (None, false) => None,
+    };
+    let settings = recovery_settings(ctx, a, p, port)?;
+    let auto = a.dest.join("postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text += &format!("# walnut restore of backup {} to {}\n", p.backup_id, describe_target(&p.recovery_target));
+    for (k, v) in &settings {
+        text += &format!("{k} = {v}\n");
+    }
+    std::fs::write(&auto, text).with_context(|| format!("write {}", auto.display()))?;
+    if !a.dest.join("postgresql.conf").exists() {
+        // Debian keeps postgresql.conf in /etc: the restored directory needs its own.
+        std::fs::write(
+            a.dest.join("postgresql.conf"),
+            "# written by walnut restore; settings are in postgresql.auto.conf\n",
+        )?;
+    }
+    let signal = if a.standby { "standby.signal" } else { "recovery.signal" };
+    std::fs::write(a.dest.join(signal), "")?;
+    pgserver::prepare_ownership(&a.dest)?;
+    Ok(port)
+}
+
+async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manifest, port: u16) -> Result<()> {
+    let bindir = pgserver::bindir(ctx.config.pg_bindir.as_deref(), m.pg_major.0)?;
+    let log = a.dest.join("log").join("walnut-restore-start.log");
+    std::fs::create_dir_all(log.parent().expect("parent"))?;
+    pgserver::prepare_ownership(&a.dest.join("log"))?;
+    let t0 = Instant::now();
+    pgserver::pg_ctl_start(&bindir, &a.dest, &log, &format!("-p {port} -c listen_addresses=127.0.0.1"), false)?;
+    // pg_ctl -W returns at once: wait for the postmaster to exist before watching it.
+    let appeared = Instant::now();
+    while !pgserver::running(&a.dest) {
+        if appeared.elapsed() > Duration::from_secs(30) {
+            bail!("the restored server did not start{}", pgserver::tail(&log, 20));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Connect to the restored server only: the configured URL points at the source.
+    let source = pgserver::pg_config(ctx.config.pg_url.as_deref())?;
+    let user = source.get_user().unwrap_or("postgres").to_string();
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1").port(port).user(&user).dbname("postgres").connect_timeout(Duration::from_secs(5));
+    if let Some(pw) = source.get_password() {
+        cfg.password(pw);
+    }
+    let tty = std::io::stderr().is_terminal() && !ctx.global.quiet;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut last_report = Instant::now() - Duration::from_secs(10);
+    let target_lsn = match &p.recovery_target {
+        RecoveryTarget::Lsn(l) => l.clone(),
+        _ => p.restorable.latest_lsn.clone(),
+    };
+    loop {
+        if Instant::now() > deadline {
+            bail!(
+                "recovery did not finish within an hour; the server is still running on port {port}{}",
+                pgserver::tail(&log, 10)
+            );
+        }
+        if !pgserver::running(&a.dest) {
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            let failed = log_text.contains("FATAL:") || log_text.contains("PANIC:");
+            if a.target_action == "shutdown"
+                && p.recovery_target != RecoveryTarget::EndOfArchive
+                && !a.standby
+                && !failed
+            {
+                println!(
+                    "recovery reached {} and the server shut down as asked ({:.1?})",
+                    describe_target(&p.recovery_target),
+                    t0.elapsed()
+                );
+                return Ok(());
+            }
+            bail!("the restored server stopped during recovery{}", pgserver::tail(&log, 20));
+        }
+        let state = match pgserver::connect(&cfg).await {
+            Ok(c) => {
+                let row = c
+                    .query_one(
+                        "SELECT pg_is_in_recovery(), coalesce(pg_last_wal_replay_lsn()::text, ''), \
+                         CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE '' END",
+                        &[],
+                    )
+                    .await;
+                match row {
+                    Ok(r) => Some((c, r.get::<_, bool>(0), r.get::<_, String>(1), r.get::<_, String>(2))),
+                    Err(_) => None,
+                }
+            }
+            Err(_) => None,
+        };
+        if let Some((client, in_recovery, replayed, pause)) = state {
+            if last_report.elapsed() > Duration::from_secs(if tty { 1 } else { 10 }) && in_recovery {
+                eprintln!(
+                    "recovering: replayed up to {replayed} (archive end {target_lsn}), {:.0?} elapsed",
+                    t0.elapsed()
+                );
+                last_report = Instant::now();
+            }
+            if a.standby && in_recovery {
+                println!("standby is running on port {port}, replaying from the archive (replayed {replayed})");
+                return Ok(());
+            }
+            if in_recovery && pause == "paused" && a.target_action == "pause" {
+                println!(
+                    "recovery paused at {} (replayed {replayed}) in {:.1?}; inspect, then SELECT pg_wal_replay_resume() to promote. psql -h 127.0.0.1 -p {port} -U {user}",
+                    describe_target(&p.recovery_target),
+                    t0.elapsed()
+                );
+                return Ok(());
+            }
+            if !in_recovery {
+                // Prove the server accepts writes: assigning a transaction ID needs a writable server.
+                client.query_one("SELECT txid_current()", &[]).await.context("the promoted server refused a write")?;
+                if let Some(role) = &a.set_password {
+                    let pw = std::env::var("WALNUT_NEW_PASSWORD").unwrap_or_default();
+                    let ident = format!("\"{}\"", role.replace('"', "\"\""));
+                    client.batch_execute(&format!("ALTER ROLE {ident} PASSWORD {}", quote(&pw))).await.map_err(
+                        |e| anyhow::anyhow!("set the password of {role}: {}", walnut_core::backup::pg_error(&e)),
+                    )?;
+                    println!("password of role {role} changed");
+                }
+                println!(
+                    "recovered to {} and promoted in {:.1?}: the cluster accepts writes. Connect: psql -h 127.0.0.1 -p {port} -U {user} (data directory {})",
+                    describe_target(&p.recovery_target),
+                    t0.elapsed(),
+                    a.dest.display()
+                );
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn target_times() {
+        let want = chrono::DateTime::parse_from_rfc3339("2024-07-15T15:17:54Z").unwrap();
+        for t in [
+            "2024-07-15T15:17:54Z",
+            "2024-07-15 15:17:54+00",
+            "2024-07-15 15:17:54+00:00",
+            "2024-07-15T17:17:54+02:00",
+            "2024-07-15 17:17:54+0200",
+        ] {
+            assert_eq!(parse_time(t).unwrap(), want, "{t}");
+        }
+        assert!(parse_time("2024-07-15 15:17:54.5+00").is_ok());
+        let e = parse_time("2024-07-15 15:17:54").unwrap_err().to_string();
+        assert!(e.contains("no time zone"), "{e}");
+        assert!(parse_time("yesterday").is_err());
+    }
+}
