@@ -36,7 +36,10 @@ impl S3Server {
     fn serve(&mut self) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            .enable_all()
+            // No signal driver: a process that embeds the server (walnut-s3-server) handles its
+            // own signals, and two runtimes' signal drivers can lose a signal between them.
+            .enable_io()
+            .enable_time()
             .build()
             .expect("S3 server runtime");
         let root = self.root.clone();
