@@ -444,7 +444,7 @@ fn walk(
 fn balance(files: Vec<SourceFile>, n: usize) -> Vec<Vec<SourceFile>> {
     let n = n.max(1);
     let (dirs, mut regular): (Vec<_>, Vec<_>) = files.into_iter().partition(|f| f.dir);
-    regular.sort_by(|a, b| b.size.cmp(&a.size));
+    regular.sort_by_key(|f| std::cmp::Reverse(f.size));
     let mut streams: Vec<(u64, Vec<SourceFile>)> = (0..n).map(|_| (0, Vec::new())).collect();
     for f in regular {
         let lightest = streams.iter_mut().min_by_key(|s| s.0).expect("n >= 1");

@@ -276,7 +276,7 @@ pub fn plan(
                     .find(|b| b.end <= l)
                     .ok_or_else(|| unreachable(format!("LSN {l} is before the oldest backup's consistency point")))?
             }
-            _ => *on_path.last().expect("non-empty"),
+            _ => on_path.last().expect("non-empty"),
         }
     };
     let start_seg = seg.segno(chosen.start);

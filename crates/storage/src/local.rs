@@ -62,9 +62,13 @@ impl LocalStore {
     pub fn new(root: impl Into<PathBuf>) -> Result<LocalStore> {
         use std::os::unix::fs::MetadataExt;
         let root = root.into();
-        create_dirs_durably(&root, None).map_err(|e| io_err("create", &root.display().to_string(), e))?;
         let am_root = fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
-        let owner = fs::metadata(&root).ok().filter(|m| am_root && m.uid() != 0).map(|m| (m.uid(), m.gid()));
+        // The repository's owner: its root's, or for a new repository the nearest existing
+        // parent's (so `backup-push` run as root does not lock out the archiver).
+        let existing = root.ancestors().find(|p| p.exists()).map(Path::to_path_buf);
+        let owner =
+            existing.and_then(|p| fs::metadata(p).ok()).filter(|m| am_root && m.uid() != 0).map(|m| (m.uid(), m.gid()));
+        create_dirs_durably(&root, owner).map_err(|e| io_err("create", &root.display().to_string(), e))?;
         Ok(LocalStore { root, owner })
     }
 

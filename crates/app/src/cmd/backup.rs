@@ -33,7 +33,7 @@ pub async fn push(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>) -> Res
     };
     let took = start.elapsed();
     if ctx.global.json {
-        println!("{}", serde_json::to_string_pretty(&backup::ManifestSummary::from(&m))?.replace("\n", "\n"));
+        println!("{}", serde_json::to_string_pretty(&backup::ManifestSummary::from(&m))?);
     } else if !ctx.global.quiet {
         println!(
             "backup {}{} DONE: {} in {} files -> {} stored ({:.1}x) in {:.1?} ({}); consistent at {} (WAL {}..{})",

@@ -352,12 +352,8 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
         }
         if !pgserver::running(&a.dest) {
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-            let failed = log_text.contains("FATAL:") || log_text.contains("PANIC:");
-            if a.target_action == "shutdown"
-                && p.recovery_target != RecoveryTarget::EndOfArchive
-                && !a.standby
-                && !failed
-            {
+            // PostgreSQL logs this when it stops as asked (not on a crash or a failed recovery).
+            if a.target_action == "shutdown" && log_text.contains("shutdown at recovery target") {
                 println!(
                     "recovery reached {} and the server shut down as asked ({:.1?})",
                     describe_target(&p.recovery_target),

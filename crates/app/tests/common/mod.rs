@@ -70,6 +70,9 @@ impl Env {
         if !extra.contains("[storage]") {
             text += "[storage]\nrequest_timeout = \"2s\"\nretry_time = \"3s\"\ndeadline = \"6s\"\n";
         }
+        if !extra.contains("[backup]") {
+            text += "[backup]\narchive_wait = \"30s\"\n";
+        }
         if let Some(s3) = &self.s3 {
             text += &s3.config_toml();
         }
@@ -134,4 +137,81 @@ pub fn archived_segments(pg: &PgCluster) -> Vec<String> {
 
 pub fn wal_key(name: &str) -> String {
     format!("wal/{}/{name}", &name[..8])
+}
+
+/// A cluster restored by `walnut restore --start`: stopped on drop.
+pub struct Restored {
+    pub pgdata: PathBuf,
+    pub port: u16,
+    pub bindir: PathBuf,
+}
+
+impl Restored {
+    /// Reads the port walnut wrote into postgresql.auto.conf.
+    pub fn from_dir(pgdata: &Path) -> Restored {
+        let auto = std::fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
+        let port = auto.lines().rev().find_map(|l| l.strip_prefix("port = ")).unwrap().trim().parse().unwrap();
+        Restored { pgdata: pgdata.to_path_buf(), port, bindir: walnut_testkit::pg::bindir() }
+    }
+
+    pub fn psql(&self, sql: &str) -> Output {
+        Command::new(self.bindir.join("psql"))
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-c")
+            .arg(sql)
+            .output()
+            .unwrap()
+    }
+
+    pub fn sql(&self, sql: &str) -> String {
+        let o = self.psql(sql);
+        assert!(o.status.success(), "psql {sql:?} on the restored cluster: {}", stderr(&o));
+        stdout(&o).trim().to_string()
+    }
+
+    pub fn running(&self) -> bool {
+        self.pgdata.join("postmaster.pid").exists()
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let _ = walnut_testkit::pg::as_postgres(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.pgdata)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+/// A fresh directory for a restore (absent, its parent owned by postgres).
+pub fn restore_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let d = shared_tempdir("walnut-restore-");
+    let p = d.path().join(name);
+    (d, p)
+}
+
+/// Takes a backup with walnut against `pg`.
+pub fn backup_push(env: &Env, pg: &PgCluster, name: Option<&str>) -> Output {
+    let mut args = vec!["backup-push".to_string(), "--pgdata".into(), pg.pgdata.display().to_string()];
+    if let Some(n) = name {
+        args.push("--name".into());
+        args.push(n.into());
+    }
+    Command::new(walnut_bin())
+        .arg("--config")
+        .arg(&env.config)
+        .args(&args)
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", pg.port.to_string())
+        .env("PGUSER", "postgres")
+        .output()
+        .unwrap()
+}
+
+pub fn now_utc() -> String {
+    let o = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%S.%6NZ"]).output().unwrap();
+    stdout(&o).trim().to_string()
 }

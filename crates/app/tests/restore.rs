@@ -1,0 +1,312 @@
+//! Base backups and point-in-time restore, end to end: a real PostgreSQL 15, `file://` and the
+//! local S3 server.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use walnut_testkit::PgCluster;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn sleep(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// Switches WAL and waits until it is archived.
+fn flush_archive(pg: &PgCluster) {
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, WAIT);
+}
+
+fn restore(env: &Env, dest: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["restore", dest.to_str().unwrap()];
+    all.extend_from_slice(args);
+    env.walnut(&all)
+}
+
+fn assert_ok(o: &std::process::Output, what: &str) {
+    assert!(o.status.success(), "{what} failed:\nstdout: {}\nstderr: {}", stdout(o), stderr(o));
+}
+
+fn dest_is_empty(dest: &std::path::Path) -> bool {
+    !dest.exists() || std::fs::read_dir(dest).unwrap().next().is_none()
+}
+
+/// The drop-table story, `--target-name` with an on-demand backup, and the refusals, on one source.
+fn story(backend: Backend) {
+    let env = Env::new(backend);
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE customers(id int primary key, name text)");
+    pg.sql("INSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 5) g");
+    let o = backup_push(&env, &pg, Some("pre-migration"));
+    assert_ok(&o, "backup-push");
+    assert!(stdout(&o).contains("DONE"), "{}", stdout(&o));
+    pg.sql("INSERT INTO customers SELECT g, 'c' || g FROM generate_series(6, 8) g");
+    sleep(1100);
+    let t = now_utc();
+    sleep(1100);
+    pg.sql("DROP TABLE customers");
+    pg.sql("CREATE TABLE later AS SELECT g FROM generate_series(1, 100) g");
+    flush_archive(&pg);
+
+    // backup-list shows it
+    let o = env.walnut(&["backup-list"]);
+    assert_ok(&o, "backup-list");
+    let list = stdout(&o);
+    assert!(
+        list.contains("ID") && list.contains("BEGIN WAL") && list.contains("pre-migration") && list.contains("DONE"),
+        "{list}"
+    );
+
+    // The drop-table story.
+    let (_d, dest) = restore_dir("story");
+    let o = restore(&env, &dest, &["--target-time", &t, "--start"]);
+    assert_ok(&o, "restore --target-time --start");
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT count(*) FROM customers"), "8");
+    assert_eq!(r.sql("SELECT to_regclass('later') IS NULL"), "t", "none of the later changes");
+    assert_eq!(r.sql("SELECT pg_is_in_recovery()"), "f");
+    r.sql("INSERT INTO customers VALUES (100, 'writable')");
+    assert!(stdout(&o).contains("does not archive"), "says it does not archive: {}", stdout(&o));
+    drop(r);
+
+    // --target-name with the on-demand backup's name: exactly the state at that backup.
+    let (_d2, dest2) = restore_dir("named");
+    let o = restore(&env, &dest2, &["--target-name", "pre-migration", "--start"]);
+    assert_ok(&o, "restore --target-name");
+    let r = Restored::from_dir(&dest2);
+    assert_eq!(r.sql("SELECT count(*) FROM customers"), "5");
+    drop(r);
+
+    // A target before the oldest backup is refused with the range; DEST stays empty.
+    let (_d3, dest3) = restore_dir("too-early");
+    let o = restore(&env, &dest3, &["--target-time", "2020-01-01T00:00:00Z"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("before the oldest backup") && e.contains("earliest:") && e.contains("latest:"), "{e}");
+    assert!(dest_is_empty(&dest3));
+    // A time without a zone is an error.
+    let o = restore(&env, &dest3, &["--target-time", "2026-01-01 00:00:00"]);
+    assert!(!o.status.success() && stderr(&o).contains("no time zone"), "{}", stderr(&o));
+    // A non-empty DEST is refused.
+    let o = restore(&env, &dest, &[]);
+    assert!(!o.status.success() && stderr(&o).contains("not empty"), "{}", stderr(&o));
+}
+
+#[test]
+fn file_backup_and_point_in_time_restore() {
+    story(Backend::File);
+}
+
+#[test]
+fn s3_backup_and_point_in_time_restore() {
+    story(Backend::S3);
+}
+
+/// --target-lsn, --target-immediate, --exclusive, --target-action pause and shutdown.
+#[test]
+fn lsn_immediate_exclusive_and_actions() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE t(x int)");
+    assert_ok(&backup_push(&env, &pg, None), "backup-push");
+    pg.sql("INSERT INTO t VALUES (1)");
+    let lsn = pg.sql("SELECT pg_current_wal_insert_lsn()").trim().to_string();
+    pg.sql("INSERT INTO t VALUES (2)");
+    // A transaction whose commit is the target: inclusive sees it, exclusive does not.
+    let out = pg.sql("BEGIN; INSERT INTO t VALUES (3); SELECT txid_current(); COMMIT;");
+    let xid = out
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap()
+        .to_string();
+    pg.sql("INSERT INTO t VALUES (4)");
+    flush_archive(&pg);
+
+    let (_d, dest) = restore_dir("lsn");
+    assert_ok(&restore(&env, &dest, &["--target-lsn", &lsn, "--start"]), "restore --target-lsn");
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT string_agg(x::text, ',' ORDER BY x) FROM t"), "1");
+    drop(r);
+
+    let (_d, dest) = restore_dir("immediate");
+    assert_ok(&restore(&env, &dest, &["--target-immediate", "--start"]), "restore --target-immediate");
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "0");
+    drop(r);
+
+    let (_d, dest) = restore_dir("xid-inclusive");
+    assert_ok(&restore(&env, &dest, &["--target-xid", &xid, "--start"]), "restore --target-xid");
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT string_agg(x::text, ',' ORDER BY x) FROM t"), "1,2,3");
+    drop(r);
+
+    let (_d, dest) = restore_dir("xid-exclusive");
+    assert_ok(&restore(&env, &dest, &["--target-xid", &xid, "--exclusive", "--start"]), "restore --exclusive");
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT string_agg(x::text, ',' ORDER BY x) FROM t"), "1,2");
+    drop(r);
+
+    let (_d, dest) = restore_dir("pause");
+    let o = restore(&env, &dest, &["--target-lsn", &lsn, "--target-action", "pause", "--start"]);
+    assert_ok(&o, "restore --target-action pause");
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT pg_is_in_recovery()"), "t");
+    assert_eq!(r.sql("SELECT pg_get_wal_replay_pause_state()"), "paused");
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "1");
+    drop(r);
+
+    let (_d, dest) = restore_dir("shutdown");
+    let o = restore(&env, &dest, &["--target-lsn", &lsn, "--target-action", "shutdown", "--start"]);
+    assert_ok(&o, "restore --target-action shutdown");
+    assert!(stdout(&o).contains("shut down"), "{}", stdout(&o));
+    assert!(!dest.join("postmaster.pid").exists(), "the server is down");
+}
+
+/// An idle database restored to "now"; the latest state after the primary is killed; a gap.
+#[test]
+fn idle_now_crash_latest_and_gaps() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE t(x int)");
+    assert_ok(&backup_push(&env, &pg, None), "backup-push");
+    pg.sql("INSERT INTO t SELECT generate_series(1, 10)");
+    flush_archive(&pg);
+    sleep(1500);
+    // Idle now: nothing was written since the last archived segment.
+    let (_d, dest) = restore_dir("idle-now");
+    let o = restore(&env, &dest, &["--target-time", &now_utc(), "--start"]);
+    assert_ok(&o, "restore to now on an idle database");
+    assert!(stdout(&o).contains("end of the archive"), "says so: {}", stdout(&o));
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "10");
+    drop(r);
+
+    // Kill the primary: everything whose WAL was archived comes back.
+    pg.sql("INSERT INTO t SELECT generate_series(11, 20)");
+    flush_archive(&pg);
+    let mut pg = pg;
+    pg.stop("immediate");
+    let (_d, dest) = restore_dir("latest");
+    assert_ok(&restore(&env, &dest, &["--start"]), "restore latest");
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "20");
+    drop(r);
+
+    // A gap: delete a segment in the middle; a target beyond it is refused, DEST stays empty.
+    let wal_dir = env.dir.path().join("repo/wal/00000001");
+    let mut segs: Vec<String> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24)
+        .collect();
+    segs.sort();
+    let victim = segs[segs.len() - 2].clone();
+    std::fs::remove_file(wal_dir.join(&victim)).unwrap();
+    let (_d, dest) = restore_dir("gap");
+    let o = restore(&env, &dest, &["--target-time", &now_utc()]);
+    assert!(!o.status.success(), "a target beyond a gap must be refused");
+    let e = stderr(&o);
+    assert!(e.contains("gap") && e.contains(&victim) && e.contains("earliest:"), "{e}");
+    assert!(dest_is_empty(&dest));
+}
+
+/// Restore + promote + --archive: the new timeline archives into the repository (history file
+/// included) and a second restore to a point on the new timeline works. pg_verifybackup checks a
+/// fetched backup; a corrupted part is refused by name; an interrupted backup is never DONE.
+#[test]
+fn new_timeline_verifybackup_corruption_and_interrupted_backup() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE t(x int)");
+    pg.sql("INSERT INTO t SELECT generate_series(1, 5)");
+    assert_ok(&backup_push(&env, &pg, None), "backup-push");
+    pg.sql("INSERT INTO t SELECT generate_series(6, 10)");
+    flush_archive(&pg);
+    let mut pg = pg;
+    pg.stop("fast");
+
+    // Replace the lost primary: restore with --archive, write on timeline 2.
+    let (_d, dest) = restore_dir("new-primary");
+    let o = restore(&env, &dest, &["--archive", "--start"]);
+    assert_ok(&o, "restore --archive");
+    assert!(stdout(&o).contains("archives to"), "{}", stdout(&o));
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT timeline_id FROM pg_control_checkpoint()"), "2");
+    r.sql("INSERT INTO t SELECT generate_series(11, 15)");
+    sleep(1100);
+    let t2 = now_utc();
+    sleep(1100);
+    r.sql("INSERT INTO t SELECT generate_series(16, 20)");
+    let seg = r.sql("SELECT pg_walfile_name(pg_switch_wal())");
+    PgCluster::wait_for("timeline 2 archiving", WAIT, || env.dir.path().join("repo/wal/00000002").join(&seg).exists());
+    assert!(env.dir.path().join("repo/wal/00000002/00000002.history").exists(), "history file archived");
+    drop(r);
+
+    let (_d, dest2) = restore_dir("on-timeline-2");
+    assert_ok(&restore(&env, &dest2, &["--target-time", &t2, "--start"]), "restore on timeline 2");
+    let r = Restored::from_dir(&dest2);
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "15");
+    drop(r);
+
+    // backup-fetch + pg_verifybackup -n
+    let (_d, fetched) = restore_dir("fetched");
+    let o = env.walnut(&["backup-fetch", fetched.to_str().unwrap(), "LATEST"]);
+    assert_ok(&o, "backup-fetch");
+    let v = std::process::Command::new(walnut_testkit::pg::bindir().join("pg_verifybackup"))
+        .arg("-n")
+        .arg(&fetched)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "pg_verifybackup: {}{}", stdout(&v), stderr(&v));
+
+    // Corrupt a part: restore refuses it by name and leaves DEST empty.
+    let parts_dir =
+        std::fs::read_dir(env.dir.path().join("repo/backups")).unwrap().next().unwrap().unwrap().path().join("data");
+    let part = std::fs::read_dir(&parts_dir).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = std::fs::read(&part).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(&part, bytes).unwrap();
+    let (_d, dest3) = restore_dir("corrupt");
+    let o = restore(&env, &dest3, &[]);
+    assert!(!o.status.success(), "a corrupt part must be refused");
+    let part_name = part.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(stderr(&o).contains(&part_name), "names the bad object: {}", stderr(&o));
+    assert!(dest_is_empty(&dest3));
+}
+
+/// A backup killed half-way never shows as DONE, and the next backup succeeds.
+#[test]
+fn interrupted_backup_is_never_done() {
+    let env = Env::with_extra(Backend::File, "[backup]\nparallel = 1\npart_size_mb = 1\n");
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 300000) g");
+    let mut child = std::process::Command::new(walnut_bin())
+        .arg("--config")
+        .arg(&env.config)
+        .args(["backup-push", "--pgdata", pg.pgdata.to_str().unwrap()])
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", pg.port.to_string())
+        .env("PGUSER", "postgres")
+        .spawn()
+        .unwrap();
+    // Kill it once it has started writing parts.
+    let backups = env.dir.path().join("repo/backups");
+    PgCluster::wait_for("the backup to start", WAIT, || {
+        std::fs::read_dir(&backups).map(|mut r| r.next().is_some()).unwrap_or(false)
+    });
+    sleep(300);
+    child.kill().unwrap();
+    let _ = child.wait();
+    let o = env.walnut(&["--json", "backup-list"]);
+    assert_ok(&o, "backup-list");
+    let list: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(!list.as_array().unwrap().iter().any(|b| b["status"] == "DONE"), "{list}");
+    assert_ok(&backup_push(&env, &pg, None), "the next backup");
+    let o = env.walnut(&["--json", "backup-list"]);
+    let list: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(list.as_array().unwrap().iter().filter(|b| b["status"] == "DONE").count(), 1, "{list}");
+}
