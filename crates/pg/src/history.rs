@@ -45,10 +45,10 @@ mod tests {
     use super::*;
     #[test]
     fn parses_postgres_history() {
-        let h = parse_history("1\t0/3000000\tno recovery target specified\n\n2\t0/5000A8\tat restore point \"x\"\n")
+        let h = parse_history("1\t0/3000000\tno recovery target specified\n\n2\t0/50000A8\tat restore point \"x\"\n")
             .unwrap();
         assert_eq!(h.len(), 2);
-        assert_eq!(h[1], HistoryEntry { tli: TimelineId(2), switchpoint: Lsn(0x5000A8) });
+        assert_eq!(h[1], HistoryEntry { tli: TimelineId(2), switchpoint: Lsn(0x50000A8) });
         assert!(parse_history("2\t0/1\tx\n1\t0/2\ty\n").is_err());
         assert!(parse_history("x\t0/1\n").is_err());
         assert!(parse_history("# comment\n").unwrap().is_empty());
