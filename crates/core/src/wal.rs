@@ -33,6 +33,8 @@ pub enum WalError {
          the stored copy is kept. Two clusters may be archiving to one repository, or this file was modified"
     )]
     Conflict { name: String, stored: String, ours: String },
+    #[error("refusing to archive {name}: {reason}; the file is corrupt (it was not archived)")]
+    CorruptWal { name: String, reason: String },
     #[error("{0}")]
     Repo(#[from] RepoError),
     #[error("{0}")]
@@ -79,6 +81,7 @@ struct Prepared {
     name: WalFileName,
     identity: Option<Identity>,
     content: Bytes,
+    summary: Option<crate::summary::SegmentSummary>,
 }
 
 fn identity_from_control(path: &Path) -> Result<Identity, String> {
@@ -97,9 +100,15 @@ fn identity_from_control(path: &Path) -> Result<Identity, String> {
 fn prepare(path: &Path, content: Bytes) -> Result<Prepared, WalError> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let name = WalFileName::parse(&file_name)?;
+    let mut summary = None;
     let identity = match name {
         WalFileName::Segment(seg) => {
             let c = walpage::check_segment(seg, &content)?;
+            // Decode every record: corrupt WAL is never archived as good.
+            summary = Some(
+                crate::summary::summarize(&content, c.seg_size.start_lsn(c.segno))
+                    .map_err(|reason| WalError::CorruptWal { name: file_name.clone(), reason })?,
+            );
             Some(Identity::new(c.sysid, c.major, c.seg_size))
         }
         WalFileName::Partial(_) => {
@@ -109,7 +118,7 @@ fn prepare(path: &Path, content: Bytes) -> Result<Prepared, WalError> {
         }
         WalFileName::History(_) | WalFileName::Backup(..) => identity_from_control(path).ok(),
     };
-    Ok(Prepared { name, identity, content })
+    Ok(Prepared { name, identity, content, summary })
 }
 
 fn same_sum(stored: &[u8], ours: &[u8; 32]) -> Result<(), (String, String)> {
@@ -125,7 +134,8 @@ impl WalPusher {
     pub async fn push(&self, path: &Path) -> Result<PushReport, WalError> {
         let content: Bytes =
             tokio::fs::read(path).await.map_err(WalError::io(format!("read {}", path.display())))?.into();
-        let prepared = prepare(path, content)?;
+        let p = path.to_path_buf();
+        let prepared = cpu(move || prepare(&p, content)).await?;
         let identity = match &prepared.identity {
             Some(ours) => self.repo.ensure_identity(ours).await?,
             None => match self.repo.identity().await? {
@@ -186,7 +196,7 @@ impl WalPusher {
     async fn store_one(&self, p: &Prepared) -> Result<(bool, u64), WalError> {
         let key = layout::wal_key(&p.name);
         let codec = self.codec;
-        let meta = serde_json::json!({ "name": p.name.to_string() });
+        let meta = serde_json::json!({ "name": p.name.to_string(), "summary": p.summary });
         let content = p.content.clone();
         let (object, sum) = cpu(move || (envelope::encode(&content, &meta, codec), envelope::sha256(&content))).await;
         let size = object.len() as u64;
@@ -233,7 +243,8 @@ impl WalPusher {
         futures::stream::iter(paths)
             .map(|p| async move {
                 let content: Bytes = tokio::fs::read(&p).await.ok()?.into();
-                let prepared = prepare(&p, content).ok()?;
+                let pp = p.clone();
+                let prepared = cpu(move || prepare(&pp, content)).await.ok()?;
                 if !prepared.identity.as_ref().is_some_and(|i| i.same_cluster(identity)) {
                     return None;
                 }

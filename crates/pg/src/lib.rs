@@ -14,6 +14,7 @@ pub mod lsn;
 pub mod names;
 pub mod version;
 pub mod walpage;
+pub mod walrec;
 
 pub use control::ControlFile;
 pub use lsn::{Lsn, SegNo, TimelineId, WalSegSize};
