@@ -385,7 +385,7 @@ pub fn decode_segment(seg: &[u8], seg_start: Lsn, next: Option<&[u8]>) -> Decode
             d.end = End::SegmentEnd;
             return d;
         }
-        if lsn % XLOG_BLCKSZ as u64 == 0 {
+        if lsn.is_multiple_of(XLOG_BLCKSZ as u64) {
             if let Err(e) = s.check_page(lsn, None) {
                 d.end = End::Invalid;
                 d.invalid_reason = Some(e);
