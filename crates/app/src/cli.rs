@@ -64,6 +64,8 @@ pub enum Command {
     BackupShow { reference: String },
     /// Download a base backup into an empty directory (no recovery configuration).
     BackupFetch { dest: PathBuf, reference: String },
+    /// Create a named restore point and make sure it is archived.
+    RestorePoint { name: String },
     /// Plan, validate, fetch and configure a point-in-time restore.
     Restore(crate::cmd::restore::RestoreArgs),
     /// The showcase: a throwaway cluster, a backup, a disaster, a point-in-time restore.

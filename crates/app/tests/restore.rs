@@ -310,3 +310,32 @@ fn interrupted_backup_is_never_done() {
     let list: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(list.as_array().unwrap().iter().filter(|b| b["status"] == "DONE").count(), 1, "{list}");
 }
+
+/// `walnut restore-point before-migration`, then changes, then `restore --target-name
+/// before-migration --start` gives the state at the restore point.
+#[test]
+fn restore_point_round_trip() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE t(x int)");
+    assert_ok(&backup_push(&env, &pg, None), "backup-push");
+    pg.sql("INSERT INTO t SELECT generate_series(1, 7)");
+    let o = std::process::Command::new(walnut_bin())
+        .arg("--config")
+        .arg(&env.config)
+        .args(["restore-point", "before-migration"])
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", pg.port.to_string())
+        .env("PGUSER", "postgres")
+        .output()
+        .unwrap();
+    assert_ok(&o, "restore-point");
+    assert!(stdout(&o).contains("before-migration") && stdout(&o).contains("LSN"), "{}", stdout(&o));
+    pg.sql("ALTER TABLE t ADD COLUMN y int; INSERT INTO t SELECT generate_series(8, 10)");
+    flush_archive(&pg);
+    let (_d, dest) = restore_dir("at-restore-point");
+    assert_ok(&restore(&env, &dest, &["--target-name", "before-migration", "--start"]), "restore --target-name");
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "7");
+    assert_eq!(r.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 't'"), "1");
+}

@@ -40,18 +40,21 @@ fn archive_and_fetch_round_trip(backend: Backend) {
     let o = env.walnut(&["wal-push", seg_path.to_str().unwrap()]);
     assert!(o.status.success(), "identical re-push: {}", stderr(&o));
 
-    // A different file under an archived name is refused; the stored copy is untouched.
-    let stored_before = std::fs::read(env.object_path(&wal_key(&segs[0]))).unwrap();
+    // A different file under an archived name is refused; the stored copy is untouched. The
+    // change is in the padding after the WAL switch, so the file is still valid WAL.
+    let switched = segs.last().unwrap().clone();
+    let stored_before = std::fs::read(env.object_path(&wal_key(&switched))).unwrap();
     let fake_dir = walnut_testkit::shared_tempdir("walnut-conflict-");
     std::fs::create_dir_all(fake_dir.path().join("pg_wal")).unwrap();
-    let mut changed = std::fs::read(&seg_path).unwrap();
-    changed[1_000_000] ^= 0xFF;
-    let fake = fake_dir.path().join("pg_wal").join(&segs[0]);
+    let mut changed = std::fs::read(pg.pgdata.join("pg_wal").join(&switched)).unwrap();
+    let last = changed.len() - 1;
+    changed[last] ^= 0xFF;
+    let fake = fake_dir.path().join("pg_wal").join(&switched);
     std::fs::write(&fake, &changed).unwrap();
     let o = env.walnut(&["wal-push", fake.to_str().unwrap()]);
     assert!(!o.status.success(), "a conflicting push must fail");
     assert!(stderr(&o).contains("different file with this name is already archived"), "{}", stderr(&o));
-    assert_eq!(std::fs::read(env.object_path(&wal_key(&segs[0]))).unwrap(), stored_before);
+    assert_eq!(std::fs::read(env.object_path(&wal_key(&switched))).unwrap(), stored_before);
 
     // Timeline history files round-trip (PostgreSQL's own are covered by the restore tests).
     let hist = fake_dir.path().join("pg_wal").join("00000002.history");

@@ -4,6 +4,7 @@
 pub mod backup;
 mod demo;
 pub mod restore;
+mod restore_point;
 mod wal;
 
 use crate::cli::{Cli, Command};
@@ -47,6 +48,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::BackupList { detail } => finish(backup::list(&ctx, detail).await),
         Command::BackupShow { reference } => finish(backup::show(&ctx, &reference).await),
         Command::BackupFetch { dest, reference } => finish(backup::fetch(&ctx, &dest, &reference).await),
+        Command::RestorePoint { name } => finish(restore_point::run(&ctx, &name).await),
         Command::Restore(args) => finish(restore::run(&ctx, &args).await),
         Command::Demo { keep } => finish(demo::run(&ctx, keep).await),
     }
