@@ -114,6 +114,27 @@ pub fn encode(content: &[u8], meta: &serde_json::Value, codec: Codec) -> Bytes {
     out.into()
 }
 
+/// Parses the metadata from the first bytes of an object: `Ok(None)` if more bytes are needed.
+pub fn meta_from_prefix(prefix: &[u8]) -> Result<Option<serde_json::Value>, EnvelopeError> {
+    if prefix.len() < 6 {
+        return if prefix.len() >= 4 && &prefix[..4] != MAGIC { Err(EnvelopeError::NotAnObject) } else { Ok(None) };
+    }
+    if &prefix[..4] != MAGIC {
+        return Err(EnvelopeError::NotAnObject);
+    }
+    if prefix[4] != VERSION {
+        return Err(EnvelopeError::Version(prefix[4]));
+    }
+    let n = prefix[5] as usize;
+    let Some(len) = prefix.get(6 + n..10 + n) else { return Ok(None) };
+    let len = u32::from_le_bytes(len.try_into().expect("4")) as usize;
+    let Some(meta) = prefix.get(10 + n..10 + n + len) else { return Ok(None) };
+    if len == 0 {
+        return Ok(Some(serde_json::Value::Null));
+    }
+    serde_json::from_slice(meta).map(Some).map_err(|e| EnvelopeError::Corrupt(format!("metadata: {e}")))
+}
+
 /// Reads the trailer's checksum without decoding (cheap comparisons of stored objects).
 pub fn stored_checksum(object: &[u8]) -> Option<[u8; 32]> {
     (object.len() >= 6 + TRAILER && &object[..4] == MAGIC)
@@ -198,6 +219,8 @@ mod tests {
             assert_eq!(d.content.as_ref(), data.as_slice());
             assert_eq!(d.meta, meta);
             assert_eq!(stored_checksum(&obj), Some(sha256(&data)));
+            assert_eq!(meta_from_prefix(&obj[..40]).unwrap(), Some(meta.clone()));
+            assert_eq!(meta_from_prefix(&obj[..12]).unwrap(), None, "needs more bytes");
             if compression != Compression::None {
                 assert!(obj.len() < data.len() / 2, "{compression:?} compresses");
             }

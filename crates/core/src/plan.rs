@@ -33,6 +33,25 @@ pub struct BackupPoint {
 pub struct WalInventory {
     pub segments: BTreeMap<TimelineId, BTreeMap<SegNo, DateTime<Utc>>>,
     pub histories: HashMap<TimelineId, Vec<HistoryEntry>>,
+    /// What decoding each segment at push found (absent for objects stored without one).
+    pub summaries: BTreeMap<TimelineId, BTreeMap<SegNo, crate::summary::SegmentSummary>>,
+}
+
+impl WalInventory {
+    fn summary(&self, t: TimelineId, s: SegNo) -> Option<&crate::summary::SegmentSummary> {
+        self.summaries.get(&t)?.get(&s)
+    }
+
+    /// Summaries of the contiguous segments `from..=to` on `path`.
+    fn summaries_on(
+        &self,
+        path: &[(TimelineId, Lsn)],
+        from: SegNo,
+        to: SegNo,
+        seg: WalSegSize,
+    ) -> Vec<&crate::summary::SegmentSummary> {
+        (from.0..=to.0).filter_map(|s| self.summary(tli_for(path, SegNo(s), seg), SegNo(s))).collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -239,7 +258,12 @@ pub fn plan(
     let range_from = |b: &BackupPoint| -> Range {
         let (last, _) = contiguous(inv, &path, seg.segno(b.start), seg);
         let (latest_lsn, latest_time) = match last {
-            Some((s, when)) => (seg.start_lsn(SegNo(s.0 + 1)), when.max(b.end_time)),
+            Some((s, when)) => {
+                let sums = inv.summaries_on(&path, seg.segno(b.start), s, seg);
+                let last_commit = sums.iter().filter_map(|x| x.last_commit).max();
+                let when = if sums.is_empty() { when } else { last_commit.unwrap_or(b.end_time) };
+                (seg.start_lsn(SegNo(s.0 + 1)), when.max(b.end_time))
+            }
             None => (b.end, b.end_time),
         };
         Range {
@@ -276,6 +300,37 @@ pub fn plan(
                     .find(|b| b.end <= l)
                     .ok_or_else(|| unreachable(format!("LSN {l} is before the oldest backup's consistency point")))?
             }
+            Target::Name(n) => {
+                // A named restore point: the newest backup consistent before it.
+                let found = inv
+                    .summaries
+                    .values()
+                    .flat_map(|m| m.values())
+                    .flat_map(|x| x.restore_points.iter())
+                    .find(|rp| rp.name == *n)
+                    .and_then(|rp| rp.lsn.parse::<Lsn>().ok());
+                match found {
+                    Some(lsn) => *on_path.iter().rev().find(|b| b.end <= lsn).ok_or_else(|| {
+                        unreachable(format!(
+                            "restore point {n:?} (LSN {lsn}) is before the oldest backup's consistency point"
+                        ))
+                    })?,
+                    None if inv.summaries.is_empty() => on_path.last().expect("non-empty"),
+                    None => {
+                        let mut known: Vec<&str> = inv
+                            .summaries
+                            .values()
+                            .flat_map(|m| m.values())
+                            .flat_map(|x| x.restore_points.iter().map(|r| r.name.as_str()))
+                            .collect();
+                        known.dedup();
+                        return Err(PlanError::Invalid(format!(
+                            "no backup and no restore point is named {n:?} (restore points in the archive: {})",
+                            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        )));
+                    }
+                }
+            }
             _ => on_path.last().expect("non-empty"),
         }
     };
@@ -291,6 +346,13 @@ pub fn plan(
         )));
     };
     let archive_end_lsn = seg.start_lsn(SegNo(last_seg.0 + 1));
+    let sums = inv.summaries_on(&path, start_seg, last_seg, seg);
+    // The last archived commit decides the idle case exactly when summaries exist.
+    let last_time = if sums.is_empty() {
+        last_time
+    } else {
+        sums.iter().filter_map(|x| x.last_commit).max().unwrap_or(chrono::DateTime::<Utc>::MIN_UTC)
+    };
     let missing_name = |s: SegNo| walnut_pg::names::SegName::new(tli_for(&path, s, seg), s, seg).to_string();
 
     let recovery_target = match &req.target {
@@ -309,7 +371,19 @@ pub fn plan(
             RecoveryTarget::Immediate
         }
         Target::Name(n) => RecoveryTarget::Name(n.clone()),
-        Target::Xid(x) => RecoveryTarget::Xid(*x),
+        Target::Xid(x) => {
+            let max = sums.iter().filter_map(|s| s.xid_max).max();
+            let min = sums.iter().filter_map(|s| s.xid_min).min();
+            if let (Some(lo), Some(hi)) = (min, max)
+                && (*x < lo || *x > hi)
+            {
+                return Err(unreachable(format!(
+                    "transaction {x} is not in the archived WAL after backup {} (archived transactions {lo} to {hi})",
+                    chosen.id
+                )));
+            }
+            RecoveryTarget::Xid(*x)
+        }
         Target::Lsn(l) => {
             let lsn: Lsn = l.parse().map_err(|e: walnut_pg::lsn::ParseError| PlanError::Invalid(e.to_string()))?;
             if lsn > archive_end_lsn {
@@ -354,7 +428,7 @@ pub fn plan(
                     )));
                 }
                 notes.push(format!(
-                    "{} is after the last archived WAL ({}): that is the end of the archive, so walnut recovers to it",
+                    "{} is after the last archived transaction ({}): that is the end of the archive, so walnut recovers to it",
                     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                     last_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 ));
@@ -456,6 +530,31 @@ mod tests {
         let p = plan(&b, &inv(&[(1, 2, 10)]), SEG, &req(Target::Time(t(50))), t(100)).unwrap();
         assert_eq!(p.recovery_target, RecoveryTarget::EndOfArchive);
         assert!(p.notes[0].contains("end of the archive"));
+        // With summaries, the last commit decides: a target after it is the end of the archive.
+        let mut with = inv(&[(1, 2, 10)]);
+        let mut sum = crate::summary::SegmentSummary {
+            last_commit: Some(t(4)),
+            xid_min: Some(700),
+            xid_max: Some(800),
+            ..Default::default()
+        };
+        sum.restore_points.push(crate::summary::RestorePoint {
+            name: "rp".into(),
+            time: Some(t(3)),
+            lsn: Lsn(seg_lsn(3).0 + 0x50).to_string(),
+        });
+        with.summaries.entry(TimelineId(1)).or_default().insert(SegNo(3), sum);
+        let p = plan(&b, &with, SEG, &req(Target::Time(t(6))), t(100)).unwrap();
+        assert_eq!(p.recovery_target, RecoveryTarget::EndOfArchive);
+        let p = plan(&b, &with, SEG, &req(Target::Time(t(3))), t(100)).unwrap();
+        assert_eq!(p.recovery_target, RecoveryTarget::Time(t(3)));
+        let p = plan(&b, &with, SEG, &req(Target::Name("rp".into())), t(100)).unwrap();
+        assert_eq!(p.recovery_target, RecoveryTarget::Name("rp".into()));
+        let e = plan(&b, &with, SEG, &req(Target::Name("nope".into())), t(100)).unwrap_err().to_string();
+        assert!(e.contains("rp"), "lists known restore points: {e}");
+        assert!(plan(&b, &with, SEG, &req(Target::Xid(750)), t(100)).is_ok());
+        let e = plan(&b, &with, SEG, &req(Target::Xid(9000)), t(100)).unwrap_err().to_string();
+        assert!(e.contains("700 to 800"), "{e}");
         let gappy = inv(&[(1, 2, 6), (1, 8, 10)]);
         let e = plan(&b, &gappy, SEG, &req(Target::Time(t(9))), t(100)).unwrap_err().to_string();
         assert!(e.contains("beyond a gap") && e.contains("000000010000000000000007"), "{e}");

@@ -176,6 +176,25 @@ impl Repository {
         cpu(move || envelope::decode(&raw)).await.map_err(|source| RepoError::Corrupt { key: k, source })
     }
 
+    /// An object's envelope metadata, read with a range request (the object itself may be large).
+    pub async fn object_meta(&self, key: &str) -> Result<serde_json::Value, RepoError> {
+        let mut want = 4096u64;
+        loop {
+            let head = self.store.get_range(key, 0..want).await?;
+            match envelope::meta_from_prefix(&head) {
+                Ok(Some(meta)) => return Ok(meta),
+                Ok(None) if (head.len() as u64) == want => want *= 4,
+                Ok(None) => {
+                    return Err(RepoError::Corrupt {
+                        key: key.into(),
+                        source: EnvelopeError::Corrupt("truncated header".into()),
+                    });
+                }
+                Err(source) => return Err(RepoError::Corrupt { key: key.into(), source }),
+            }
+        }
+    }
+
     /// Stores an already encoded object, create-only.
     pub async fn put_new(&self, key: &str, object: Bytes) -> Result<(), StorageError> {
         self.store.put(key, object, PutMode::Create).await

@@ -407,8 +407,9 @@ pub async fn write_durably(dest: &Path, data: &Bytes) -> Result<(), WalError> {
 }
 
 /// What the repository holds of WAL, for planning: segments per timeline with the time each was
-/// stored, and every timeline history file, parsed.
-pub async fn inventory(repo: &Repository) -> Result<crate::plan::WalInventory, WalError> {
+/// stored, every timeline history file, parsed, and (if asked) each segment's summary, read from
+/// the envelope metadata with a range request.
+pub async fn inventory(repo: &Repository, with_summaries: bool) -> Result<crate::plan::WalInventory, WalError> {
     let mut inv = crate::plan::WalInventory::default();
     let Some(identity) = repo.identity().await? else { return Ok(inv) };
     let size = identity.seg_size();
@@ -422,6 +423,29 @@ pub async fn inventory(repo: &Repository) -> Result<crate::plan::WalInventory, W
             }
             Some(WalFileName::History(t)) => histories.push((t, o.key)),
             _ => {}
+        }
+    }
+    if with_summaries {
+        let keys: Vec<(walnut_pg::TimelineId, walnut_pg::SegNo, String)> = inv
+            .segments
+            .iter()
+            .flat_map(|(t, m)| m.keys().map(move |s| (*t, *s)))
+            .map(|(t, s)| (t, s, layout::wal_key(&WalFileName::Segment(SegName::new(t, s, size)))))
+            .collect();
+        let loaded: Vec<_> = futures::stream::iter(keys)
+            .map(|(t, s, key)| async move {
+                let meta = repo.object_meta(&key).await?;
+                let summary = serde_json::from_value::<crate::summary::SegmentSummary>(meta["summary"].clone()).ok();
+                Ok::<_, WalError>((t, s, summary))
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        for r in loaded {
+            let (t, s, summary) = r?;
+            if let Some(summary) = summary {
+                inv.summaries.entry(t).or_default().insert(s, summary);
+            }
         }
     }
     for (t, key) in histories {

@@ -28,6 +28,11 @@ pub async fn run(store: &dyn BlobStore, caps: Capabilities) {
     let h = store.head("c/a/1").await.unwrap().expect("head after put");
     assert_eq!((h.key.as_str(), h.size), ("c/a/1", v1.len() as u64), "{d}: head");
 
+    // ranges, including past the end
+    assert_eq!(store.get_range("c/a/1", 6..9).await.unwrap().as_ref(), b"ver", "{d}: range");
+    assert_eq!(store.get_range("c/a/1", 6..1000).await.unwrap().as_ref(), b"version", "{d}: range past end");
+    assert!(store.get_range("c/missing", 0..4).await.unwrap_err().is_not_found(), "{d}: range of missing");
+
     // create-only never replaces
     let e = store.put("c/a/1", Bytes::from_static(b"other"), PutMode::Create).await;
     assert!(matches!(e, Err(StorageError::AlreadyExists { .. })), "{d}: create over existing: {e:?}");

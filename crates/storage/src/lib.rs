@@ -102,6 +102,8 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
     async fn put_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>>;
     /// Streams an object's bytes.
     async fn get_stream(&self, key: &str) -> Result<ByteStream>;
+    /// Bytes `range` of an object (shorter if the object ends first).
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes>;
     /// A description safe to print (no credentials).
     fn describe(&self) -> String;
 }
@@ -228,6 +230,9 @@ impl BlobStore for Bounded {
             }
         })
         .boxed())
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        self.run("get", key, self.inner.get_range(key, range)).await
     }
     fn describe(&self) -> String {
         self.inner.describe()

@@ -215,6 +215,20 @@ impl BlobStore for LocalStore {
         Ok(stream.map(move |r| r.map_err(|e| io_err("get", &k, e))).boxed())
     }
 
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.path(key)?;
+        let k = key.to_string();
+        blocking(move || {
+            let mut f = File::open(&path).map_err(|e| io_err("get", &k, e))?;
+            f.seek(SeekFrom::Start(range.start)).map_err(|e| io_err("get", &k, e))?;
+            let mut buf = Vec::new();
+            f.take(range.end.saturating_sub(range.start)).read_to_end(&mut buf).map_err(|e| io_err("get", &k, e))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
     }

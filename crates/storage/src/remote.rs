@@ -131,6 +131,19 @@ impl BlobStore for RemoteStore {
         Ok(r.into_stream().map(move |c| c.map_err(|e| map_err("get", &k, e))).boxed())
     }
 
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let path = self.path(key)?;
+        let size = match self.inner.head(&path).await {
+            Ok(m) => m.size,
+            Err(e) => return Err(map_err("get", key, e)),
+        };
+        let end = range.end.min(size);
+        if range.start >= end {
+            return Ok(Bytes::new());
+        }
+        self.inner.get_range(&path, range.start..end).await.map_err(|e| map_err("get", key, e))
+    }
+
     fn describe(&self) -> String {
         self.description.clone()
     }

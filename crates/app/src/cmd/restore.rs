@@ -193,7 +193,7 @@ pub async fn make_plan(repo: &walnut_core::Repository, req: &Request) -> Result<
             end_time,
         });
     }
-    let inv = walnut_core::wal::inventory(repo).await?;
+    let inv = walnut_core::wal::inventory(repo, true).await?;
     let p = plan::plan(&points, &inv, identity.seg_size(), req, chrono::Utc::now())?;
     let m = backup::load_manifest(repo, &p.backup_id).await?;
     Ok((p, m))
