@@ -64,6 +64,14 @@ pub enum Command {
     BackupShow { reference: String },
     /// Download a base backup into an empty directory (no recovery configuration).
     BackupFetch { dest: PathBuf, reference: String },
+    /// Timelines, archived WAL ranges, gaps, time ranges, restore points, restorable windows.
+    WalShow,
+    /// Check archive integrity: continuity from every backup, history files, checksums.
+    WalVerify {
+        /// Download and decode every segment.
+        #[arg(long)]
+        deep: bool,
+    },
     /// Create a named restore point and make sure it is archived.
     RestorePoint { name: String },
     /// Plan, validate, fetch and configure a point-in-time restore.

@@ -195,6 +195,16 @@ fn idle_now_crash_latest_and_gaps() {
     assert_eq!(r.sql("SELECT count(*) FROM t"), "20");
     drop(r);
 
+    // Before any damage the archive verifies, deeply too, and wal-show reports no gap.
+    let o = env.walnut(&["wal-verify", "--deep"]);
+    assert_ok(&o, "wal-verify --deep");
+    assert!(stdout(&o).contains("PITR possible up to"), "{}", stdout(&o));
+    let o = env.walnut(&["wal-show"]);
+    assert_ok(&o, "wal-show");
+    assert!(stdout(&o).contains("timeline 1") && !stdout(&o).contains("GAP"), "{}", stdout(&o));
+    let list: serde_json::Value = serde_json::from_str(&stdout(&env.walnut(&["--json", "backup-list"]))).unwrap();
+    let backup_id = list[0]["id"].as_str().unwrap().to_string();
+
     // A gap: delete a segment in the middle; a target beyond it is refused, DEST stays empty.
     let wal_dir = env.dir.path().join("repo/wal/00000001");
     let mut segs: Vec<String> = std::fs::read_dir(&wal_dir)
@@ -211,6 +221,16 @@ fn idle_now_crash_latest_and_gaps() {
     let e = stderr(&o);
     assert!(e.contains("gap") && e.contains(&victim) && e.contains("earliest:"), "{e}");
     assert!(dest_is_empty(&dest));
+    // wal-show reports the gap; wal-verify fails naming the segment and the backup.
+    let o = env.walnut(&["wal-show"]);
+    assert!(stdout(&o).contains("GAP") && stdout(&o).contains(&victim), "{}", stdout(&o));
+    let o = env.walnut(&["wal-verify"]);
+    assert!(!o.status.success(), "wal-verify must fail on a gap");
+    let out = stdout(&o);
+    assert!(out.contains(&victim) && out.contains(&backup_id), "names the segment and the backup: {out}");
+    // A restore to an xid never archived is refused with the range.
+    let o = restore(&env, &dest, &["--target-xid", "4000000000"]);
+    assert!(!o.status.success() && stderr(&o).contains("not in the archived WAL"), "{}{}", stdout(&o), stderr(&o));
 }
 
 /// Restore + promote + --archive: the new timeline archives into the repository (history file

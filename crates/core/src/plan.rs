@@ -372,14 +372,28 @@ pub fn plan(
         }
         Target::Name(n) => RecoveryTarget::Name(n.clone()),
         Target::Xid(x) => {
-            let max = sums.iter().filter_map(|s| s.xid_max).max();
-            let min = sums.iter().filter_map(|s| s.xid_min).min();
-            if let (Some(lo), Some(hi)) = (min, max)
+            let span = |v: &[&crate::summary::SegmentSummary]| {
+                let lo = v.iter().filter_map(|s| s.xid_min).min()?;
+                Some((lo, v.iter().filter_map(|s| s.xid_max).max()?))
+            };
+            // Everything archived on the path after the backup, gaps or not.
+            let all: Vec<&crate::summary::SegmentSummary> = path
+                .iter()
+                .filter_map(|(t, _)| inv.summaries.get(t))
+                .flat_map(|m| m.range(start_seg..).map(|(_, v)| v))
+                .collect();
+            if let Some((lo, hi)) = span(&all)
                 && (*x < lo || *x > hi)
             {
                 return Err(unreachable(format!(
                     "transaction {x} is not in the archived WAL after backup {} (archived transactions {lo} to {hi})",
                     chosen.id
+                )));
+            }
+            if gap && span(&sums).is_none_or(|(_, hi)| *x > hi) {
+                return Err(unreachable(format!(
+                    "transaction {x} is beyond a gap in the archive (first missing segment {})",
+                    missing_name(SegNo(last_seg.0 + 1))
                 )));
             }
             RecoveryTarget::Xid(*x)

@@ -6,6 +6,7 @@ mod demo;
 pub mod restore;
 mod restore_point;
 mod wal;
+mod walinfo;
 
 use crate::cli::{Cli, Command};
 use crate::config::Config;
@@ -48,6 +49,8 @@ pub async fn run(cli: Cli) -> u8 {
         Command::BackupList { detail } => finish(backup::list(&ctx, detail).await),
         Command::BackupShow { reference } => finish(backup::show(&ctx, &reference).await),
         Command::BackupFetch { dest, reference } => finish(backup::fetch(&ctx, &dest, &reference).await),
+        Command::WalShow => finish(walinfo::show(&ctx).await),
+        Command::WalVerify { deep } => finish(walinfo::verify(&ctx, deep).await),
         Command::RestorePoint { name } => finish(restore_point::run(&ctx, &name).await),
         Command::Restore(args) => finish(restore::run(&ctx, &args).await),
         Command::Demo { keep } => finish(demo::run(&ctx, keep).await),
