@@ -72,6 +72,12 @@ pub enum Command {
         #[arg(long)]
         deep: bool,
     },
+    /// Decode WAL segment files and print their summaries and the decoding throughput.
+    WalInspect {
+        /// Segment files (named as in pg_wal).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Create a named restore point and make sure it is archived.
     RestorePoint { name: String },
     /// Plan, validate, fetch and configure a point-in-time restore.

@@ -49,6 +49,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::BackupList { detail } => finish(backup::list(&ctx, detail).await),
         Command::BackupShow { reference } => finish(backup::show(&ctx, &reference).await),
         Command::BackupFetch { dest, reference } => finish(backup::fetch(&ctx, &dest, &reference).await),
+        Command::WalInspect { paths } => finish(walinfo::inspect(&ctx, &paths)),
         Command::WalShow => finish(walinfo::show(&ctx).await),
         Command::WalVerify { deep } => finish(walinfo::verify(&ctx, deep).await),
         Command::RestorePoint { name } => finish(restore_point::run(&ctx, &name).await),

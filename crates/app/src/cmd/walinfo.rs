@@ -300,3 +300,54 @@ fn continuity(inv: &WalInventory, b: &BackupPoint, size: WalSegSize) -> (Option<
     let beyond = path.iter().any(|(t, _)| inv.segments.get(t).is_some_and(|m| m.range(s..).next().is_some()));
     (last, beyond.then(|| seg_name(tli_for(s), s, size)))
 }
+
+/// Decodes segment files (no repository needed) and reports summaries and throughput.
+pub fn inspect(ctx: &Ctx, paths: &[std::path::PathBuf]) -> Result<()> {
+    let mut total_bytes = 0u64;
+    let mut total_time = std::time::Duration::ZERO;
+    let mut failed = 0;
+    for p in paths {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let data = std::fs::read(p).map_err(|e| anyhow::anyhow!("read {}: {e}", p.display()))?;
+        let seg = WalFileName::parse(&name)?.segment().ok_or_else(|| anyhow::anyhow!("{name} is not a WAL segment"))?;
+        let check = walnut_pg::walpage::check_segment(seg, &data)?;
+        let t = std::time::Instant::now();
+        let summary = walnut_core::summary::summarize(&data, check.seg_size.start_lsn(check.segno));
+        let took = t.elapsed();
+        total_bytes += data.len() as u64;
+        total_time += took;
+        let mbps = data.len() as f64 / took.as_secs_f64().max(1e-9) / 1e6;
+        match summary {
+            Ok(s) if ctx.global.json => println!(
+                "{}",
+                serde_json::json!({"name": name, "decode_ms": took.as_secs_f64() * 1e3, "mb_per_s": mbps, "summary": s})
+            ),
+            Ok(s) => println!(
+                "{name}: {} records, {} commits, {} aborts, {} restore points, end {} at {} ({:.1} ms, {mbps:.0} MB/s)",
+                s.records,
+                s.commits,
+                s.aborts,
+                s.restore_points.len(),
+                s.end,
+                s.end_of_valid_wal,
+                took.as_secs_f64() * 1e3
+            ),
+            Err(e) => {
+                failed += 1;
+                println!("{name}: INVALID: {e}");
+            }
+        }
+    }
+    if !ctx.global.json {
+        println!(
+            "decoded {} in {:.1?}: {:.0} MB/s",
+            crate::output::bytes(total_bytes),
+            total_time,
+            total_bytes as f64 / total_time.as_secs_f64().max(1e-9) / 1e6
+        );
+    }
+    if failed > 0 {
+        bail!("{failed} segment(s) are not valid WAL");
+    }
+    Ok(())
+}
