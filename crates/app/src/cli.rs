@@ -78,6 +78,16 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Manual retention (prints the plan; deletes only with --confirm).
+    Delete {
+        #[command(subcommand)]
+        what: crate::cmd::retention::DeleteWhat,
+    },
+    /// Retention by the configured policy (recovery_window, minimum_redundancy).
+    Retention {
+        #[command(subcommand)]
+        what: RetentionWhat,
+    },
     /// Create a named restore point and make sure it is archived.
     RestorePoint { name: String },
     /// Plan, validate, fetch and configure a point-in-time restore.
@@ -94,4 +104,13 @@ pub enum Command {
     /// Fill the prefetch spool after NAME (started in the background by wal-fetch).
     #[command(hide = true)]
     WalPrefetch { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RetentionWhat {
+    /// Apply the policy (prints the plan; deletes only with --confirm).
+    Apply {
+        #[arg(long)]
+        confirm: bool,
+    },
 }

@@ -359,3 +359,51 @@ fn restore_point_round_trip() {
     assert_eq!(r.sql("SELECT count(*) FROM t"), "7");
     assert_eq!(r.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 't'"), "1");
 }
+
+/// Three backups; `delete retain 1` prints and deletes nothing; with --confirm it removes the two
+/// older backups and the WAL only they needed; the remaining backup still restores to the latest.
+#[test]
+fn delete_retain_one_keeps_the_newest_restorable() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE t(x int)");
+    for i in 0..3 {
+        pg.sql(&format!("INSERT INTO t SELECT generate_series(1, 10); SELECT {i}"));
+        flush_archive(&pg);
+        assert_ok(&backup_push(&env, &pg, None), "backup-push");
+        sleep(1100); // distinct backup IDs
+    }
+    pg.sql("INSERT INTO t SELECT generate_series(1, 5)");
+    flush_archive(&pg);
+    let wal_dir = env.dir.path().join("repo/wal/00000001");
+    let count_wal =
+        || std::fs::read_dir(&wal_dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().len() == 24).count();
+    let before = count_wal();
+
+    let o = env.walnut(&["delete", "retain", "1"]);
+    assert_ok(&o, "delete retain 1 (dry)");
+    assert!(stdout(&o).contains("DELETE") && stdout(&o).contains("nothing deleted"), "{}", stdout(&o));
+    assert_eq!(count_wal(), before);
+
+    let o = env.walnut(&["--json", "delete", "retain", "1", "--confirm"]);
+    assert_ok(&o, "delete retain 1 --confirm");
+    let list: serde_json::Value = serde_json::from_str(&stdout(&env.walnut(&["--json", "backup-list"]))).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let remaining_start_wal = list[0]["start_wal"].as_str().unwrap().to_string();
+    let names: Vec<String> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24)
+        .collect();
+    assert!(names.len() < before, "old WAL deleted ({} -> {})", before, names.len());
+    assert!(
+        names.iter().all(|n| *n >= remaining_start_wal),
+        "only WAL before {remaining_start_wal} deleted: {names:?}"
+    );
+    assert_eq!(env.walnut(&["delete", "retain", "0"]).status.code(), Some(1), "retain 0 is refused");
+
+    let (_d, dest) = restore_dir("after-retention");
+    assert_ok(&restore(&env, &dest, &["--start"]), "restore latest after retention");
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "35");
+}

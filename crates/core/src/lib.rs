@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod layout;
 pub mod plan;
 pub mod repo;
+pub mod retention;
 pub mod state;
 pub mod summary;
 pub mod wal;

@@ -5,6 +5,7 @@ pub mod backup;
 mod demo;
 pub mod restore;
 mod restore_point;
+pub mod retention;
 mod wal;
 mod walinfo;
 
@@ -50,6 +51,10 @@ pub async fn run(cli: Cli) -> u8 {
         Command::BackupShow { reference } => finish(backup::show(&ctx, &reference).await),
         Command::BackupFetch { dest, reference } => finish(backup::fetch(&ctx, &dest, &reference).await),
         Command::WalInspect { paths } => finish(walinfo::inspect(&ctx, &paths)),
+        Command::Delete { what } => finish(retention::delete(&ctx, &what).await),
+        Command::Retention { what: crate::cli::RetentionWhat::Apply { confirm } } => {
+            finish(retention::apply_policy(&ctx, confirm).await)
+        }
         Command::WalShow => finish(walinfo::show(&ctx).await),
         Command::WalVerify { deep } => finish(walinfo::verify(&ctx, deep).await),
         Command::RestorePoint { name } => finish(restore_point::run(&ctx, &name).await),

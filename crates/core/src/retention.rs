@@ -1,0 +1,222 @@
+//! Retention as a pure function of (inventory, policy, now): which backups to keep and which to
+//! delete, each with its reason, and the WAL no kept backup needs.
+//!
+//! Invariants (property-tested): the newest DONE backup is always kept; every RUNNING backup is
+//! kept; at least `minimum_redundancy` DONE backups are kept when that many exist; every moment
+//! inside the recovery window stays restorable (the newest backup at or before the window's start
+//! is kept too); no WAL segment at or after the oldest kept backup's start is deleted.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::time::Duration;
+use walnut_pg::{Lsn, SegNo, WalSegSize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum State {
+    Done,
+    Running,
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub id: String,
+    pub state: State,
+    /// Consistency time (DONE) or last sign of life (RUNNING/FAILED).
+    pub time: DateTime<Utc>,
+    pub start: Lsn,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub recovery_window: Duration,
+    pub minimum_redundancy: u32,
+}
+
+/// What to do with backups, for the manual commands.
+#[derive(Debug, Clone)]
+pub enum Rule {
+    Policy(Policy),
+    /// Keep the N newest DONE backups.
+    Retain(u32),
+    /// Delete DONE backups consistent before this time (never the newest).
+    Before(DateTime<Utc>),
+    /// Only failed leftovers and unneeded WAL.
+    Garbage,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    pub id: String,
+    pub keep: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetentionPlan {
+    pub backups: Vec<Decision>,
+    /// WAL segments before this LSN are not needed by any kept backup.
+    pub wal_needed_from: Option<String>,
+}
+
+/// Failed backups' leftovers are removed once older than this.
+pub const FAILED_GRACE: Duration = Duration::from_secs(3600);
+
+pub fn plan(candidates: &[Candidate], rule: &Rule, now: DateTime<Utc>) -> RetentionPlan {
+    let mut done: Vec<&Candidate> = candidates.iter().filter(|c| c.state == State::Done).collect();
+    done.sort_by_key(|c| c.time);
+    let newest = done.last().map(|c| c.id.clone());
+    let mut decisions = Vec::new();
+    for (i, c) in done.iter().enumerate() {
+        let rank = done.len() - i; // 1 = newest
+        let (keep, reason) = if Some(&c.id) == newest.as_ref() {
+            (true, "the newest DONE backup is always kept".to_string())
+        } else {
+            match rule {
+                Rule::Garbage => (true, "garbage collection keeps every DONE backup".into()),
+                Rule::Retain(n) => {
+                    if rank as u32 <= (*n).max(1) {
+                        (true, format!("one of the {} newest backups", n.max(&1)))
+                    } else {
+                        (false, format!("older than the {} newest backups", n.max(&1)))
+                    }
+                }
+                Rule::Before(t) => {
+                    if c.time < *t {
+                        (false, format!("consistent before {}", t.to_rfc3339()))
+                    } else {
+                        (true, format!("consistent at or after {}", t.to_rfc3339()))
+                    }
+                }
+                Rule::Policy(p) => {
+                    let window_start =
+                        now - chrono::Duration::from_std(p.recovery_window).unwrap_or(chrono::Duration::MAX);
+                    // The newest backup at or before the window's start anchors the window.
+                    let anchor = done.iter().rev().find(|b| b.time <= window_start).map(|b| b.id.clone());
+                    if c.time > window_start {
+                        (true, "inside the recovery window".into())
+                    } else if Some(&c.id) == anchor.as_ref() {
+                        (true, "needed to restore to the start of the recovery window".into())
+                    } else if rank as u32 <= p.minimum_redundancy {
+                        (true, format!("kept for minimum_redundancy = {}", p.minimum_redundancy))
+                    } else {
+                        (false, "older than the recovery window and not needed for minimum redundancy".into())
+                    }
+                }
+            }
+        };
+        decisions.push(Decision { id: c.id.clone(), keep, reason });
+    }
+    for c in candidates.iter().filter(|c| c.state != State::Done) {
+        let (keep, reason) = match c.state {
+            State::Running => (true, "running".to_string()),
+            _ if now - c.time > chrono::Duration::from_std(FAILED_GRACE).unwrap() => {
+                (false, "leftovers of a failed backup".to_string())
+            }
+            _ => (true, "failed recently: kept for inspection during the grace period".to_string()),
+        };
+        decisions.push(Decision { id: c.id.clone(), keep, reason });
+    }
+    let oldest_kept_start = candidates
+        .iter()
+        .filter(|c| decisions.iter().any(|d| d.id == c.id && d.keep) && c.state != State::Failed)
+        .map(|c| c.start)
+        .min();
+    RetentionPlan { backups: decisions, wal_needed_from: oldest_kept_start.map(|l| l.to_string()) }
+}
+
+/// Whether a WAL segment (any timeline) can go: it ends before everything a kept backup needs.
+pub fn wal_deletable(segno: SegNo, needed_from: Option<Lsn>, size: WalSegSize) -> bool {
+    match needed_from {
+        Some(l) => segno < size.segno(l),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    fn day(d: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::days(d)
+    }
+    fn c(id: &str, d: i64, state: State) -> Candidate {
+        Candidate { id: id.into(), state, time: day(d), start: Lsn((d as u64 + 1) << 24) }
+    }
+    fn kept(p: &RetentionPlan) -> Vec<&str> {
+        let mut v: Vec<&str> = p.backups.iter().filter(|d| d.keep).map(|d| d.id.as_str()).collect();
+        v.sort();
+        v
+    }
+    const WEEK: Policy = Policy { recovery_window: Duration::from_secs(7 * 86400), minimum_redundancy: 1 };
+
+    #[test]
+    fn window_keeps_its_anchor() {
+        let bs = [c("a", 0, State::Done), c("b", 5, State::Done), c("c", 10, State::Done), c("d", 15, State::Done)];
+        // now = day 20: window starts day 13; c (day 10) anchors it.
+        let p = plan(&bs, &Rule::Policy(WEEK), day(20));
+        assert_eq!(kept(&p), ["c", "d"]);
+        assert_eq!(p.wal_needed_from.as_deref(), Some(&*Lsn(11 << 24).to_string()));
+        assert!(p.backups.iter().all(|d| !d.reason.is_empty()));
+    }
+
+    #[test]
+    fn redundancy_and_rules() {
+        let bs = [c("a", 0, State::Done), c("b", 5, State::Done), c("c", 10, State::Done)];
+        let p = plan(&bs, &Rule::Policy(Policy { minimum_redundancy: 3, ..WEEK }), day(100));
+        assert_eq!(kept(&p), ["a", "b", "c"]);
+        assert_eq!(kept(&plan(&bs, &Rule::Retain(1), day(100))), ["c"]);
+        assert_eq!(kept(&plan(&bs, &Rule::Retain(0), day(100))), ["c"], "never below one");
+        assert_eq!(kept(&plan(&bs, &Rule::Before(day(6)), day(100))), ["c"]);
+        assert_eq!(kept(&plan(&bs, &Rule::Before(day(100)), day(100))), ["c"], "never the newest");
+        assert_eq!(kept(&plan(&bs, &Rule::Garbage, day(100))), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn running_is_kept_failed_goes_after_grace() {
+        let mut bs = vec![c("a", 0, State::Done), c("r", 1, State::Running), c("f", 1, State::Failed)];
+        let p = plan(&bs, &Rule::Retain(1), day(1) + chrono::Duration::minutes(5));
+        assert_eq!(kept(&p), ["a", "f", "r"]);
+        bs[2].time = day(0);
+        let p = plan(&bs, &Rule::Retain(1), day(1));
+        assert_eq!(kept(&p), ["a", "r"]);
+    }
+
+    proptest! {
+        #[test]
+        fn invariants(days in proptest::collection::vec((0i64..400, 0u8..10), 1..30), window in 1u64..60, redundancy in 0u32..5, now_day in 0i64..500) {
+            let bs: Vec<Candidate> = days.iter().enumerate().map(|(i, (d, s))| {
+                let state = match s { 0 => State::Running, 1 => State::Failed, _ => State::Done };
+                Candidate { id: format!("b{i}"), state, time: day(*d), start: Lsn((*d as u64 + 1) << 24) }
+            }).collect();
+            let policy = Policy { recovery_window: Duration::from_secs(window * 86400), minimum_redundancy: redundancy };
+            let now = day(now_day.max(days.iter().map(|d| d.0).max().unwrap()));
+            let p = plan(&bs, &Rule::Policy(policy), now);
+            let keep = |id: &str| p.backups.iter().find(|d| d.id == id).unwrap().keep;
+            let done: Vec<&Candidate> = bs.iter().filter(|c| c.state == State::Done).collect();
+            if let Some(newest) = done.iter().max_by_key(|c| c.time) {
+                // The newest (by time) is kept; ties share the time.
+                prop_assert!(done.iter().filter(|c| c.time == newest.time).any(|c| keep(&c.id)));
+            }
+            for c in bs.iter().filter(|c| c.state == State::Running) {
+                prop_assert!(keep(&c.id));
+            }
+            let kept_done = done.iter().filter(|c| keep(&c.id)).count();
+            prop_assert!(kept_done >= (redundancy as usize).min(done.len()));
+            // The window is restorable: some kept DONE backup is at or before the window start,
+            // whenever any DONE backup is.
+            let start = now - chrono::Duration::days(window as i64);
+            if done.iter().any(|c| c.time <= start) {
+                prop_assert!(done.iter().any(|c| c.time <= start && keep(&c.id)));
+            }
+            // No WAL a kept backup needs is deleted.
+            let needed: Option<Lsn> = p.wal_needed_from.as_ref().map(|l| l.parse().unwrap());
+            for c in bs.iter().filter(|c| keep(&c.id) && c.state != State::Failed) {
+                prop_assert!(!wal_deletable(WalSegSize::DEFAULT.segno(c.start), needed, WalSegSize::DEFAULT));
+            }
+        }
+    }
+}
