@@ -78,6 +78,8 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Pre-flight checks: PostgreSQL, archiving, repository, identity, last backup.
+    Check,
     /// Manual retention (prints the plan; deletes only with --confirm).
     Delete {
         #[command(subcommand)]

@@ -407,3 +407,33 @@ fn delete_retain_one_keeps_the_newest_restorable() {
     let r = Restored::from_dir(&dest);
     assert_eq!(r.sql("SELECT count(*) FROM t"), "35");
 }
+
+/// `walnut check` passes on a working setup and fails with the repository line when the
+/// credentials are wrong (without printing the secret).
+#[test]
+fn check_reports_wrong_credentials() {
+    let env = Env::new(Backend::S3);
+    let pg = env.cluster();
+    flush_archive(&pg);
+    assert_ok(&backup_push(&env, &pg, None), "backup-push");
+    let run = |secret: Option<&str>| {
+        let mut c = std::process::Command::new(walnut_bin());
+        c.arg("--config").arg(&env.config).arg("check");
+        c.env("PGHOST", "127.0.0.1").env("PGPORT", pg.port.to_string()).env("PGUSER", "postgres");
+        if let Some(s) = secret {
+            c.env("AWS_SECRET_ACCESS_KEY", s);
+        }
+        c.output().unwrap()
+    };
+    let o = run(None);
+    assert_ok(&o, "walnut check");
+    assert!(stdout(&o).contains("✔ archive_command points at walnut"), "{}", stdout(&o));
+    let o = run(Some("wrong-secret-value-123"));
+    assert!(!o.status.success(), "wrong credentials must fail the check");
+    let out = stdout(&o);
+    assert!(out.contains("✗ repository reachable and writable"), "{out}");
+    assert!(
+        !out.contains("wrong-secret-value-123") && !stderr(&o).contains("wrong-secret-value-123"),
+        "no secret in output"
+    );
+}

@@ -2,6 +2,7 @@
 //! the command, with their context chain.
 
 pub mod backup;
+mod check;
 mod demo;
 pub mod restore;
 mod restore_point;
@@ -51,6 +52,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::BackupShow { reference } => finish(backup::show(&ctx, &reference).await),
         Command::BackupFetch { dest, reference } => finish(backup::fetch(&ctx, &dest, &reference).await),
         Command::WalInspect { paths } => finish(walinfo::inspect(&ctx, &paths)),
+        Command::Check => finish(check::run(&ctx).await),
         Command::Delete { what } => finish(retention::delete(&ctx, &what).await),
         Command::Retention { what: crate::cli::RetentionWhat::Apply { confirm } } => {
             finish(retention::apply_policy(&ctx, confirm).await)
