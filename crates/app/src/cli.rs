@@ -78,6 +78,12 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Set up archiving on a running cluster, prove it works, take the first base backup.
+    Enable {
+        /// Restart PostgreSQL (pg_ctl) when archive_mode needs it.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Pre-flight checks: PostgreSQL, archiving, repository, identity, last backup.
     Check,
     /// Manual retention (prints the plan; deletes only with --confirm).

@@ -180,3 +180,12 @@ pub fn tail(path: &Path, n: usize) -> String {
         format!("\n--- {} ---\n{}", path.display(), lines[start..].join("\n"))
     }
 }
+
+/// When root, gives a directory we just created to the owner of `like`.
+pub fn prepare_ownership_of_new(dir: &Path, like: &Path) -> Result<()> {
+    if is_root() {
+        let m = std::fs::metadata(like)?;
+        chown_tree(dir, m.uid(), m.gid())?;
+    }
+    Ok(())
+}

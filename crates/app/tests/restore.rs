@@ -437,3 +437,33 @@ fn check_reports_wrong_credentials() {
         "no secret in output"
     );
 }
+
+/// `walnut enable --restart` on a cluster with archiving off: it restarts, WAL reaches the
+/// repository and a first backup is DONE; a second run changes nothing.
+#[test]
+fn enable_sets_up_archiving_and_takes_the_first_backup() {
+    let env = Env::new(Backend::File);
+    let pg = PgCluster::start(walnut_testkit::pg::PgOptions::default());
+    assert_eq!(pg.sql("SHOW archive_mode").trim(), "off");
+    let run = || {
+        std::process::Command::new(walnut_bin())
+            .arg("--config")
+            .arg(&env.config)
+            .args(["enable", "--restart"])
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", pg.port.to_string())
+            .env("PGUSER", "postgres")
+            .output()
+            .unwrap()
+    };
+    let o = run();
+    assert_ok(&o, "walnut enable --restart");
+    let out = stdout(&o);
+    assert!(out.contains("archive_mode = on") && out.contains("restarted") && out.contains("archiving works"), "{out}");
+    assert_eq!(pg.sql("SHOW archive_mode").trim(), "on");
+    let list: serde_json::Value = serde_json::from_str(&stdout(&env.walnut(&["--json", "backup-list"]))).unwrap();
+    assert_eq!(list.as_array().unwrap().iter().filter(|b| b["status"] == "DONE").count(), 1, "{list}");
+    let o = run();
+    assert_ok(&o, "second walnut enable");
+    assert!(stdout(&o).contains("nothing to change"), "{}", stdout(&o));
+}

@@ -4,6 +4,7 @@
 pub mod backup;
 mod check;
 mod demo;
+mod enable;
 pub mod restore;
 mod restore_point;
 pub mod retention;
@@ -52,6 +53,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::BackupShow { reference } => finish(backup::show(&ctx, &reference).await),
         Command::BackupFetch { dest, reference } => finish(backup::fetch(&ctx, &dest, &reference).await),
         Command::WalInspect { paths } => finish(walinfo::inspect(&ctx, &paths)),
+        Command::Enable { restart } => finish(enable::run(&ctx, restart).await),
         Command::Check => finish(check::run(&ctx).await),
         Command::Delete { what } => finish(retention::delete(&ctx, &what).await),
         Command::Retention { what: crate::cli::RetentionWhat::Apply { confirm } } => {
