@@ -84,6 +84,12 @@ pub enum Command {
         #[arg(long)]
         restart: bool,
     },
+    /// The long-running agent: scheduled backups, retention, HTTP admin API, metrics.
+    Agent {
+        /// Address to listen on (default [agent] listen, 127.0.0.1:5500).
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Pre-flight checks: PostgreSQL, archiving, repository, identity, last backup.
     Check,
     /// Manual retention (prints the plan; deletes only with --confirm).

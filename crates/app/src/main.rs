@@ -1,6 +1,7 @@
 //! The `walnut` binary: command line, configuration, output and the exit-code contract with
 //! PostgreSQL. Library crates below it never read the environment or exit the process.
 
+mod agent;
 mod cli;
 mod cmd;
 mod config;

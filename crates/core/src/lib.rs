@@ -13,6 +13,7 @@ pub mod layout;
 pub mod plan;
 pub mod repo;
 pub mod retention;
+pub mod schedule;
 pub mod state;
 pub mod summary;
 pub mod wal;

@@ -18,6 +18,7 @@ use anyhow::Result;
 use walnut_core::Repository;
 
 /// Everything a command needs from the global options.
+#[derive(Clone)]
 pub struct Ctx {
     pub global: crate::cli::Global,
     pub config: Config,
@@ -54,6 +55,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::BackupFetch { dest, reference } => finish(backup::fetch(&ctx, &dest, &reference).await),
         Command::WalInspect { paths } => finish(walinfo::inspect(&ctx, &paths)),
         Command::Enable { restart } => finish(enable::run(&ctx, restart).await),
+        Command::Agent { listen } => finish(crate::agent::run(ctx, listen).await),
         Command::Check => finish(check::run(&ctx).await),
         Command::Delete { what } => finish(retention::delete(&ctx, &what).await),
         Command::Retention { what: crate::cli::RetentionWhat::Apply { confirm } } => {

@@ -61,6 +61,17 @@ pub async fn apply_policy(ctx: &Ctx, confirm: bool) -> Result<()> {
     apply(ctx, &repo, &rule, confirm).await
 }
 
+/// Applies the policy with --confirm semantics and returns how many backups were deleted.
+pub async fn apply_policy_count(ctx: &Ctx) -> Result<u64> {
+    let repo = ctx.repository()?;
+    let s = &ctx.config.settings;
+    let rule = Rule::Policy(Policy { recovery_window: s.recovery_window, minimum_redundancy: s.minimum_redundancy });
+    let before = backup::list(&repo).await?.len();
+    apply(ctx, &repo, &rule, true).await?;
+    let after = backup::list(&repo).await?.len();
+    Ok(before.saturating_sub(after) as u64)
+}
+
 async fn candidates(repo: &walnut_core::Repository) -> Result<Vec<Candidate>> {
     let mut out = Vec::new();
     for b in backup::list(repo).await? {

@@ -1,0 +1,540 @@
+//! `walnut agent`: scheduled full backups, retention, the HTTP admin API and metrics.
+//!
+//! Shape: one scheduler task that sleeps until the next deadline (or until settings change),
+//! and an axum server; both stop on SIGTERM/SIGINT. A backup runs under one lock, so two
+//! backups of a cluster never run at once (the API answers 409 while one runs).
+
+use crate::cmd::Ctx;
+use crate::config::{Settings, parse_duration};
+use crate::pgserver;
+use anyhow::{Context, Result, bail};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, Notify, RwLock};
+use walnut_core::backup::{self, Status};
+use walnut_core::schedule::{self, ScheduleState};
+
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Default)]
+struct Metrics {
+    last_backup_end: Option<chrono::DateTime<chrono::Utc>>,
+    last_backup_duration: f64,
+    last_backup_bytes: u64,
+    scheduled_failures: u64,
+    retention_deletions: u64,
+    last_error: Option<String>,
+}
+
+struct Agent {
+    ctx: Ctx,
+    repo: walnut_core::Repository,
+    settings: RwLock<Settings>,
+    settings_path: std::path::PathBuf,
+    backup_lock: Mutex<()>,
+    metrics: Mutex<Metrics>,
+    schedule: Mutex<ScheduleState>,
+    wake: Notify,
+    token: Option<String>,
+}
+
+fn err(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Agent {
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else { return true };
+        let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+    }
+
+    async fn next_due(&self) -> chrono::DateTime<chrono::Utc> {
+        let freq = self.settings.read().await.full_backup_frequency;
+        schedule::next_due(&*self.schedule.lock().await, freq, chrono::Utc::now())
+    }
+
+    /// Reads the anchor from the repository: the newest DONE scheduled backup.
+    async fn refresh_anchor(&self) -> Result<()> {
+        let list = backup::list(&self.repo).await?;
+        let last = list
+            .iter()
+            .filter(|b| b.status == Status::Done)
+            .filter_map(|b| b.manifest.as_ref())
+            .filter(|m| m.scheduled)
+            .filter_map(|m| chrono::DateTime::parse_from_rfc3339(&m.end_time).ok())
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .max();
+        self.schedule.lock().await.last_scheduled = last;
+        if self.metrics.lock().await.last_backup_end.is_none() {
+            let newest = list
+                .iter()
+                .filter_map(|b| b.manifest.as_ref())
+                .filter_map(|m| chrono::DateTime::parse_from_rfc3339(&m.end_time).ok())
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .max();
+            self.metrics.lock().await.last_backup_end = newest;
+        }
+        Ok(())
+    }
+
+    /// Takes a backup under the lock (None if one is running and `wait` is false).
+    async fn take_backup(&self, name: Option<String>, scheduled: bool, wait: bool) -> Option<Result<backup::Manifest>> {
+        let _guard = if wait {
+            self.backup_lock.lock().await
+        } else {
+            match self.backup_lock.try_lock() {
+                Ok(g) => g,
+                Err(_) => return None,
+            }
+        };
+        let t = Instant::now();
+        let r = async {
+            let opts = crate::cmd::backup::push_options(&self.ctx, None, name, scheduled)?;
+            let progress = Arc::new(backup::Progress::default());
+            Ok(backup::push(&self.repo, &opts, progress).await?)
+        }
+        .await;
+        let mut m = self.metrics.lock().await;
+        match &r {
+            Ok(man) => {
+                m.last_backup_end = Some(chrono::Utc::now());
+                m.last_backup_duration = t.elapsed().as_secs_f64();
+                m.last_backup_bytes = man.data_bytes;
+                m.last_error = None;
+                tracing::info!("backup {} DONE ({} bytes, {:.1}s)", man.id, man.data_bytes, m.last_backup_duration);
+            }
+            Err(e) => {
+                m.last_error = Some(format!("{e:#}"));
+                tracing::error!("backup failed: {e:#}");
+            }
+        }
+        Some(r)
+    }
+
+    async fn retention(&self) {
+        let s = self.settings.read().await.clone();
+        let mut ctx = self.ctx.clone();
+        ctx.config.settings = s;
+        ctx.global.quiet = true;
+        match crate::cmd::retention::apply_policy_count(&ctx).await {
+            Ok(n) => self.metrics.lock().await.retention_deletions += n,
+            Err(e) => tracing::warn!("retention: {e:#}"),
+        }
+    }
+}
+
+async fn scheduler(agent: Arc<Agent>, shutdown: Arc<Notify>) {
+    loop {
+        if let Err(e) = agent.refresh_anchor().await {
+            tracing::warn!("read the repository: {e:#}");
+        }
+        let due = agent.next_due().await;
+        let wait = (due - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = agent.wake.notified() => continue,
+            _ = shutdown.notified() => return,
+        }
+        let result = tokio::select! {
+            r = agent.take_backup(None, true, true) => r,
+            _ = shutdown.notified() => return,
+        };
+        match result {
+            Some(Ok(m)) => {
+                let mut s = agent.schedule.lock().await;
+                s.failures = 0;
+                s.last_failure = None;
+                // The new anchor, at once (the repository says the same on the next refresh).
+                s.last_scheduled = m.end_time().or(s.last_scheduled);
+                drop(s);
+                agent.retention().await;
+            }
+            Some(Err(_)) => {
+                let mut s = agent.schedule.lock().await;
+                s.failures += 1;
+                s.last_failure = Some(chrono::Utc::now());
+                agent.metrics.lock().await.scheduled_failures += 1;
+            }
+            None => {}
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBackup {
+    name: Option<String>,
+}
+
+fn parse_json(body: &[u8]) -> Result<serde_json::Value, Box<Response>> {
+    if body.len() > MAX_BODY {
+        return Err(Box::new(err(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {MAX_BODY} bytes"))));
+    }
+    serde_json::from_slice(body).map_err(|e| Box::new(err(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}"))))
+}
+
+/// Applies a settings patch: every field checked, nothing changed unless all are valid.
+fn patched(current: &Settings, body: &serde_json::Value) -> Result<Settings, String> {
+    let obj = body.as_object().ok_or("the body must be a JSON object of settings")?;
+    let mut s = current.clone();
+    for (k, v) in obj {
+        let dur = |v: &serde_json::Value| -> Result<Duration, String> {
+            let text = v.as_str().ok_or_else(|| format!("{k} must be a duration string like \"60s\", got {v}"))?;
+            parse_duration(text).map_err(|e| format!("{k}: {e}"))
+        };
+        match k.as_str() {
+            "archive_timeout" => s.archive_timeout = dur(v)?,
+            "full_backup_frequency" => s.full_backup_frequency = dur(v)?,
+            "recovery_window" => s.recovery_window = dur(v)?,
+            "minimum_redundancy" => {
+                let n =
+                    v.as_u64().ok_or_else(|| format!("minimum_redundancy must be a non-negative integer, got {v}"))?;
+                s.minimum_redundancy = u32::try_from(n)
+                    .ok()
+                    .filter(|n| *n <= 1000)
+                    .ok_or_else(|| format!("minimum_redundancy must be at most 1000, got {n}"))?;
+            }
+            other => {
+                return Err(format!(
+                    "unknown setting {other:?}: the settings are archive_timeout, full_backup_frequency, recovery_window, minimum_redundancy"
+                ));
+            }
+        }
+    }
+    for (name, d) in [
+        ("archive_timeout", s.archive_timeout),
+        ("full_backup_frequency", s.full_backup_frequency),
+        ("recovery_window", s.recovery_window),
+    ] {
+        if d > Duration::from_secs(100 * 365 * 86400) {
+            return Err(format!("{name} is absurdly long: at most 100y"));
+        }
+    }
+    s.validate()?;
+    Ok(s)
+}
+
+async fn apply_archive_timeout(ctx: &Ctx, d: Duration) -> Result<()> {
+    let client = pgserver::connect(&pgserver::pg_config(ctx.config.pg_url.as_deref())?).await?;
+    let q = |e: tokio_postgres::Error| anyhow::anyhow!("{}", walnut_core::backup::pg_error(&e));
+    // Two statements: ALTER SYSTEM cannot run inside the implicit transaction of a batch.
+    client.batch_execute(&format!("ALTER SYSTEM SET archive_timeout = {}", d.as_secs().max(1))).await.map_err(q)?;
+    client.batch_execute("SELECT pg_reload_conf()").await.map_err(q)
+}
+
+fn persist(path: &std::path::Path, s: &Settings) -> Result<()> {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(s)?)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn load_persisted(path: &std::path::Path, base: &Settings) -> Settings {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| patched(base, &v).ok())
+        .unwrap_or_else(|| base.clone())
+}
+
+async fn settings_get(State(a): State<Arc<Agent>>, h: HeaderMap) -> Response {
+    if !a.authorized(&h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    Json(a.settings.read().await.clone()).into_response()
+}
+
+async fn settings_patch(State(a): State<Arc<Agent>>, h: HeaderMap, body: axum::body::Bytes) -> Response {
+    if !a.authorized(&h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let v = match parse_json(&body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let current = a.settings.read().await.clone();
+    let new = match patched(&current, &v) {
+        Ok(s) => s,
+        Err(e) => return err(StatusCode::BAD_REQUEST, e),
+    };
+    if new.archive_timeout != current.archive_timeout
+        && let Err(e) = apply_archive_timeout(&a.ctx, new.archive_timeout).await
+    {
+        return err(StatusCode::SERVICE_UNAVAILABLE, format!("could not apply archive_timeout to PostgreSQL: {e:#}"));
+    }
+    if let Err(e) = persist(&a.settings_path, &new) {
+        return err(StatusCode::INTERNAL_SERVER_ERROR, format!("could not persist the settings: {e:#}"));
+    }
+    *a.settings.write().await = new.clone();
+    a.wake.notify_one();
+    Json(new).into_response()
+}
+
+async fn backups_get(State(a): State<Arc<Agent>>, h: HeaderMap) -> Response {
+    if !a.authorized(&h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    match backup::list(&a.repo).await {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn backups_post(State(a): State<Arc<Agent>>, h: HeaderMap, body: axum::body::Bytes) -> Response {
+    if !a.authorized(&h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let req: NewBackup = if body.is_empty() {
+        NewBackup { name: None }
+    } else {
+        let v = match parse_json(&body) {
+            Ok(v) => v,
+            Err(r) => return *r,
+        };
+        match serde_json::from_value(v) {
+            Ok(r) => r,
+            Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
+        }
+    };
+    if let Some(n) = &req.name
+        && let Err(e) = backup::check_name(n)
+    {
+        return err(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    match a.take_backup(req.name, false, false).await {
+        None => err(StatusCode::CONFLICT, "a backup is already running: try again when it is DONE"),
+        Some(Ok(m)) => (StatusCode::CREATED, Json(backup::ManifestSummary::from(&m))).into_response(),
+        Some(Err(e)) => {
+            let msg = format!("{e:#}");
+            let status =
+                if msg.contains("already exists") { StatusCode::CONFLICT } else { StatusCode::INTERNAL_SERVER_ERROR };
+            err(status, msg)
+        }
+    }
+}
+
+async fn backup_get(State(a): State<Arc<Agent>>, h: HeaderMap, UrlPath(reference): UrlPath<String>) -> Response {
+    if !a.authorized(&h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    match backup::resolve(&a.repo, &reference).await {
+        Ok(m) => Json(backup::ManifestSummary::from(&m)).into_response(),
+        Err(e @ backup::BackupError::NotFound(_)) => err(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+struct Archiver {
+    archived: i64,
+    failed: i64,
+    failing: bool,
+    lag_seconds: f64,
+}
+
+async fn archiver(ctx: &Ctx) -> Result<Archiver> {
+    let client = pgserver::connect(&pgserver::pg_config(ctx.config.pg_url.as_deref())?).await?;
+    let r = client
+        .query_one(
+            "SELECT archived_count, failed_count, \
+             coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false), \
+             coalesce(extract(epoch FROM now() - last_archived_time)::float8, -1) FROM pg_stat_archiver",
+            &[],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", walnut_core::backup::pg_error(&e)))?;
+    Ok(Archiver { archived: r.get(0), failed: r.get(1), failing: r.get(2), lag_seconds: r.get(3) })
+}
+
+async fn health(State(a): State<Arc<Agent>>, h: HeaderMap) -> Response {
+    if !a.authorized(&h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let mut reasons = Vec::new();
+    match archiver(&a.ctx).await {
+        Ok(ar) if ar.failing => reasons.push("archiving is failing (pg_stat_archiver)".to_string()),
+        Ok(_) => {}
+        Err(e) => reasons.push(format!("PostgreSQL is down or unreachable: {e:#}")),
+    }
+    if let Err(e) = a.repo.store().list("backups").await {
+        reasons.push(format!("repository unreachable: {e}"));
+    }
+    let freq = a.settings.read().await.full_backup_frequency;
+    let last = a.metrics.lock().await.last_backup_end;
+    let stale = last.is_none_or(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default() > freq * 2);
+    if stale {
+        reasons.push("no backup within twice full_backup_frequency".into());
+    }
+    let body = serde_json::json!({
+        "healthy": reasons.is_empty(),
+        "reasons": reasons,
+        "next_scheduled_backup": a.next_due().await.to_rfc3339(),
+        "last_backup": last.map(|t| t.to_rfc3339()),
+        "last_error": a.metrics.lock().await.last_error,
+    });
+    let status = if reasons.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(a): State<Arc<Agent>>, h: HeaderMap) -> Response {
+    if !a.authorized(&h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let m = a.metrics.lock().await;
+    let mut out = String::new();
+    let mut metric = |name: &str, help: &str, kind: &str, value: String| {
+        out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+    };
+    let now = chrono::Utc::now();
+    if let Some(t) = m.last_backup_end {
+        metric(
+            "walnut_last_backup_timestamp_seconds",
+            "End of the last successful backup.",
+            "gauge",
+            t.timestamp().to_string(),
+        );
+        metric(
+            "walnut_last_backup_age_seconds",
+            "Age of the last successful backup.",
+            "gauge",
+            (now - t).num_seconds().to_string(),
+        );
+    }
+    metric(
+        "walnut_last_backup_duration_seconds",
+        "Duration of the last successful backup.",
+        "gauge",
+        format!("{:.3}", m.last_backup_duration),
+    );
+    metric(
+        "walnut_last_backup_bytes",
+        "Data size of the last successful backup.",
+        "gauge",
+        m.last_backup_bytes.to_string(),
+    );
+    metric(
+        "walnut_scheduled_backup_failures_total",
+        "Failed scheduled backups.",
+        "counter",
+        m.scheduled_failures.to_string(),
+    );
+    metric(
+        "walnut_retention_deletions_total",
+        "Backups deleted by retention.",
+        "counter",
+        m.retention_deletions.to_string(),
+    );
+    drop(m);
+    if let Ok(ar) = archiver(&a.ctx).await {
+        metric(
+            "walnut_wal_archived_total",
+            "WAL files archived (pg_stat_archiver).",
+            "counter",
+            ar.archived.to_string(),
+        );
+        metric(
+            "walnut_wal_failed_total",
+            "Failed archive attempts (pg_stat_archiver).",
+            "counter",
+            ar.failed.to_string(),
+        );
+        if ar.lag_seconds >= 0.0 {
+            metric(
+                "walnut_archive_lag_seconds",
+                "Seconds since the last archived WAL file.",
+                "gauge",
+                format!("{:.1}", ar.lag_seconds),
+            );
+        }
+    }
+    if let Some(pgdata) = &a.ctx.config.pgdata
+        && let Ok(rd) = std::fs::read_dir(pgdata.join("pg_wal/archive_status"))
+    {
+        let ready = rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".ready")).count();
+        metric("walnut_ready_backlog", "WAL files waiting to be archived.", "gauge", ready.to_string());
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+pub async fn run(ctx: Ctx, listen: Option<String>) -> Result<()> {
+    let listen = listen.unwrap_or_else(|| ctx.config.agent_listen.clone());
+    let addr: SocketAddr =
+        listen.parse().with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:5500"))?;
+    let token = match (&ctx.config.agent_token, &ctx.config.agent_token_file) {
+        (Some(t), _) => Some(t.expose().to_string()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("read the token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if !is_loopback(&addr) && token.as_deref().is_none_or(str::is_empty) {
+        bail!(
+            "refusing to listen on {addr} without a token: a non-loopback address needs [agent] token_file or WALNUT_AGENT_TOKEN"
+        );
+    }
+    let repo = ctx.repository()?;
+    let settings_path = ctx.config.state_dir.join("agent").join("settings.json");
+    let settings = load_persisted(&settings_path, &ctx.config.settings);
+    let agent = Arc::new(Agent {
+        repo,
+        settings: RwLock::new(settings),
+        settings_path,
+        backup_lock: Mutex::new(()),
+        metrics: Mutex::new(Metrics::default()),
+        schedule: Mutex::new(ScheduleState::default()),
+        wake: Notify::new(),
+        token,
+        ctx,
+    });
+    let app = Router::new()
+        .route("/v1/settings", get(settings_get).patch(settings_patch))
+        .route("/v1/backups", get(backups_get).post(backups_post))
+        .route("/v1/backups/{reference}", get(backup_get))
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY + 1))
+        .with_state(agent.clone());
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
+    tracing::info!("walnut agent listening on http://{}", listener.local_addr()?);
+    let shutdown = Arc::new(Notify::new());
+    let sched = tokio::spawn(scheduler(agent.clone(), shutdown.clone()));
+    let stop = shutdown.clone();
+    let signal = async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        stop.notify_waiters();
+    };
+    axum::serve(listener, app).with_graceful_shutdown(signal).await?;
+    // A running backup gets a bounded time to finish; abandoned, it never becomes DONE.
+    let _ = tokio::time::timeout(Duration::from_secs(30), sched).await;
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! The agent as a real process on loopback, with a real PostgreSQL 15 and a file repository.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use walnut_testkit::PgCluster;
+
+/// A minimal HTTP/1.1 client (loopback only): returns (status, body).
+fn http(port: u16, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    // Chunked bodies: keep the JSON/text part.
+    (status, body)
+}
+
+fn json_of(body: &str) -> serde_json::Value {
+    let start = body.find(['{', '[']).unwrap_or(0);
+    let end = body.rfind(['}', ']']).map(|e| e + 1).unwrap_or(body.len());
+    serde_json::from_str(&body[start..end]).unwrap_or(serde_json::Value::Null)
+}
+
+struct AgentProc(Child);
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_agent(env: &Env, pg: &PgCluster, port: u16, token: Option<&str>) -> AgentProc {
+    let mut c = Command::new(walnut_bin());
+    c.arg("--config").arg(&env.config).args(["agent", "--listen", &format!("127.0.0.1:{port}")]);
+    c.env("PGHOST", "127.0.0.1").env("PGPORT", pg.port.to_string()).env("PGUSER", "postgres");
+    c.env("PGDATA", &pg.pgdata);
+    if let Some(t) = token {
+        c.env("WALNUT_AGENT_TOKEN", t);
+    }
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    let child = AgentProc(c.spawn().unwrap());
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "agent did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn agent_schedules_serves_the_api_and_keeps_settings() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, Duration::from_secs(60));
+    let port = free_port();
+    let agent = start_agent(&env, &pg, port, None);
+
+    // A repository with no scheduled backup gets one at start.
+    PgCluster::wait_for("the first scheduled backup", Duration::from_secs(90), || {
+        let (_, b) = http(port, "GET", "/v1/backups", "", None);
+        json_of(&b).as_array().is_some_and(|a| a.iter().any(|x| x["status"] == "DONE"))
+    });
+    let mut h = String::new();
+    PgCluster::wait_for("the next scheduled backup to be a frequency away", Duration::from_secs(30), || {
+        let (status, body) = http(port, "GET", "/v1/health", "", None);
+        h = body;
+        status == 200 && json_of(&h)["next_scheduled_backup"].as_str().is_some_and(|t| t > now_utc().as_str())
+    });
+    let next_before = json_of(&h)["next_scheduled_backup"].clone();
+
+    // On demand: DONE with its name, listed by the API and the CLI, schedule unchanged.
+    let (status, b) = http(port, "POST", "/v1/backups", r#"{"name":"pre-migration"}"#, None);
+    assert_eq!(status, 201, "{b}");
+    assert_eq!(json_of(&b)["name"], "pre-migration");
+    let (_, list) = http(port, "GET", "/v1/backups", "", None);
+    assert!(list.contains("pre-migration"), "{list}");
+    assert!(stdout(&env.walnut(&["backup-list"])).contains("pre-migration"));
+    let (_, one) = http(port, "GET", "/v1/backups/pre-migration", "", None);
+    assert_eq!(json_of(&one)["name"], "pre-migration");
+    assert_eq!(http(port, "GET", "/v1/backups/nope", "", None).0, 404);
+    let (_, h) = http(port, "GET", "/v1/health", "", None);
+    assert_eq!(json_of(&h)["next_scheduled_backup"], next_before, "an on-demand backup never shifts the schedule");
+    // Names are unique.
+    assert_eq!(http(port, "POST", "/v1/backups", r#"{"name":"pre-migration"}"#, None).0, 409);
+
+    // Bad settings: 400 naming the problem, nothing changed.
+    let (_, before) = http(port, "GET", "/v1/settings", "", None);
+    for (body, needle) in [
+        (r#"{"recovery_window":"12h"}"#, "recovery_window must be at least 1d"),
+        (r#"{"archive_timeout":"0s"}"#, "archive_timeout"),
+        (r#"{"full_backup_frequency":5}"#, "full_backup_frequency must be a duration"),
+        (r#"{"minimum_redundancy":-1}"#, "minimum_redundancy"),
+        (r#"{"bogus":"1d"}"#, "unknown setting"),
+        (r#"{"recovery_window":"7d","archive_timeout":"banana"}"#, "archive_timeout"),
+        ("{not json", "malformed JSON"),
+        (r#"["archive_timeout"]"#, "JSON object"),
+        (r#"{"recovery_window":"100000y"}"#, "absurd"),
+    ] {
+        let (status, b) = http(port, "PATCH", "/v1/settings", body, None);
+        assert_eq!(status, 400, "{body}: {b}");
+        assert!(b.contains(needle), "{body}: {b}");
+    }
+    let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(100_000));
+    assert_eq!(http(port, "PATCH", "/v1/settings", &big, None).0, 413);
+    assert_eq!(http(port, "GET", "/v1/settings", "", None).1, before, "nothing changed");
+
+    // A valid change applies at runtime without a restart, and survives an agent restart.
+    let started = pg.sql("SELECT pg_postmaster_start_time()");
+    let (status, b) = http(port, "PATCH", "/v1/settings", r#"{"archive_timeout":"5s"}"#, None);
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(pg.sql("SHOW archive_timeout").trim(), "5s");
+    assert_eq!(pg.sql("SELECT pg_postmaster_start_time()"), started, "PostgreSQL was not restarted");
+
+    // Metrics parse as Prometheus text and move after a backup and after archiving.
+    let metric = |name: &str| -> f64 {
+        let (_, m) = http(port, "GET", "/metrics", "", None);
+        for line in m.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+            let mut parts = line.split_whitespace();
+            let (n, v) = (parts.next().unwrap(), parts.next().unwrap());
+            assert!(v.parse::<f64>().is_ok(), "unparsable sample {line:?}");
+            if n == name {
+                return v.parse().unwrap();
+            }
+        }
+        -1.0
+    };
+    let archived = metric("walnut_wal_archived_total");
+    let bytes_before = metric("walnut_last_backup_timestamp_seconds");
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, Duration::from_secs(60));
+    assert!(metric("walnut_wal_archived_total") > archived);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(http(port, "POST", "/v1/backups", "", None).0, 201);
+    assert!(metric("walnut_last_backup_timestamp_seconds") > bytes_before);
+    assert!(metric("walnut_ready_backlog") >= 0.0);
+
+    drop(agent);
+    let agent = start_agent(&env, &pg, port, None);
+    let (_, s) = http(port, "GET", "/v1/settings", "", None);
+    assert_eq!(json_of(&s)["archive_timeout"], "5s", "settings survive a restart: {s}");
+    drop(agent);
+
+    // With a token, requests without it get 401.
+    let port2 = free_port();
+    let _agent = start_agent(&env, &pg, port2, Some("s3cret-token"));
+    assert_eq!(http(port2, "GET", "/v1/settings", "", None).0, 401);
+    assert_eq!(http(port2, "GET", "/v1/settings", "", Some("wrong")).0, 401);
+    assert_eq!(http(port2, "GET", "/v1/settings", "", Some("s3cret-token")).0, 200);
+}
+
+#[test]
+fn non_loopback_without_a_token_refuses_to_start() {
+    let env = Env::new(Backend::File);
+    let o = Command::new(walnut_bin())
+        .arg("--config")
+        .arg(&env.config)
+        .args(["agent", "--listen", "0.0.0.0:0"])
+        .env_remove("WALNUT_AGENT_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("without a token"), "{}", stderr(&o));
+}

@@ -1,0 +1,113 @@
+//! The agent's schedule as a pure function with injected time.
+//!
+//! Full backups come every `frequency`, anchored to the end of the last *scheduled* backup as
+//! recorded in the repository (so a restart keeps the schedule and an on-demand backup never
+//! shifts it). A repository with no scheduled backup gets one at once. A failed scheduled
+//! backup is retried after a growing delay (1, 2, 4, ... minutes, capped at 30), without moving
+//! the anchor; the retry never comes later than the regular deadline would.
+
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+/// What the schedule knows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScheduleState {
+    /// End of the newest DONE scheduled backup.
+    pub last_scheduled: Option<DateTime<Utc>>,
+    /// Consecutive failures of scheduled backups since then, and when the last one failed.
+    pub failures: u32,
+    pub last_failure: Option<DateTime<Utc>>,
+}
+
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30 * 60);
+
+pub fn retry_delay(failures: u32) -> Duration {
+    let minutes = 1u64 << failures.saturating_sub(1).min(10);
+    Duration::from_secs(minutes * 60).min(MAX_RETRY_DELAY)
+}
+
+/// When the next scheduled backup is due.
+pub fn next_due(state: &ScheduleState, frequency: Duration, now: DateTime<Utc>) -> DateTime<Utc> {
+    let regular = match state.last_scheduled {
+        None => now,
+        Some(t) => t + chrono::Duration::from_std(frequency).unwrap_or(chrono::Duration::MAX),
+    };
+    match (state.failures, state.last_failure) {
+        // After a failure, the retry comes after the growing delay (the anchor does not move).
+        (n, Some(f)) if n > 0 => f + chrono::Duration::from_std(retry_delay(n)).expect("small"),
+        _ => regular,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(h: i64, m: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::hours(h) + chrono::Duration::minutes(m)
+    }
+    const DAY: Duration = Duration::from_secs(86400);
+
+    /// (what, state, frequency, now, expected next deadline)
+    type Case = (&'static str, ScheduleState, Duration, DateTime<Utc>, DateTime<Utc>);
+
+    #[test]
+    fn table() {
+        let cases: &[Case] = &[
+            ("no scheduled backup yet: now", ScheduleState::default(), DAY, at(5, 0), at(5, 0)),
+            (
+                "anchored to the last scheduled backup",
+                ScheduleState { last_scheduled: Some(at(1, 0)), ..Default::default() },
+                DAY,
+                at(5, 0),
+                at(25, 0),
+            ),
+            (
+                "agent restarted late: due at once (in the past)",
+                ScheduleState { last_scheduled: Some(at(1, 0)), ..Default::default() },
+                DAY,
+                at(30, 0),
+                at(25, 0),
+            ),
+            (
+                "first failure retries after a minute",
+                ScheduleState { last_scheduled: Some(at(1, 0)), failures: 1, last_failure: Some(at(25, 0)) },
+                DAY,
+                at(25, 0),
+                at(25, 1),
+            ),
+            (
+                "third failure: four minutes",
+                ScheduleState { last_scheduled: Some(at(1, 0)), failures: 3, last_failure: Some(at(25, 10)) },
+                DAY,
+                at(25, 10),
+                at(25, 14),
+            ),
+            (
+                "many failures: capped at 30 minutes",
+                ScheduleState { last_scheduled: Some(at(1, 0)), failures: 40, last_failure: Some(at(30, 0)) },
+                DAY,
+                at(30, 0),
+                at(30, 30),
+            ),
+            (
+                "frequency changed at runtime: the next decision uses it",
+                ScheduleState { last_scheduled: Some(at(1, 0)), ..Default::default() },
+                Duration::from_secs(6 * 3600),
+                at(2, 0),
+                at(7, 0),
+            ),
+            (
+                "failure with no backup ever: retry delay from the failure",
+                ScheduleState { last_scheduled: None, failures: 2, last_failure: Some(at(3, 0)) },
+                DAY,
+                at(3, 0),
+                at(3, 2),
+            ),
+        ];
+        for (what, state, freq, now, want) in cases {
+            assert_eq!(next_due(state, *freq, *now), *want, "{what}");
+        }
+    }
+}
