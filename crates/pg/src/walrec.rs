@@ -143,13 +143,11 @@ enum Read {
 }
 
 impl Stream<'_> {
-    fn byte_at(&self, lsn: u64) -> Option<u8> {
+    /// `n` bytes at `lsn`, within one page (so within one segment).
+    fn slice(&self, lsn: u64, n: usize) -> Option<&[u8]> {
         let off = lsn.checked_sub(self.seg_start)?;
-        if off < self.seg_size {
-            self.seg.get(off as usize).copied()
-        } else {
-            self.next?.get((off - self.seg_size) as usize).copied()
-        }
+        let (buf, o) = if off < self.seg_size { (self.seg, off) } else { (self.next?, off - self.seg_size) };
+        buf.get(o as usize..o as usize + n)
     }
 
     fn page_header_len(&self, page_lsn: u64) -> usize {
@@ -200,10 +198,12 @@ impl Stream<'_> {
                 lsn += self.page_header_len(lsn) as u64;
                 continue;
             }
-            let Some(b) = self.byte_at(lsn) else { return (Read::Eof, lsn) };
-            out.push(b);
-            lsn += 1;
-            done += 1;
+            // Copy the rest of this page (or what is still wanted) in one go.
+            let want = (len - out.len()).min(XLOG_BLCKSZ - in_page);
+            let Some(chunk) = self.slice(lsn, want) else { return (Read::Eof, lsn) };
+            out.extend_from_slice(chunk);
+            lsn += want as u64;
+            done += want as u32;
         }
         (Read::Bytes(out), lsn)
     }
