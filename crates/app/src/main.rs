@@ -47,6 +47,9 @@ fn init_logging(cli: &cli::Cli) {
         .with_target(false);
     if std::io::stderr().is_terminal() {
         builder.without_time().init();
+    } else if matches!(cli.command, cli::Command::Agent { .. }) {
+        // The agent's logs go to a journal or a collector: structured.
+        builder.json().init();
     } else {
         builder.with_ansi(false).init();
     }

@@ -141,6 +141,8 @@ pub fn pg_ctl_start(bindir: &Path, pgdata: &Path, log: &Path, options: &str, wai
         .arg("-l")
         .arg(log)
         .args(["-o", options, if wait { "-w" } else { "-W" }, "-t", "120", "start"])
+        // The new password is walnut's to use, never the server's environment.
+        .env_remove("WALNUT_NEW_PASSWORD")
         .output()
         .context("run pg_ctl start")?;
     if !out.status.success() {

@@ -126,10 +126,29 @@ fn lsn_immediate_exclusive_and_actions() {
     flush_archive(&pg);
 
     let (_d, dest) = restore_dir("lsn");
-    assert_ok(&restore(&env, &dest, &["--target-lsn", &lsn, "--start"]), "restore --target-lsn");
+    let before_pw = pg.sql("SELECT coalesce(rolpassword, '') FROM pg_authid WHERE rolname = 'postgres'");
+    let o = std::process::Command::new(walnut_bin())
+        .arg("--config")
+        .arg(&env.config)
+        .args(["restore", dest.to_str().unwrap(), "--target-lsn", &lsn, "--start", "--set-password", "postgres"])
+        .env("WALNUT_NEW_PASSWORD", "n3w-pa55word")
+        .output()
+        .unwrap();
+    assert_ok(&o, "restore --target-lsn --set-password");
+    assert!(
+        !stdout(&o).contains("n3w-pa55word") && !stderr(&o).contains("n3w-pa55word"),
+        "the password is never printed"
+    );
     let r = Restored::from_dir(&dest);
     assert_eq!(r.sql("SELECT string_agg(x::text, ',' ORDER BY x) FROM t"), "1");
+    let after_pw = r.sql("SELECT coalesce(rolpassword, '') FROM pg_authid WHERE rolname = 'postgres'");
+    assert!(after_pw.starts_with("SCRAM-SHA-256$") && after_pw != before_pw.trim(), "password changed: {after_pw}");
     drop(r);
+    // Without the variable, --set-password is refused before anything is written.
+    let (_d, dest_np) = restore_dir("no-password");
+    let o = restore(&env, &dest_np, &["--start", "--set-password", "postgres"]);
+    assert!(!o.status.success() && stderr(&o).contains("WALNUT_NEW_PASSWORD"), "{}", stderr(&o));
+    assert!(dest_is_empty(&dest_np));
 
     let (_d, dest) = restore_dir("immediate");
     assert_ok(&restore(&env, &dest, &["--target-immediate", "--start"]), "restore --target-immediate");
