@@ -150,6 +150,8 @@ pub struct Config {
     pub backup_parallel: usize,
     pub backup_part_size: u64,
     pub backup_archive_wait: Duration,
+    /// The walnut executable written into archive_command/restore_command (the running one).
+    pub exe: PathBuf,
     pub agent_listen: String,
     pub agent_token_file: Option<PathBuf>,
     pub agent_token: Option<Secret>,
@@ -290,6 +292,7 @@ impl Config {
             backup_parallel: file.backup.parallel.unwrap_or(2).clamp(1, 64),
             backup_part_size: file.backup.part_size_mb.unwrap_or(1024).max(1) << 20,
             backup_archive_wait: file.backup.archive_wait.map(|d| d.0).unwrap_or(Duration::from_secs(300)),
+            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("walnut")),
             agent_listen: env("WALNUT_AGENT_LISTEN").or(file.agent.listen).unwrap_or_else(|| "127.0.0.1:5500".into()),
             agent_token_file: file.agent.token_file,
             agent_token: env("WALNUT_AGENT_TOKEN").map(Secret::new),

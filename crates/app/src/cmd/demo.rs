@@ -82,7 +82,15 @@ async fn demo(bindir: &Path, root: &Path) -> Result<()> {
             state.display()
         ),
     )?;
-    let exe = std::env::current_exe()?;
+    // PostgreSQL (as the postgres user) must be able to run walnut: when we are root, the binary
+    // may live where that user cannot reach (a checkout under /root), so use a copy beside the demo.
+    let mut exe = std::env::current_exe()?;
+    if pgserver::is_root() {
+        let copy = root.join("bin").join("walnut");
+        std::fs::create_dir_all(root.join("bin"))?;
+        std::fs::copy(&exe, &copy).context("copy the walnut binary for the postgres user")?;
+        exe = copy;
+    }
     let port = pgserver::free_port()?;
     let conf = format!(
         "\n# walnut demo\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
@@ -106,6 +114,7 @@ async fn demo(bindir: &Path, root: &Path) -> Result<()> {
     pgcfg.host("127.0.0.1").port(port).user("postgres").dbname("postgres");
     let mut config = config;
     config.pg_url = Some(format!("postgresql://postgres@127.0.0.1:{port}/postgres"));
+    config.exe = exe.clone();
     let ctx = Ctx { global: global.clone(), config: config.clone() };
     let db = pgserver::connect(&pgcfg).await?;
 

@@ -28,8 +28,7 @@ pub async fn run(ctx: &Ctx, restart: bool) -> Result<()> {
         .map_err(q)?;
     let (wal_level, mode, command): (String, String, String) = (row.get(0), row.get(1), row.get(2));
     let (timeout_s, data_dir, version): (i32, String, i32) = (row.get(3), row.get(4), row.get(5));
-    let exe = std::env::current_exe()?;
-    let mut want_cmd = format!("{}", exe.display());
+    let mut want_cmd = format!("{}", ctx.config.exe.display());
     if let Some(c) = &ctx.config.path {
         want_cmd += &format!(" --config {}", c.display());
     } else {

@@ -128,8 +128,7 @@ fn quote(v: &str) -> String {
 
 /// The recovery settings appended to postgresql.auto.conf.
 fn recovery_settings(ctx: &Ctx, a: &RestoreArgs, p: &Plan, port: Option<u16>) -> Result<Vec<(String, String)>> {
-    let exe = std::env::current_exe().context("find the walnut executable")?;
-    let mut base = format!("{}", exe.display());
+    let mut base = format!("{}", ctx.config.exe.display());
     if let Some(c) = &ctx.config.path {
         base += &format!(" --config {}", c.display());
     }

@@ -6,8 +6,32 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use walnut_testkit::{PgCluster, S3Server, pg::PgOptions, shared_tempdir};
 
+/// The walnut binary under test, at a path the `postgres` OS user can execute: the build may sit
+/// below a directory only root can enter (a checkout under /root), so it is linked (or copied)
+/// once into a world-readable directory under the temp dir, keyed by the build's size and time.
 pub fn walnut_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_walnut")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_walnut"));
+        let meta = std::fs::metadata(&built).expect("the walnut binary is built");
+        let stamp = meta.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = std::env::temp_dir().join("walnut-test-bin").join(format!("{stamp}-{}", meta.len()));
+        let target = dir.join("walnut");
+        if !target.exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            for d in [dir.parent().unwrap(), dir.as_path()] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            let tmp = dir.join(format!(".walnut.{}", std::process::id()));
+            if std::fs::hard_link(&built, &tmp).is_err() {
+                std::fs::copy(&built, &tmp).unwrap();
+            }
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::rename(&tmp, &target).unwrap();
+        }
+        target.display().to_string()
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
