@@ -23,7 +23,7 @@ PGBIN=/usr/lib/postgresql/15/bin PORT=54329 SEG_BYTES=$((16 * 1024 * 1024))
 [[ $(id -u) == 0 ]] || { echo "run as root (PostgreSQL is run as the postgres OS user)" >&2; exit 2; }
 [[ -x $PGBIN/postgres ]] || { echo "PostgreSQL 15 not found in $PGBIN (bash scripts/setup.sh)" >&2; exit 2; }
 AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups --)
-say() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+say() { printf '[%(%H:%M:%S)T load %s] %s\n' -1 "$(cut -d' ' -f1 /proc/loadavg)" "$*" >&2; }
 
 # ---------------------------------------------------------------- work dir, cleanup
 W=$(mktemp -d /tmp/walnut-bench.XXXXXX) LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -38,6 +38,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 mkdir -p "$W"/{bin,conf,state,repo,arch,fetch,seg,res,pgbr}
+# One benchmark at a time on this machine (bench/backup.sh takes the same lock).
+exec 9>/tmp/walnut-bench.lock
+flock -w 1800 9 || { echo "another benchmark holds /tmp/walnut-bench.lock" >&2; exit 1; }
 
 # ---------------------------------------------------------------- tools and binaries
 command -v /usr/bin/time >/dev/null || { say "installing time"; apt-get install -y -qq time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }; }
