@@ -18,11 +18,12 @@
 # same, idle, page-cached cluster, one after the other. Each tool archives its own WAL with its own
 # archive_command (switched with ALTER SYSTEM + pg_reload_conf, proved working by a WAL switch
 # before the timed run). Every timed command runs as `postgres`, alone, after `sync`, from fork to
-# exit (wall time); max RSS is /usr/bin/time -v (the largest single process of the command's tree);
-# CPU = user + system seconds of the command and its children; "sum RSS" is the peak, sampled every 0.5 s, of the RSS summed over the command's processes
-# (pgBackRest runs a main process plus process-max workers). Sizes: data = bytes of the data
-# directory without pg_wal; stored = bytes of the backup in the repository (WAL archive excluded;
-# pg_basebackup's pg_wal.tar included); ratio = data / stored; MB = 10^6 bytes.
+# exit (wall time); CPU = user + system seconds of the command and its children; max RSS is
+# /usr/bin/time -v (the largest single process of the command's tree); "sum RSS" is the peak,
+# sampled every 0.5 s, of the RSS summed over the command's processes (pgBackRest runs a main
+# process plus process-max workers). Sizes: data = bytes of the data directory without pg_wal;
+# stored = bytes of the backup in the repository (WAL archive excluded; pg_basebackup's pg_wal.tar
+# included); ratio = data / stored; MB = 10^6 bytes.
 set -euo pipefail
 shopt -s inherit_errexit
 export LC_ALL=C
