@@ -1,8 +1,12 @@
 //! `walnut agent`: scheduled full backups, retention, the HTTP admin API and metrics.
 //!
-//! Shape: one scheduler task that sleeps until the next deadline (or until settings change),
-//! and an axum server; both stop on SIGTERM/SIGINT. A backup runs under one lock, so two
-//! backups of a cluster never run at once (the API answers 409 while one runs).
+//! Shape: one scheduler task that sleeps until the next backup or retention deadline (or until
+//! settings change), and an axum server. A backup runs under one lock, so two backups of a
+//! cluster never run at once (the API answers 409 while one runs).
+//!
+//! Shutdown (SIGTERM/SIGINT): no new backup starts and the API stops accepting connections; a
+//! running backup gets `[agent] shutdown_timeout` to finish, then it is abandoned and marked
+//! FAILED (a second signal abandons it at once). It is never left looking DONE.
 
 use crate::cmd::Ctx;
 use crate::config::{Settings, parse_duration};
@@ -17,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, Notify, RwLock};
+use tokio_util::sync::CancellationToken;
 use walnut_core::backup::{self, Status};
 use walnut_core::schedule::{self, ScheduleState};
 
@@ -29,6 +34,8 @@ struct Metrics {
     last_backup_bytes: u64,
     scheduled_failures: u64,
     retention_deletions: u64,
+    retention_runs: u64,
+    retention_failures: u64,
     last_error: Option<String>,
 }
 
@@ -42,6 +49,10 @@ struct Agent {
     schedule: Mutex<ScheduleState>,
     wake: Notify,
     token: Option<String>,
+    /// Cancelled when a shutdown is requested: nothing new starts.
+    stop: CancellationToken,
+    /// Cancelled when running backups must be abandoned.
+    abandon: CancellationToken,
 }
 
 fn err(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -103,7 +114,8 @@ impl Agent {
         };
         let t = Instant::now();
         let r = async {
-            let opts = crate::cmd::backup::push_options(&self.ctx, None, name, scheduled)?;
+            let mut opts = crate::cmd::backup::push_options(&self.ctx, None, name, scheduled)?;
+            opts.cancel = self.abandon.clone();
             let progress = Arc::new(backup::Progress::default());
             Ok(backup::push(&self.repo, &opts, progress).await?)
         }
@@ -131,29 +143,40 @@ impl Agent {
         ctx.config.settings = s;
         ctx.global.quiet = true;
         match crate::cmd::retention::apply_policy_count(&ctx).await {
-            Ok(n) => self.metrics.lock().await.retention_deletions += n,
-            Err(e) => tracing::warn!("retention: {e:#}"),
+            Ok(n) => {
+                let mut m = self.metrics.lock().await;
+                m.retention_deletions += n;
+                m.retention_runs += 1;
+            }
+            Err(e) => {
+                self.metrics.lock().await.retention_failures += 1;
+                tracing::warn!("retention: {e:#}");
+            }
         }
     }
 }
 
-async fn scheduler(agent: Arc<Agent>, shutdown: Arc<Notify>) {
+async fn scheduler(agent: Arc<Agent>) {
+    let interval = agent.ctx.config.agent_retention_interval;
+    let mut next_retention = tokio::time::Instant::now() + interval;
     loop {
         if let Err(e) = agent.refresh_anchor().await {
             tracing::warn!("read the repository: {e:#}");
         }
         let due = agent.next_due().await;
-        let wait = (due - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let backup_at = tokio::time::Instant::now() + (due - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(backup_at.min(next_retention)) => {}
             _ = agent.wake.notified() => continue,
-            _ = shutdown.notified() => return,
+            _ = agent.stop.cancelled() => return,
         }
-        let result = tokio::select! {
-            r = agent.take_backup(None, true, true) => r,
-            _ = shutdown.notified() => return,
-        };
-        match result {
+        if tokio::time::Instant::now() < backup_at {
+            agent.retention().await;
+            next_retention = tokio::time::Instant::now() + interval;
+            continue;
+        }
+        // Not raced against `stop`: a shutdown lets the backup finish or abandons it (see `run`).
+        match agent.take_backup(None, true, true).await {
             Some(Ok(m)) => {
                 let mut s = agent.schedule.lock().await;
                 s.failures = 0;
@@ -162,6 +185,7 @@ async fn scheduler(agent: Arc<Agent>, shutdown: Arc<Notify>) {
                 s.last_scheduled = m.end_time().or(s.last_scheduled);
                 drop(s);
                 agent.retention().await;
+                next_retention = tokio::time::Instant::now() + interval;
             }
             Some(Err(_)) => {
                 let mut s = agent.schedule.lock().await;
@@ -170,6 +194,9 @@ async fn scheduler(agent: Arc<Agent>, shutdown: Arc<Notify>) {
                 agent.metrics.lock().await.scheduled_failures += 1;
             }
             None => {}
+        }
+        if agent.stop.is_cancelled() {
+            return;
         }
     }
 }
@@ -319,6 +346,9 @@ async fn backups_post(State(a): State<Arc<Agent>>, h: HeaderMap, body: axum::bod
     {
         return err(StatusCode::BAD_REQUEST, e.to_string());
     }
+    if a.stop.is_cancelled() {
+        return err(StatusCode::SERVICE_UNAVAILABLE, "the agent is shutting down: no new backup starts");
+    }
     match a.take_backup(req.name, false, false).await {
         None => err(StatusCode::CONFLICT, "a backup is already running: try again when it is DONE"),
         Some(Ok(m)) => (StatusCode::CREATED, Json(backup::ManifestSummary::from(&m))).into_response(),
@@ -441,6 +471,13 @@ async fn metrics(State(a): State<Arc<Agent>>, h: HeaderMap) -> Response {
         "counter",
         m.retention_deletions.to_string(),
     );
+    metric(
+        "walnut_retention_runs_total",
+        "Completed retention runs (after each scheduled backup and every retention_interval).",
+        "counter",
+        m.retention_runs.to_string(),
+    );
+    metric("walnut_retention_failures_total", "Failed retention runs.", "counter", m.retention_failures.to_string());
     drop(m);
     if let Ok(ar) = archiver(&a.ctx).await {
         metric(
@@ -508,6 +545,8 @@ pub async fn run(ctx: Ctx, listen: Option<String>) -> Result<()> {
         schedule: Mutex::new(ScheduleState::default()),
         wake: Notify::new(),
         token,
+        stop: CancellationToken::new(),
+        abandon: CancellationToken::new(),
         ctx,
     });
     let app = Router::new()
@@ -520,21 +559,37 @@ pub async fn run(ctx: Ctx, listen: Option<String>) -> Result<()> {
         .with_state(agent.clone());
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
     tracing::info!("walnut agent listening on http://{}", listener.local_addr()?);
-    let shutdown = Arc::new(Notify::new());
-    let sched = tokio::spawn(scheduler(agent.clone(), shutdown.clone()));
-    let stop = shutdown.clone();
-    let signal = async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let sched = tokio::spawn(scheduler(agent.clone()));
+    let grace = agent.ctx.config.agent_shutdown_timeout;
+    let (stop, abandon) = (agent.stop.clone(), agent.abandon.clone());
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
         }
-        tracing::info!("shutting down");
-        stop.notify_waiters();
-    };
-    axum::serve(listener, app).with_graceful_shutdown(signal).await?;
-    // A running backup gets a bounded time to finish; abandoned, it never becomes DONE.
-    let _ = tokio::time::timeout(Duration::from_secs(30), sched).await;
+        tracing::info!("shutting down: a running backup gets {} to finish", humantime::format_duration(grace));
+        stop.cancel();
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        abandon.cancel();
+    });
+    let stopping = agent.stop.clone();
+    axum::serve(listener, app).with_graceful_shutdown(async move { stopping.cancelled().await }).await?;
+    // The server is closed; the scheduler returns once a running backup is DONE or abandoned.
+    if tokio::time::timeout(grace + Duration::from_secs(30), sched).await.is_err() {
+        tracing::error!("the scheduler did not stop in time");
+    }
+    if let Some(e) = &agent.metrics.lock().await.last_error {
+        tracing::info!("stopped; last backup error: {e}");
+    } else {
+        tracing::info!("stopped");
+    }
     Ok(())
 }

@@ -101,6 +101,10 @@ pub struct PostgresSection {
 pub struct AgentSection {
     pub listen: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// On SIGTERM a running backup gets this long to finish before it is abandoned (FAILED).
+    pub shutdown_timeout: Option<ConfigDuration>,
+    /// Retention runs after every scheduled backup and also this often.
+    pub retention_interval: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +159,8 @@ pub struct Config {
     pub agent_listen: String,
     pub agent_token_file: Option<PathBuf>,
     pub agent_token: Option<Secret>,
+    pub agent_shutdown_timeout: Duration,
+    pub agent_retention_interval: Duration,
     pub settings: Settings,
 }
 
@@ -296,6 +302,13 @@ impl Config {
             agent_listen: env("WALNUT_AGENT_LISTEN").or(file.agent.listen).unwrap_or_else(|| "127.0.0.1:5500".into()),
             agent_token_file: file.agent.token_file,
             agent_token: env("WALNUT_AGENT_TOKEN").map(Secret::new),
+            agent_shutdown_timeout: file.agent.shutdown_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
+            agent_retention_interval: file
+                .agent
+                .retention_interval
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(3600))
+                .max(Duration::from_secs(1)),
             settings,
         })
     }

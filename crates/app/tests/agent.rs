@@ -65,7 +65,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn agent_schedules_serves_the_api_and_keeps_settings() {
-    let env = Env::new(Backend::File);
+    let env = Env::with_extra(Backend::File, "[agent]\nretention_interval = \"1s\"");
     let pg = env.cluster();
     let seg = pg.switch_wal();
     pg.wait_archived(&seg, Duration::from_secs(60));
@@ -150,6 +150,12 @@ fn agent_schedules_serves_the_api_and_keeps_settings() {
     assert_eq!(http(port, "POST", "/v1/backups", "", None).0, 201);
     assert!(metric("walnut_last_backup_timestamp_seconds") > bytes_before);
     assert!(metric("walnut_ready_backlog") >= 0.0);
+    // Retention also runs periodically, between backups.
+    let runs = metric("walnut_retention_runs_total");
+    PgCluster::wait_for("a periodic retention run", Duration::from_secs(20), || {
+        metric("walnut_retention_runs_total") > runs
+    });
+    assert_eq!(metric("walnut_retention_failures_total"), 0.0);
 
     drop(agent);
     let agent = start_agent(&env, &pg, port, None);
@@ -177,4 +183,91 @@ fn non_loopback_without_a_token_refuses_to_start() {
         .unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("without a token"), "{}", stderr(&o));
+}
+
+fn backups_json(env: &Env) -> Vec<serde_json::Value> {
+    let o = env.walnut(&["--json", "backup-list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap().as_array().unwrap().clone()
+}
+
+fn set_archive_command(pg: &PgCluster, cmd: &str) {
+    pg.sql(&format!("ALTER SYSTEM SET archive_command = '{}'", cmd.replace('\'', "''")));
+    pg.sql("SELECT pg_reload_conf()");
+}
+
+/// Sends SIGTERM and returns how long the agent took to exit, asserting it exited cleanly.
+fn terminate(agent: &mut AgentProc, within: Duration) -> Duration {
+    let t = Instant::now();
+    let ok = Command::new("kill").args(["-TERM", &agent.0.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill -TERM");
+    loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            assert!(status.success(), "the agent exits 0 after SIGTERM, got {status}");
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < within, "the agent did not exit within {within:?} of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A backup running when SIGTERM arrives finishes within `shutdown_timeout` (DONE), or is
+/// abandoned after it and marked FAILED; the agent exits 0 either way and accepts nothing new.
+#[test]
+fn sigterm_lets_a_backup_finish_or_abandons_it_cleanly() {
+    let mut env =
+        Env::with_extra(Backend::File, "[backup]\narchive_wait = \"120s\"\n[agent]\nshutdown_timeout = \"60s\"");
+    let pg = env.cluster();
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, Duration::from_secs(60));
+    let port = free_port();
+    let mut agent = start_agent(&env, &pg, port, None);
+    PgCluster::wait_for("the first scheduled backup", Duration::from_secs(90), || {
+        backups_json(&env).iter().any(|b| b["status"] == "DONE")
+    });
+    let running = |env: &Env| backups_json(env).iter().any(|b| b["status"] == "RUNNING");
+
+    // 1. Archiving broken: an on-demand backup waits for its WAL. SIGTERM, then archiving comes
+    //    back inside the grace period: the backup finishes DONE and the request gets its answer.
+    set_archive_command(&pg, "false");
+    let post = std::thread::spawn(move || http(port, "POST", "/v1/backups", r#"{"name":"during-shutdown"}"#, None));
+    PgCluster::wait_for("the backup to be RUNNING", Duration::from_secs(30), || running(&env));
+    std::thread::sleep(Duration::from_secs(2)); // inside pg_backup_stop's wait for WAL by now
+    let ok = Command::new("kill").args(["-TERM", &agent.0.id().to_string()]).status().unwrap().success();
+    assert!(ok);
+    PgCluster::wait_for("the agent to stop accepting connections", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+    });
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent waits for the running backup");
+    set_archive_command(&pg, &env.archive_command());
+    let (status, body) = post.join().unwrap();
+    assert_eq!(status, 201, "the backup finished inside the grace period: {body}");
+    terminate(&mut agent, Duration::from_secs(30));
+    let done = backups_json(&env);
+    assert!(done.iter().any(|b| b["status"] == "DONE" && b["name"] == "during-shutdown"), "{done:?}");
+
+    // 2. Archiving stays broken past a short grace period: the backup is abandoned, marked
+    //    FAILED at once (not left RUNNING), and the agent exits shortly after the grace period.
+    env.write_config("[backup]\narchive_wait = \"120s\"\n[agent]\nshutdown_timeout = \"3s\"");
+    let port = free_port();
+    let mut agent = start_agent(&env, &pg, port, None);
+    set_archive_command(&pg, "false");
+    let post = std::thread::spawn(move || http(port, "POST", "/v1/backups", r#"{"name":"abandoned"}"#, None));
+    PgCluster::wait_for("the backup to be RUNNING", Duration::from_secs(30), || running(&env));
+    std::thread::sleep(Duration::from_secs(2));
+    let took = terminate(&mut agent, Duration::from_secs(30));
+    assert!(took >= Duration::from_secs(3), "the backup had its grace period ({took:?})");
+    let (status, body) = post.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("abandoned"), "{body}");
+    let after = backups_json(&env);
+    let b = after.iter().find(|b| b["status"] != "DONE").expect("the abandoned backup is listed");
+    assert_eq!(b["status"], "FAILED", "{after:?}");
+    assert!(b["error"].as_str().unwrap_or("").contains("abandoned"), "{b}");
+    assert!(!after.iter().any(|b| b["name"] == "abandoned"), "never DONE: {after:?}");
+
+    // The cluster and the repository are fine afterwards.
+    set_archive_command(&pg, &env.archive_command());
+    let o = backup_push(&env, &pg, Some("after"));
+    assert!(o.status.success(), "{}", stderr(&o));
 }

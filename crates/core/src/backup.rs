@@ -194,6 +194,8 @@ pub enum BackupError {
          working. Check archive_command and pg_stat_archiver (or run `walnut check`); the backup is not DONE"
     )]
     ArchiveTimeout { segment: String, waited: Duration },
+    #[error("backup abandoned: {0}; it is marked FAILED and will never be DONE")]
+    Abandoned(String),
 }
 
 fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackupError {
@@ -306,6 +308,8 @@ pub struct PushOptions {
     pub part_size: u64,
     /// How long to wait for the backup's WAL to be archived.
     pub archive_wait: Duration,
+    /// Cancelled: the backup is abandoned where it stands and marked FAILED (never DONE).
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 /// Progress counters, shared with whoever displays them.
@@ -752,9 +756,12 @@ pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>
             }
         })
     };
-    let result =
-        push_inner(repo, opts, &client, &id, &pgdata, started, version_num as u32, major, seg, &sysid_text, progress)
-            .await;
+    let inner =
+        push_inner(repo, opts, &client, &id, &pgdata, started, version_num as u32, major, seg, &sysid_text, progress);
+    let result = tokio::select! {
+        r = inner => r,
+        _ = opts.cancel.cancelled() => Err(BackupError::Abandoned("walnut was asked to stop".into())),
+    };
     heartbeat.abort();
     match result {
         Ok(m) => {

@@ -118,10 +118,12 @@ pub fn plan(candidates: &[Candidate], rule: &Rule, now: DateTime<Utc>) -> Retent
         };
         decisions.push(Decision { id: c.id.clone(), keep, reason });
     }
+    // A RUNNING backup pins all WAL: readers do not know its start (its marker is written before
+    // pg_backup_start), and the WAL it needs may be arriving right now.
     let oldest_kept_start = candidates
         .iter()
         .filter(|c| decisions.iter().any(|d| d.id == c.id && d.keep) && c.state != State::Failed)
-        .map(|c| c.start)
+        .map(|c| if c.state == State::Running { Lsn(0) } else { c.start })
         .min();
     RetentionPlan { backups: decisions, wal_needed_from: oldest_kept_start.map(|l| l.to_string()) }
 }
@@ -185,6 +187,18 @@ mod tests {
         assert_eq!(kept(&p), ["a", "r"]);
     }
 
+    #[test]
+    fn a_running_backup_pins_all_wal() {
+        // Its start is unknown (Lsn::MAX from a reader); the first backup of a repository runs.
+        let mut r = c("r", 1, State::Running);
+        r.start = Lsn(u64::MAX);
+        for bs in [vec![r.clone()], vec![c("a", 0, State::Done), r]] {
+            let p = plan(&bs, &Rule::Policy(WEEK), day(30));
+            let needed = p.wal_needed_from.as_ref().map(|l| l.parse().unwrap());
+            assert!(!wal_deletable(SegNo(1), needed, WalSegSize::DEFAULT), "{p:?}");
+        }
+    }
+
     proptest! {
         #[test]
         fn invariants(days in proptest::collection::vec((0i64..400, 0u8..10), 1..30), window in 1u64..60, redundancy in 0u32..5, now_day in 0i64..500) {
@@ -216,6 +230,9 @@ mod tests {
             let needed: Option<Lsn> = p.wal_needed_from.as_ref().map(|l| l.parse().unwrap());
             for c in bs.iter().filter(|c| keep(&c.id) && c.state != State::Failed) {
                 prop_assert!(!wal_deletable(WalSegSize::DEFAULT.segno(c.start), needed, WalSegSize::DEFAULT));
+            }
+            if bs.iter().any(|c| c.state == State::Running) {
+                prop_assert!(!wal_deletable(SegNo(0), needed, WalSegSize::DEFAULT), "a running backup pins WAL");
             }
         }
     }

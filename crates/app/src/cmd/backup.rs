@@ -19,12 +19,15 @@ pub fn push_options(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>, sche
         parallel: ctx.config.backup_parallel,
         part_size: ctx.config.backup_part_size,
         archive_wait: ctx.config.backup_archive_wait,
+        cancel: Default::default(),
     })
 }
 
 pub async fn push(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>) -> Result<()> {
     let repo = ctx.repository()?;
-    let opts = push_options(ctx, pgdata, name, false)?;
+    let mut opts = push_options(ctx, pgdata, name, false)?;
+    // Ctrl-C or SIGTERM: the backup is marked FAILED at once instead of going stale.
+    opts.cancel = super::stop_signal();
     let progress = Arc::new(Progress::default());
     let start = Instant::now();
     let m = {

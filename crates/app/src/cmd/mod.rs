@@ -79,6 +79,23 @@ fn finish(r: Result<()>) -> u8 {
     }
 }
 
+/// A token cancelled on the first SIGINT (Ctrl-C) or SIGTERM.
+pub fn stop_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        t.cancel();
+    });
+    token
+}
+
 /// Prints an error with its causes on one line.
 pub fn report(e: &anyhow::Error) {
     tracing::error!("{e:#}");
@@ -107,7 +124,13 @@ fn show_config(ctx: &Ctx) -> u8 {
         },
         "postgres": { "pgdata": c.pgdata, "url": c.pg_url, "bindir": c.pg_bindir },
         "wal": { "upload_ahead": c.upload_ahead, "prefetch": c.prefetch },
-        "agent": { "listen": c.agent_listen, "token_file": c.agent_token_file, "token": redacted(&c.agent_token) },
+        "agent": {
+            "listen": c.agent_listen,
+            "token_file": c.agent_token_file,
+            "token": redacted(&c.agent_token),
+            "shutdown_timeout": humantime::format_duration(c.agent_shutdown_timeout).to_string(),
+            "retention_interval": humantime::format_duration(c.agent_retention_interval).to_string(),
+        },
         "settings": c.settings,
     });
     println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
