@@ -63,7 +63,13 @@ pub enum Command {
     /// Show one backup (ID, name or LATEST).
     BackupShow { reference: String },
     /// Download a base backup into an empty directory (no recovery configuration).
-    BackupFetch { dest: PathBuf, reference: String },
+    BackupFetch {
+        dest: PathBuf,
+        reference: String,
+        /// Restore a tablespace elsewhere than its source location: NAME=DIR or OID=DIR (repeatable).
+        #[arg(long, value_name = "NAME=DIR")]
+        tablespace_map: Vec<String>,
+    },
     /// Timelines, archived WAL ranges, gaps, time ranges, restore points, restorable windows.
     WalShow,
     /// Check archive integrity: continuity from every backup, history files, checksums.

@@ -252,6 +252,40 @@ fn idle_now_crash_latest_and_gaps() {
     assert!(!o.status.success() && stderr(&o).contains("not in the archived WAL"), "{}{}", stdout(&o), stderr(&o));
 }
 
+/// A time inside a gap (after the last commit before a missing segment, before the next one) is
+/// refused with the restorable range, and DEST stays empty; a time before the gap is accepted.
+#[test]
+fn time_inside_a_gap_is_refused() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE t(x int)");
+    assert_ok(&backup_push(&env, &pg, None), "backup-push");
+    sleep(1200);
+    let before_gap = now_utc();
+    sleep(1200);
+    pg.sql("INSERT INTO t VALUES (1)");
+    flush_archive(&pg);
+    sleep(1200);
+    let inside_gap = now_utc();
+    sleep(1200);
+    pg.sql("INSERT INTO t VALUES (2)");
+    let missing = pg.switch_wal();
+    pg.wait_archived(&missing, WAIT);
+    pg.sql("INSERT INTO t VALUES (3)");
+    flush_archive(&pg);
+    std::fs::remove_file(env.object_path(&wal_key(&missing))).unwrap();
+
+    let (_d, dest) = restore_dir("inside-gap");
+    let o = restore(&env, &dest, &["--target-time", &inside_gap]);
+    assert!(!o.status.success(), "a time inside a gap must be refused: {}", stdout(&o));
+    let e = stderr(&o);
+    assert!(e.contains("gap") && e.contains(&missing) && e.contains("earliest:"), "{e}");
+    assert!(dest_is_empty(&dest));
+    let o = restore(&env, &dest, &["--dry-run", "--target-time", &before_gap]);
+    assert_ok(&o, "a time before the gap");
+    assert!(dest_is_empty(&dest));
+}
+
 /// Restore + promote + --archive: the new timeline archives into the repository (history file
 /// included) and a second restore to a point on the new timeline works. pg_verifybackup checks a
 /// fetched backup; a corrupted part is refused by name; an interrupted backup is never DONE.
@@ -289,6 +323,16 @@ fn new_timeline_verifybackup_corruption_and_interrupted_backup() {
     let r = Restored::from_dir(&dest2);
     assert_eq!(r.sql("SELECT count(*) FROM t"), "15");
     drop(r);
+
+    // wal-verify agrees with the history file (the end-of-recovery record decoded at push sits at
+    // its switch point); without the history file it fails, naming it.
+    assert_ok(&env.walnut(&["wal-verify"]), "wal-verify with two timelines");
+    let history = env.dir.path().join("repo/wal/00000002/00000002.history");
+    let aside = env.dir.path().join("history.aside");
+    std::fs::rename(&history, &aside).unwrap();
+    let o = env.walnut(&["wal-verify"]);
+    assert!(!o.status.success() && stdout(&o).contains("00000002.history"), "{}{}", stdout(&o), stderr(&o));
+    std::fs::rename(&aside, &history).unwrap();
 
     // backup-fetch + pg_verifybackup -n
     let (_d, fetched) = restore_dir("fetched");
@@ -485,4 +529,65 @@ fn enable_sets_up_archiving_and_takes_the_first_backup() {
     let o = run();
     assert_ok(&o, "second walnut enable");
     assert!(stdout(&o).contains("nothing to change"), "{}", stdout(&o));
+}
+
+/// A tablespace is backed up and restored to a directory given with --tablespace-map (never over
+/// the source's directory, which is in use); `--standby --start` gives a read-only follower that keeps replaying what
+/// the primary archives.
+#[test]
+fn tablespaces_and_a_standby_that_follows_the_archive() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    let ts = walnut_testkit::shared_tempdir("walnut-tablespace-");
+    walnut_testkit::pg::give_to_postgres_user(ts.path());
+    pg.sql(&format!("CREATE TABLESPACE extra LOCATION '{}'", ts.path().display()));
+    pg.sql("CREATE TABLE t(x int) TABLESPACE extra");
+    pg.sql("INSERT INTO t SELECT generate_series(1, 100)");
+    assert_ok(&backup_push(&env, &pg, None), "backup-push");
+    pg.sql("INSERT INTO t SELECT generate_series(101, 150)");
+    flush_archive(&pg);
+
+    // The source's tablespace directory is in use: restoring over it is refused before anything
+    // is written, with the fix; --tablespace-map puts it elsewhere.
+    let (_d, dest) = restore_dir("tablespace");
+    let o = restore(&env, &dest, &["--start"]);
+    assert!(!o.status.success(), "restoring over the source's tablespace must be refused");
+    let e = stderr(&o);
+    assert!(e.contains("tablespace extra") && e.contains("not empty") && e.contains("--tablespace-map extra="), "{e}");
+    assert!(dest_is_empty(&dest));
+    let o = restore(&env, &dest, &["--tablespace-map", "nope=/tmp/x"]);
+    assert!(!o.status.success() && stderr(&o).contains("extra (oid"), "{}", stderr(&o));
+    let (_t, ts_dir) = restore_dir("tablespace-dir");
+    let map = format!("extra={}", ts_dir.display());
+    assert_ok(&restore(&env, &dest, &["--tablespace-map", &map, "--start"]), "restore with a tablespace");
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "150");
+    let ts_of_t =
+        "SELECT s.spcname FROM pg_class c JOIN pg_tablespace s ON s.oid = c.reltablespace WHERE relname = 't'";
+    assert_eq!(r.sql(ts_of_t), "extra");
+    r.sql("INSERT INTO t SELECT generate_series(1000, 1099)");
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "250");
+    let oid = r.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'extra'");
+    assert_eq!(std::fs::read_link(dest.join("pg_tblspc").join(&oid)).unwrap(), ts_dir);
+    assert_eq!(r.sql(&format!("SELECT pg_tablespace_location({oid})")), ts_dir.display().to_string());
+    drop(r);
+    assert_eq!(pg.sql("SELECT count(*) FROM t").trim(), "150", "the source's tablespace is untouched");
+
+    let (_d2, sdest) = restore_dir("standby");
+    let (_t2, ts_dir2) = restore_dir("standby-tablespace");
+    let map = format!("{oid}={}", ts_dir2.display());
+    let o = restore(&env, &sdest, &["--standby", "--tablespace-map", &map, "--start"]);
+    assert_ok(&o, "restore --standby --start");
+    let s = Restored::from_dir(&sdest);
+    assert_eq!(s.sql("SELECT pg_is_in_recovery()"), "t");
+    PgCluster::wait_for("the standby to reach the archive's end", WAIT, || {
+        s.psql("SELECT count(*) FROM t").status.success() && stdout(&s.psql("SELECT count(*) FROM t")).trim() == "150"
+    });
+    pg.sql("INSERT INTO t SELECT generate_series(151, 200)");
+    flush_archive(&pg);
+    PgCluster::wait_for("the standby to replay newly archived WAL", WAIT, || {
+        stdout(&s.psql("SELECT count(*) FROM t")).trim() == "200"
+    });
+    let o = s.psql("INSERT INTO t VALUES (0)");
+    assert!(!o.status.success() && stderr(&o).contains("read-only"), "a standby is read-only: {}", stderr(&o));
 }

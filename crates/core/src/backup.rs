@@ -55,6 +55,16 @@ pub struct PartEntry {
 pub struct Tablespace {
     pub oid: String,
     pub location: String,
+    /// `pg_tablespace.spcname` (absent in manifests written before walnut recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Tablespace {
+    /// The name when known, else the OID.
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.oid)
+    }
 }
 
 /// A backup's manifest: everything needed to restore it, written last.
@@ -404,7 +414,11 @@ fn walk(
                 if rel_dir == "pg_tblspc" || (prefix.is_empty() && rel_dir.is_empty() && name == "pg_wal") {
                     let target = std::fs::read_link(entry.path())?;
                     if rel_dir == "pg_tblspc" {
-                        tablespaces.push(Tablespace { oid: name.clone(), location: target.display().to_string() });
+                        tablespaces.push(Tablespace {
+                            oid: name.clone(),
+                            location: target.display().to_string(),
+                            name: None,
+                        });
                         out.push(SourceFile {
                             rel: rel.clone(),
                             abs: entry.path(),
@@ -869,6 +883,15 @@ async fn push_inner(
 
     file_entries.sort_by(|a, b| a.path.cmp(&b.path));
     parts.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut tablespaces = tablespaces;
+    if !tablespaces.is_empty() {
+        for row in client.query("SELECT oid::text, spcname::text FROM pg_tablespace", &[]).await.map_err(q)? {
+            let (oid, name): (String, String) = (row.get(0), row.get(1));
+            if let Some(t) = tablespaces.iter_mut().find(|t| t.oid == oid) {
+                t.name = Some(name);
+            }
+        }
+    }
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         id: id.to_string(),
@@ -1008,10 +1031,31 @@ pub async fn fetch(
     repo: &Repository,
     manifest: &Manifest,
     dest: &Path,
+    tablespace_dirs: &HashMap<String, PathBuf>,
     parallel: usize,
     progress: Arc<Progress>,
 ) -> Result<(), BackupError> {
     progress.total.store(manifest.data_bytes, Ordering::Relaxed);
+    // Tablespaces: DEST/pg_tblspc/<oid> is a symlink to the tablespace's directory (created
+    // here), so their files extract through it, as PostgreSQL expects them.
+    if !manifest.tablespaces.is_empty() {
+        use std::os::unix::fs::PermissionsExt;
+        let links = dest.join("pg_tblspc");
+        std::fs::create_dir_all(&links).map_err(io_ctx(format!("create {}", links.display())))?;
+        for t in &manifest.tablespaces {
+            let dir = tablespace_dirs.get(&t.oid).ok_or_else(|| {
+                BackupError::Invalid(format!("no directory given for tablespace {} (oid {})", t.display_name(), t.oid))
+            })?;
+            std::fs::create_dir_all(dir).map_err(io_ctx(format!("create {}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_ctx(format!("chmod {}", dir.display())))?;
+            std::os::unix::fs::symlink(dir, links.join(&t.oid)).map_err(io_ctx(format!(
+                "link pg_tblspc/{} to {}",
+                t.oid,
+                dir.display()
+            )))?;
+        }
+    }
     let expected: Arc<HashMap<String, FileEntry>> =
         Arc::new(manifest.files.iter().map(|f| (f.path.clone(), f.clone())).collect());
     let results: Vec<Result<Vec<String>, BackupError>> = futures::stream::iter(manifest.parts.clone())

@@ -67,7 +67,15 @@ pub fn plan(candidates: &[Candidate], rule: &Rule, now: DateTime<Utc>) -> Retent
     let mut done: Vec<&Candidate> = candidates.iter().filter(|c| c.state == State::Done).collect();
     done.sort_by_key(|c| c.time);
     let newest = done.last().map(|c| c.id.clone());
-    let mut decisions = Vec::new();
+    // The newest backup at or before the window's start anchors the window (policy only).
+    let anchor = match rule {
+        Rule::Policy(p) => {
+            let window_start = now - chrono::Duration::from_std(p.recovery_window).unwrap_or(chrono::Duration::MAX);
+            done.iter().rev().find(|b| b.time <= window_start).map(|b| b.id.clone())
+        }
+        _ => None,
+    };
+    let mut decisions = Vec::with_capacity(candidates.len());
     for (i, c) in done.iter().enumerate() {
         let rank = done.len() - i; // 1 = newest
         let (keep, reason) = if Some(&c.id) == newest.as_ref() {
@@ -92,8 +100,6 @@ pub fn plan(candidates: &[Candidate], rule: &Rule, now: DateTime<Utc>) -> Retent
                 Rule::Policy(p) => {
                     let window_start =
                         now - chrono::Duration::from_std(p.recovery_window).unwrap_or(chrono::Duration::MAX);
-                    // The newest backup at or before the window's start anchors the window.
-                    let anchor = done.iter().rev().find(|b| b.time <= window_start).map(|b| b.id.clone());
                     if c.time > window_start {
                         (true, "inside the recovery window".into())
                     } else if Some(&c.id) == anchor.as_ref() {
@@ -120,9 +126,10 @@ pub fn plan(candidates: &[Candidate], rule: &Rule, now: DateTime<Utc>) -> Retent
     }
     // A RUNNING backup pins all WAL: readers do not know its start (its marker is written before
     // pg_backup_start), and the WAL it needs may be arriving right now.
+    let kept: std::collections::HashSet<&str> = decisions.iter().filter(|d| d.keep).map(|d| d.id.as_str()).collect();
     let oldest_kept_start = candidates
         .iter()
-        .filter(|c| decisions.iter().any(|d| d.id == c.id && d.keep) && c.state != State::Failed)
+        .filter(|c| kept.contains(c.id.as_str()) && c.state != State::Failed)
         .map(|c| if c.state == State::Running { Lsn(0) } else { c.start })
         .min();
     RetentionPlan { backups: decisions, wal_needed_from: oldest_kept_start.map(|l| l.to_string()) }
@@ -134,6 +141,31 @@ pub fn wal_deletable(segno: SegNo, needed_from: Option<Lsn>, size: WalSegSize) -
         Some(l) => segno < size.segno(l),
         None => false,
     }
+}
+
+/// The WAL objects (keys under `wal/`) that no kept backup needs, sorted. History files stay:
+/// they are tiny and describe every timeline.
+pub fn wal_to_delete<'a>(
+    keys: impl IntoIterator<Item = &'a str>,
+    needed_from: Option<Lsn>,
+    size: WalSegSize,
+) -> Vec<String> {
+    use walnut_pg::WalFileName;
+    if needed_from.is_none() {
+        return Vec::new();
+    }
+    let mut out: Vec<String> = keys
+        .into_iter()
+        .filter(|key| match crate::layout::parse_wal_key(key) {
+            Some(WalFileName::Segment(s)) | Some(WalFileName::Partial(s)) | Some(WalFileName::Backup(s, _)) => {
+                s.segno(size).is_some_and(|segno| wal_deletable(segno, needed_from, size))
+            }
+            _ => false,
+        })
+        .map(str::to_string)
+        .collect();
+    out.sort_unstable();
+    out
 }
 
 #[cfg(test)]

@@ -148,7 +148,7 @@ pub async fn show(ctx: &Ctx, reference: &str) -> Result<()> {
     println!("Stored:        {} in {} parts ({})", output::bytes(m.stored_bytes), m.parts.len(), m.compression);
     if !m.tablespaces.is_empty() {
         for t in &m.tablespaces {
-            println!("Tablespace:    {} at {}", t.oid, t.location);
+            println!("Tablespace:    {} (oid {}) at {}", t.display_name(), t.oid, t.location);
         }
     }
     Ok(())
@@ -193,33 +193,105 @@ pub fn clean_dest(dest: &Path, existed: bool) {
     }
 }
 
-/// Fetches `m` into `dest` with progress; cleans up on failure.
+/// Where one tablespace of a backup is restored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TablespaceTarget {
+    pub oid: String,
+    pub name: String,
+    pub dir: std::path::PathBuf,
+    #[serde(skip)]
+    existed: bool,
+}
+
+impl TablespaceTarget {
+    /// Removes what a failed restore left in the directory (which was empty or absent before).
+    pub fn clean(&self) {
+        clean_dest(&self.dir, self.existed);
+    }
+}
+
+/// Where each tablespace of `m` goes: `--tablespace-map NAME|OID=DIR`, else its location in the
+/// source (as pg_basebackup and pgBackRest do). Each directory must be absent or empty, outside
+/// DEST, and used once; all of it is checked before anything is written.
+pub fn tablespace_targets(m: &backup::Manifest, dest: &Path, maps: &[String]) -> Result<Vec<TablespaceTarget>> {
+    let known =
+        || m.tablespaces.iter().map(|t| format!("{} (oid {})", t.display_name(), t.oid)).collect::<Vec<_>>().join(", ");
+    let mut chosen: std::collections::HashMap<&str, std::path::PathBuf> = Default::default();
+    for map in maps {
+        let Some((key, dir)) = map.split_once('=') else {
+            bail!("--tablespace-map {map:?}: expected NAME=DIR or OID=DIR");
+        };
+        let Some(t) = m.tablespaces.iter().find(|t| t.oid == key || t.name.as_deref() == Some(key)) else {
+            if m.tablespaces.is_empty() {
+                bail!("--tablespace-map {key}: backup {} has no tablespaces", m.id);
+            }
+            bail!("--tablespace-map {key}: backup {} has no such tablespace (it has {})", m.id, known());
+        };
+        let dir = std::path::PathBuf::from(dir);
+        if !dir.is_absolute() {
+            bail!("--tablespace-map {map:?}: the directory must be an absolute path");
+        }
+        chosen.insert(&t.oid, dir);
+    }
+    let dest_abs = std::path::absolute(dest)?;
+    let mut out: Vec<TablespaceTarget> = Vec::new();
+    for t in &m.tablespaces {
+        let mapped = chosen.contains_key(t.oid.as_str());
+        let dir = chosen.remove(t.oid.as_str()).unwrap_or_else(|| std::path::PathBuf::from(&t.location));
+        let name = t.display_name().to_string();
+        let fix = format!("give it an empty directory with --tablespace-map {name}=/new/dir");
+        if dir.starts_with(&dest_abs) {
+            bail!("tablespace {name} (oid {}) cannot go to {}, inside DEST: {fix}", t.oid, dir.display());
+        }
+        if let Some(o) = out.iter().find(|o| o.dir == dir) {
+            bail!("tablespaces {} and {name} would both go to {}: {fix}", o.name, dir.display());
+        }
+        let existed = check_dest(&dir).map_err(|e| {
+            let whose = if mapped { "the directory given" } else { "its location in the source" };
+            anyhow::anyhow!(
+                "tablespace {name} (oid {}) would be restored to {} ({whose}): {e:#}; {fix}",
+                t.oid,
+                dir.display()
+            )
+        })?;
+        out.push(TablespaceTarget { oid: t.oid.clone(), name, dir, existed });
+    }
+    Ok(out)
+}
+
+/// Fetches `m` into `dest` (and its tablespaces into theirs) with progress; cleans up on failure.
 pub async fn fetch_into(
     ctx: &Ctx,
     repo: &walnut_core::Repository,
     m: &backup::Manifest,
     dest: &Path,
+    tablespaces: &[TablespaceTarget],
 ) -> Result<Duration> {
     let existed = check_dest(dest)?;
     create_dest(dest)?;
     let progress = Arc::new(Progress::default());
     let start = Instant::now();
+    let dirs = tablespaces.iter().map(|t| (t.oid.clone(), t.dir.clone())).collect();
     let r = {
         let _bar = Bar::start("fetch", progress.clone(), ctx.global.quiet);
-        backup::fetch(repo, m, dest, ctx.config.backup_parallel, progress).await
+        backup::fetch(repo, m, dest, &dirs, ctx.config.backup_parallel, progress).await
     };
     if let Err(e) = r {
         clean_dest(dest, existed);
+        for t in tablespaces {
+            t.clean();
+        }
         return Err(e).with_context(|| format!("fetch backup {} (nothing was left in {})", m.id, dest.display()));
     }
     Ok(start.elapsed())
 }
 
-pub async fn fetch(ctx: &Ctx, dest: &Path, reference: &str) -> Result<()> {
+pub async fn fetch(ctx: &Ctx, dest: &Path, reference: &str, tablespace_maps: &[String]) -> Result<()> {
     let repo = ctx.repository()?;
     check_dest(dest)?;
     let m = backup::resolve(&repo, reference).await?;
-    let took = fetch_into(ctx, &repo, &m, dest).await?;
+    let tablespaces = tablespace_targets(&m, dest, tablespace_maps)?;
+    let took = fetch_into(ctx, &repo, &m, dest, &tablespaces).await?;
     std::fs::write(dest.join("backup_manifest"), backup::postgres_manifest(&m))?;
     if !ctx.global.quiet {
         println!(

@@ -181,6 +181,7 @@ async fn demo(bindir: &Path, root: &Path) -> Result<()> {
         archive: false,
         set_password: None,
         dry_run: false,
+        tablespace_map: Vec::new(),
     };
     super::restore::run(&ctx, &args).await?;
     n.done(t, "");

@@ -52,7 +52,9 @@ pub async fn run(cli: Cli) -> u8 {
         Command::BackupPush { pgdata, name } => finish(backup::push(&ctx, pgdata.as_deref(), name).await),
         Command::BackupList { detail } => finish(backup::list(&ctx, detail).await),
         Command::BackupShow { reference } => finish(backup::show(&ctx, &reference).await),
-        Command::BackupFetch { dest, reference } => finish(backup::fetch(&ctx, &dest, &reference).await),
+        Command::BackupFetch { dest, reference, tablespace_map } => {
+            finish(backup::fetch(&ctx, &dest, &reference, &tablespace_map).await)
+        }
         Command::WalInspect { paths } => finish(walinfo::inspect(&ctx, &paths)),
         Command::Enable { restart } => finish(enable::run(&ctx, restart).await),
         Command::Agent { listen } => finish(crate::agent::run(ctx, listen).await),

@@ -1,7 +1,7 @@
 //! `walnut restore`: plan, validate, fetch, configure recovery, and optionally start and wait.
 
 use super::Ctx;
-use super::backup::{check_dest, clean_dest, fetch_into};
+use super::backup::{check_dest, clean_dest, fetch_into, tablespace_targets};
 use crate::output;
 use crate::pgserver;
 use anyhow::{Context, Result, bail};
@@ -64,6 +64,9 @@ pub struct RestoreArgs {
     /// Print the plan and stop.
     #[arg(long)]
     pub dry_run: bool,
+    /// Restore a tablespace elsewhere than its source location: NAME=DIR or OID=DIR (repeatable).
+    #[arg(long, value_name = "NAME=DIR")]
+    pub tablespace_map: Vec<String>,
 }
 
 /// Parses a target time: RFC 3339 or PostgreSQL style; a time without a zone is an error.
@@ -230,18 +233,30 @@ pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
     for n in &p.notes {
         say(format!("note: {n}"));
     }
+    let tablespaces = tablespace_targets(&m, &a.dest, &a.tablespace_map)?;
+    for t in &tablespaces {
+        say(format!("tablespace {} (oid {}) -> {}", t.name, t.oid, t.dir.display()));
+    }
     if a.dry_run {
         if ctx.global.json {
-            println!("{}", serde_json::to_string_pretty(&p)?);
+            let mut v = serde_json::to_value(&p)?;
+            v["tablespaces"] = serde_json::to_value(&tablespaces)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
         }
         return Ok(());
     }
     let existed = a.dest.exists();
-    let took = fetch_into(ctx, &repo, &m, &a.dest).await?;
+    let took = fetch_into(ctx, &repo, &m, &a.dest, &tablespaces).await?;
+    for t in &tablespaces {
+        pgserver::prepare_ownership(&t.dir)?;
+    }
     say(format!("fetched backup {} ({}) in {:.1?}", m.id, output::bytes(m.data_bytes), took));
     let configured = configure(ctx, a, &p);
     if let Err(e) = configured {
         clean_dest(&a.dest, existed);
+        for t in &tablespaces {
+            t.clean();
+        }
         return Err(e);
     }
     let port = configured.expect("checked");

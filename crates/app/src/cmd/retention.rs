@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use walnut_core::backup::{self, Status};
 use walnut_core::layout;
 use walnut_core::retention::{self, Candidate, Policy, Rule, State};
-use walnut_pg::{Lsn, WalFileName};
+use walnut_pg::Lsn;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum DeleteWhat {
@@ -104,22 +104,13 @@ async fn apply(ctx: &Ctx, repo: &walnut_core::Repository, rule: &Rule, confirm: 
     let plan = retention::plan(&cands, rule, chrono::Utc::now());
     let identity = repo.identity().await?;
     let needed: Option<Lsn> = plan.wal_needed_from.as_ref().and_then(|l| l.parse().ok());
-    let mut wal_delete = Vec::new();
-    if let Some(id) = &identity {
-        let size = id.seg_size();
-        for o in repo.store().list(layout::WAL_DIR).await? {
-            let seg = match layout::parse_wal_key(&o.key) {
-                Some(WalFileName::Segment(s)) | Some(WalFileName::Partial(s)) | Some(WalFileName::Backup(s, _)) => s,
-                _ => continue, // history files are kept: they are tiny and describe every timeline
-            };
-            if let Some(segno) = seg.segno(size)
-                && retention::wal_deletable(segno, needed, size)
-            {
-                wal_delete.push(o.key);
-            }
+    let wal_delete = match &identity {
+        Some(id) => {
+            let objects = repo.store().list(layout::WAL_DIR).await?;
+            retention::wal_to_delete(objects.iter().map(|o| o.key.as_str()), needed, id.seg_size())
         }
-    }
-    wal_delete.sort();
+        None => Vec::new(),
+    };
     let deleting: Vec<&str> = plan.backups.iter().filter(|d| !d.keep).map(|d| d.id.as_str()).collect();
     if ctx.global.json {
         println!(
@@ -154,18 +145,31 @@ async fn apply(ctx: &Ctx, repo: &walnut_core::Repository, rule: &Rule, confirm: 
         }
         return Ok(());
     }
+    // Manifests first: from then on those backups no longer exist for any reader; then their
+    // objects; WAL last, so an interrupted run never leaves a listed backup without its WAL.
+    let manifests: Vec<String> = deleting.iter().map(|id| layout::backup_manifest(id)).collect();
+    delete_all(repo, manifests).await?;
+    let mut objects = Vec::new();
     for id in &deleting {
-        // Manifest first: from here on the backup no longer exists for any reader.
-        repo.store().delete(&layout::backup_manifest(id)).await?;
-        for o in repo.store().list(&layout::backup_dir(id)).await? {
-            repo.store().delete(&o.key).await?;
-        }
+        objects.extend(repo.store().list(&layout::backup_dir(id)).await?.into_iter().map(|o| o.key));
     }
-    for key in &wal_delete {
-        repo.store().delete(key).await?;
-    }
+    delete_all(repo, objects).await?;
+    delete_all(repo, wal_delete.clone()).await?;
     if !ctx.global.json {
         println!("deleted {} backup(s) and {} WAL object(s)", deleting.len(), wal_delete.len());
     }
+    Ok(())
+}
+
+/// Deletes objects, `DELETE_CONCURRENCY` at a time (a million WAL objects one by one would take
+/// hours on a remote store).
+async fn delete_all(repo: &walnut_core::Repository, keys: Vec<String>) -> Result<()> {
+    use futures::{StreamExt, TryStreamExt};
+    const DELETE_CONCURRENCY: usize = 32;
+    futures::stream::iter(keys)
+        .map(|key| async move { repo.store().delete(&key).await })
+        .buffer_unordered(DELETE_CONCURRENCY)
+        .try_collect::<()>()
+        .await?;
     Ok(())
 }

@@ -210,6 +210,35 @@ pub async fn verify(ctx: &Ctx, deep: bool) -> Result<()> {
             }
         }
     }
+    // The other way round: every timeline after the first has its history file, and each
+    // end-of-recovery record (decoded at push) sits where that history file says the switch is.
+    for (t, m) in &inv.segments {
+        if t.0 != 1 && !inv.histories.contains_key(t) {
+            let first = m.keys().next().map(|s| seg_name(*t, *s, size)).unwrap_or_default();
+            problems.push(format!(
+                "timeline {} has WAL (from {first}) but no history file {:08X}.history: restores cannot follow it",
+                t.0, t.0
+            ));
+        }
+    }
+    for (t, sums) in &inv.summaries {
+        for (segno, sum) in sums {
+            for &new_tli in &sum.new_timelines {
+                let here = seg_name(*t, *segno, size);
+                match inv.histories.get(&walnut_pg::TimelineId(new_tli)).and_then(|h| h.last()) {
+                    // On its own timeline, a missing history file is reported above.
+                    None if new_tli != t.0 => problems.push(format!(
+                        "segment {here} ends recovery onto timeline {new_tli}, but {new_tli:08X}.history is not in the archive"
+                    )),
+                    Some(parent) if size.segno(parent.switchpoint) != *segno => problems.push(format!(
+                        "{new_tli:08X}.history puts the switch from timeline {} at {}, but the end-of-recovery record is in {here}",
+                        parent.tli.0, parent.switchpoint
+                    )),
+                    _ => {}
+                }
+            }
+        }
+    }
     // Checksums: every segment object is a readable walnut object; --deep decodes all of it.
     let keys: Vec<String> = inv
         .segments
