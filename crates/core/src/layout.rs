@@ -7,17 +7,36 @@
 //! wal/<TLI>/<segment>.partial                  partial segments
 //! wal/<TLI>/<segment>.<offset>.backup          backup history files
 //! wal/<TLI>/<TLI>.history                      timeline history files
+//! wal-index/<TLI>/<first>-<last>               summaries of archived segments (derived)
 //! backups/<ID>/...                             base backups (manifest last)
 //! ```
 //! WAL and backups live under different prefixes, so listing backups never lists WAL.
 
 use walnut_pg::WalFileName;
+use walnut_pg::names::SegName;
 
 pub const IDENTITY: &str = "walnut.json";
 pub const WAL_DIR: &str = "wal";
 pub const BACKUPS_DIR: &str = "backups";
 
 /// The key of a WAL file (segment, partial, history or backup history).
+pub const WAL_INDEX_DIR: &str = "wal-index";
+
+/// An index object covering segments `first..=last` of one timeline.
+pub fn wal_index_key(first: &SegName, last: &SegName) -> String {
+    format!("{WAL_INDEX_DIR}/{:08X}/{first}-{last}", first.tli.0)
+}
+
+/// The range an index key covers.
+pub fn parse_wal_index_key(key: &str) -> Option<(SegName, SegName)> {
+    let rest = key.strip_prefix(WAL_INDEX_DIR)?.strip_prefix('/')?;
+    let (tli, name) = rest.split_once('/')?;
+    let (a, b) = name.split_once('-')?;
+    let first = WalFileName::parse(a).ok()?.segment()?;
+    let last = WalFileName::parse(b).ok()?.segment()?;
+    (format!("{:08X}", first.tli.0) == tli && first.tli == last.tli).then_some((first, last))
+}
+
 pub fn wal_key(name: &WalFileName) -> String {
     format!("{WAL_DIR}/{:08X}/{name}", name.timeline().0)
 }

@@ -17,6 +17,7 @@ pub mod schedule;
 pub mod state;
 pub mod summary;
 pub mod wal;
+pub mod walindex;
 
 pub use envelope::{Codec, Compression};
 pub use repo::{Identity, Repository};

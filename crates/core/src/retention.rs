@@ -143,8 +143,9 @@ pub fn wal_deletable(segno: SegNo, needed_from: Option<Lsn>, size: WalSegSize) -
     }
 }
 
-/// The WAL objects (keys under `wal/`) that no kept backup needs, sorted. History files stay:
-/// they are tiny and describe every timeline.
+/// The WAL objects (keys under `wal/`) that no kept backup needs, sorted, and the summary index
+/// objects (under `wal-index/`) all of whose segments go. History files stay: they are tiny and
+/// describe every timeline.
 pub fn wal_to_delete<'a>(
     keys: impl IntoIterator<Item = &'a str>,
     needed_from: Option<Lsn>,
@@ -160,7 +161,10 @@ pub fn wal_to_delete<'a>(
             Some(WalFileName::Segment(s)) | Some(WalFileName::Partial(s)) | Some(WalFileName::Backup(s, _)) => {
                 s.segno(size).is_some_and(|segno| wal_deletable(segno, needed_from, size))
             }
-            _ => false,
+            Some(_) => false,
+            None => crate::layout::parse_wal_index_key(key)
+                .and_then(|(_, last)| last.segno(size))
+                .is_some_and(|segno| wal_deletable(segno, needed_from, size)),
         })
         .map(str::to_string)
         .collect();
@@ -217,6 +221,25 @@ mod tests {
         bs[2].time = day(0);
         let p = plan(&bs, &Rule::Retain(1), day(1));
         assert_eq!(kept(&p), ["a", "r"]);
+    }
+
+    #[test]
+    fn wal_and_index_objects_go_when_no_kept_backup_needs_them() {
+        use crate::layout::{wal_index_key, wal_key};
+        use walnut_pg::{TimelineId, WalFileName, names::SegName};
+        let size = WalSegSize::DEFAULT;
+        let n = |s: u64| SegName::new(TimelineId(1), SegNo(s), size);
+        let keys = [
+            wal_key(&WalFileName::Segment(n(1))),
+            wal_key(&WalFileName::Segment(n(2))),
+            wal_key(&WalFileName::History(TimelineId(2))),
+            wal_index_key(&n(1), &n(2)),
+            wal_index_key(&n(1), &n(3)),
+            "wal/00000001/unrelated".to_string(),
+        ];
+        let gone = wal_to_delete(keys.iter().map(String::as_str), Some(size.start_lsn(SegNo(3))), size);
+        assert_eq!(gone, [keys[3].clone(), keys[0].clone(), keys[1].clone()]);
+        assert!(wal_to_delete(keys.iter().map(String::as_str), None, size).is_empty());
     }
 
     #[test]

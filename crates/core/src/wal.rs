@@ -17,6 +17,7 @@ use crate::repo::{Identity, RepoError, Repository, cpu};
 use crate::state::{AheadRecord, StateDir};
 use bytes::Bytes;
 use futures::StreamExt;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use walnut_pg::walpage::{self, SegmentError};
 use walnut_pg::{ControlFile, WalFileName, names::SegName};
@@ -414,11 +415,13 @@ pub async fn inventory(repo: &Repository, with_summaries: bool) -> Result<crate:
     let Some(identity) = repo.identity().await? else { return Ok(inv) };
     let size = identity.seg_size();
     let mut histories = Vec::new();
+    let mut sizes = HashMap::new();
     for o in repo.store().list(layout::WAL_DIR).await? {
         match layout::parse_wal_key(&o.key) {
             Some(WalFileName::Segment(s)) => {
                 if let Some(segno) = s.segno(size) {
                     inv.segments.entry(s.tli).or_default().insert(segno, o.last_modified);
+                    sizes.insert((s.tli, segno), o.size);
                 }
             }
             Some(WalFileName::History(t)) => histories.push((t, o.key)),
@@ -426,25 +429,49 @@ pub async fn inventory(repo: &Repository, with_summaries: bool) -> Result<crate:
         }
     }
     if with_summaries {
-        let keys: Vec<(walnut_pg::TimelineId, walnut_pg::SegNo, String)> = inv
-            .segments
-            .iter()
-            .flat_map(|(t, m)| m.keys().map(move |s| (*t, *s)))
-            .map(|(t, s)| (t, s, layout::wal_key(&WalFileName::Segment(SegName::new(t, s, size)))))
-            .collect();
-        let loaded: Vec<_> = futures::stream::iter(keys)
-            .map(|(t, s, key)| async move {
+        // The index first (see `walindex`); then the segments it does not cover, one by one.
+        let known = crate::walindex::load(repo).await.unwrap_or_else(|e| {
+            tracing::warn!("read the WAL summary index: {e}; reading every segment's summary");
+            Default::default()
+        });
+        let mut uncovered = Vec::new();
+        for ((t, s), stored) in &sizes {
+            match known.get(&(*t, *s)) {
+                Some((indexed, summary)) if indexed == stored => {
+                    if let Some(summary) = summary {
+                        inv.summaries.entry(*t).or_default().insert(*s, summary.clone());
+                    }
+                }
+                _ => uncovered.push((*t, *s, *stored)),
+            }
+        }
+        let loaded: Vec<_> = futures::stream::iter(uncovered)
+            .map(|(t, s, stored)| async move {
+                let key = layout::wal_key(&WalFileName::Segment(SegName::new(t, s, size)));
                 let meta = repo.object_meta(&key).await?;
                 let summary = serde_json::from_value::<crate::summary::SegmentSummary>(meta["summary"].clone()).ok();
-                Ok::<_, WalError>((t, s, summary))
+                Ok::<_, WalError>((t, s, stored, summary))
             })
-            .buffer_unordered(16)
+            .buffer_unordered(32)
             .collect()
             .await;
+        let mut new_entries: BTreeMap<walnut_pg::TimelineId, Vec<crate::walindex::Entry>> = BTreeMap::new();
         for r in loaded {
-            let (t, s, summary) = r?;
+            let (t, s, stored, summary) = r?;
+            new_entries.entry(t).or_default().push(crate::walindex::Entry {
+                segno: s.0,
+                size: stored,
+                summary: summary.clone(),
+            });
             if let Some(summary) = summary {
                 inv.summaries.entry(t).or_default().insert(s, summary);
+            }
+        }
+        if new_entries.values().map(Vec::len).sum::<usize>() >= crate::walindex::MIN_NEW {
+            for (t, entries) in new_entries {
+                if let Err(e) = crate::walindex::write(repo, t, entries, size).await {
+                    tracing::debug!("could not add to the WAL summary index (read-only access?): {e}");
+                }
             }
         }
     }

@@ -165,6 +165,9 @@ pub(crate) fn check_key(key: &str) -> Result<()> {
     Ok(())
 }
 
+/// How many single-operation deadlines a whole (paged) listing may take.
+pub const LIST_PAGES_ALLOWANCE: u32 = 30;
+
 /// Gives every operation of the inner store a hard deadline.
 #[derive(Debug)]
 pub struct Bounded {
@@ -202,7 +205,17 @@ impl BlobStore for Bounded {
         self.run("head", key, self.inner.head(key)).await
     }
     async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
-        self.run("list", dir, self.inner.list(dir)).await
+        // A listing is paged (1000 keys a page on S3), each page request bounded by the client's
+        // own timeout and retries; the whole listing of a big repository can take far longer
+        // than one operation, so it gets LIST_PAGES_ALLOWANCE deadlines.
+        match tokio::time::timeout(self.deadline * LIST_PAGES_ALLOWANCE, self.inner.list(dir)).await {
+            Ok(r) => r,
+            Err(_) => Err(StorageError::Timeout {
+                op: "list",
+                key: dir.to_string(),
+                after: self.deadline * LIST_PAGES_ALLOWANCE,
+            }),
+        }
     }
     async fn delete(&self, key: &str) -> Result<()> {
         self.run("delete", key, self.inner.delete(key)).await

@@ -106,7 +106,8 @@ async fn apply(ctx: &Ctx, repo: &walnut_core::Repository, rule: &Rule, confirm: 
     let needed: Option<Lsn> = plan.wal_needed_from.as_ref().and_then(|l| l.parse().ok());
     let wal_delete = match &identity {
         Some(id) => {
-            let objects = repo.store().list(layout::WAL_DIR).await?;
+            let mut objects = repo.store().list(layout::WAL_DIR).await?;
+            objects.extend(repo.store().list(layout::WAL_INDEX_DIR).await?);
             retention::wal_to_delete(objects.iter().map(|o| o.key.as_str()), needed, id.seg_size())
         }
         None => Vec::new(),
