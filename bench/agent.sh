@@ -175,7 +175,7 @@ for kind in file s3; do
       END {printf "  %-5s %-16s %10s wall  %7.1f MiB  %s\n", k, c, w, m / 1024, (st == "ok" ? "" : st)}' "$W/time.out"
   done
 done
-echo "  (s3 = walnut-testkit's s3s-fs, which walks the whole bucket directory for every 1000-key page)"
+echo "  (s3 = walnut-testkit's server: s3s-fs with its own paged listing that reads only the prefix's directories)"
 echo "load at end $(cut -d' ' -f1-3 /proc/loadavg)"
 
 

@@ -4,6 +4,7 @@
 
 pub mod pg;
 pub mod s3;
+mod s3list;
 
 pub use pg::PgCluster;
 pub use s3::S3Server;

@@ -173,14 +173,7 @@ impl PgCluster {
     }
 
     pub fn psql(&self, sql: &str) -> Output {
-        Command::new(self.bindir.join("psql"))
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-c")
-            .arg(sql)
-            .output()
-            .expect("run psql")
+        psql(&self.bindir, self.port, sql)
     }
 
     /// A libpq connection URL for this cluster.
@@ -232,4 +225,17 @@ impl Drop for PgCluster {
                 .output();
         }
     }
+}
+
+/// Runs SQL through psql against 127.0.0.1:`port` as `postgres` (unaligned, tuples only, stop on
+/// the first error) and returns what it printed.
+pub fn psql(bindir: &Path, port: u16, sql: &str) -> Output {
+    Command::new(bindir.join("psql"))
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-c")
+        .arg(sql)
+        .output()
+        .expect("run psql")
 }

@@ -54,7 +54,7 @@ impl S3Server {
             use s3s::auth::SimpleAuth;
             use s3s::service::S3ServiceBuilder;
             let fs = s3s_fs::FileSystem::new(&root).expect("s3s-fs root");
-            let mut b = S3ServiceBuilder::new(fs);
+            let mut b = S3ServiceBuilder::new(crate::s3list::FastList { inner: fs, root: root.clone() });
             b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
             let service = b.build();
             let http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());

@@ -179,14 +179,7 @@ impl Restored {
     }
 
     pub fn psql(&self, sql: &str) -> Output {
-        Command::new(self.bindir.join("psql"))
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-c")
-            .arg(sql)
-            .output()
-            .unwrap()
+        walnut_testkit::pg::psql(&self.bindir, self.port, sql)
     }
 
     pub fn sql(&self, sql: &str) -> String {
