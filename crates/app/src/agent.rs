@@ -153,6 +153,11 @@ impl Agent {
                 tracing::warn!("retention: {e:#}");
             }
         }
+        // Keep the WAL summary index current, so that wal-show, wal-verify and restore planning
+        // (often on another host, in a hurry) read a few index objects, not one per segment.
+        if let Err(e) = walnut_core::wal::inventory(&self.repo, true).await {
+            tracing::warn!("update the WAL summary index: {e}");
+        }
     }
 }
 
