@@ -953,6 +953,86 @@ fn safe_relative(p: &Path) -> bool {
     p.components().all(|c| matches!(c, Component::Normal(_))) && p.components().next().is_some()
 }
 
+struct CountingReader<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// fsyncs restored files on a few threads while extraction goes on (an fsync inside the extraction
+/// loop stalled decompression on every flush). The queue is bounded, so open files never pile up.
+struct Syncer {
+    tx: std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)>,
+    workers: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Syncer {
+    fn start(threads: usize) -> Syncer {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(PathBuf, std::fs::File)>(64);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let workers = (0..threads)
+            .map(|_| {
+                let rx = rx.clone();
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    loop {
+                        let job = rx.lock().expect("fsync queue").recv();
+                        let Ok((path, file)) = job else { return Ok(()) };
+                        file.sync_data()
+                            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+                    }
+                })
+            })
+            .collect();
+        Syncer { tx, workers }
+    }
+
+    fn sender(&self) -> std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)> {
+        self.tx.clone()
+    }
+
+    /// Waits until every queued file is synced (all senders must be dropped first).
+    fn finish(self) -> std::io::Result<()> {
+        drop(self.tx);
+        let mut first = Ok(());
+        for w in self.workers {
+            let r = w.join().expect("fsync thread panicked");
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+/// fsyncs every directory that holds a restored file or directory (the ancestors of `files`,
+/// relative to `root`, through the pg_tblspc links too).
+fn sync_dirs(root: &Path, files: &[String]) -> std::io::Result<()> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for f in files {
+        let mut p = Path::new(f.as_str());
+        while let Some(parent) = p.parent() {
+            if !dirs.insert(root.join(parent)) {
+                break;
+            }
+            p = parent;
+        }
+    }
+    dirs.extend([root.to_path_buf(), root.join("pg_tblspc"), root.join("pg_wal"), root.join("pg_wal/archive_status")]);
+    for d in dirs.iter().filter(|d| d.exists()) {
+        std::fs::File::open(d)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
+    }
+    Ok(())
+}
+
 /// Extracts one part into `dest`, verifying every file against the manifest and the part's
 /// checksum. Returns the paths written.
 fn extract_part(
@@ -961,6 +1041,7 @@ fn extract_part(
     dest: &Path,
     expected: &HashMap<String, FileEntry>,
     progress: &Progress,
+    fsync: &std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)>,
 ) -> Result<Vec<String>, BackupError> {
     use std::os::unix::fs::PermissionsExt;
     let corrupt = |reason: String| BackupError::Corrupt { key: key.to_string(), reason };
@@ -970,9 +1051,13 @@ fn extract_part(
     {
         let decompressed = envelope::decompressor(std::io::BufReader::with_capacity(1 << 20, &mut payload), &codecs)
             .map_err(|e| corrupt(e.to_string()))?;
-        let mut hashing = HashingReader::new(decompressed);
+        // Counts, does not hash: every file's content is checked against its SHA-256 in the
+        // (itself checksummed) manifest, tar headers are checked by the parser and against the
+        // manifest's paths and sizes, and nothing else in the tar is written. Hashing the whole
+        // part again would add a second SHA-256 pass over every restored byte.
+        let mut counting = CountingReader { inner: decompressed, count: 0 };
         {
-            let mut archive = tar::Archive::new(&mut hashing);
+            let mut archive = tar::Archive::new(&mut counting);
             for entry in archive.entries().map_err(|e| corrupt(e.to_string()))? {
                 let mut entry = entry.map_err(|e| corrupt(e.to_string()))?;
                 let path = entry.path().map_err(|e| corrupt(e.to_string()))?.into_owned();
@@ -1002,23 +1087,27 @@ fn extract_part(
                         if n != want.size || hex::encode(sum) != want.sha256 {
                             return Err(corrupt(format!("{rel}: content does not match the manifest checksum")));
                         }
-                        file.sync_data().map_err(io_ctx(format!("fsync {}", target.display())))?;
                         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))
                             .map_err(io_ctx(format!("chmod {}", target.display())))?;
                         let mtime = std::time::UNIX_EPOCH + Duration::from_secs(want.mtime.max(0) as u64);
                         let _ = file.set_modified(mtime);
                         progress.done.fetch_add(n, Ordering::Relaxed);
                         written.push(rel);
+                        // Flushed by the syncer's threads while extraction goes on.
+                        if fsync.send((target, file)).is_err() {
+                            return Err(BackupError::Invalid("the fsync threads stopped".into()));
+                        }
                     }
                     other => return Err(corrupt(format!("unexpected tar entry type {other:?}"))),
                 }
             }
         }
-        std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| corrupt(e.to_string()))?;
-        let (n, sum) = hashing.finish();
-        let (tn, tsum) = payload.trailer().map_err(|e| corrupt(e.to_string()))?;
-        if n != tn || sum != tsum {
-            return Err(corrupt("checksum of the part does not match".into()));
+        std::io::copy(&mut counting, &mut std::io::sink()).map_err(|e| corrupt(e.to_string()))?;
+        let n = counting.count;
+        drop(counting);
+        let (tn, _) = payload.trailer().map_err(|e| corrupt(e.to_string()))?;
+        if n != tn {
+            return Err(corrupt(format!("the part holds {n} bytes of tar, its trailer says {tn}")));
         }
     }
     Ok(written)
@@ -1058,10 +1147,13 @@ pub async fn fetch(
     }
     let expected: Arc<HashMap<String, FileEntry>> =
         Arc::new(manifest.files.iter().map(|f| (f.path.clone(), f.clone())).collect());
+    let syncer = Syncer::start(4);
+    let fsync = syncer.sender();
     let results: Vec<Result<Vec<String>, BackupError>> = futures::stream::iter(manifest.parts.clone())
         .map(|part| {
             let (repo, expected, progress, dest) =
                 (repo.clone(), expected.clone(), progress.clone(), dest.to_path_buf());
+            let fsync = fsync.clone();
             async move {
                 let mut stream = repo.store().get_stream(&part.key).await?;
                 let (tx, rx) = mpsc::channel(4);
@@ -1075,7 +1167,7 @@ pub async fn fetch(
                 });
                 let key = part.key.clone();
                 let r = tokio::task::spawn_blocking(move || {
-                    extract_part(&key, ChannelReader { rx, cur: Bytes::new() }, &dest, &expected, &progress)
+                    extract_part(&key, ChannelReader { rx, cur: Bytes::new() }, &dest, &expected, &progress, &fsync)
                 })
                 .await
                 .expect("extract task panicked");
@@ -1086,10 +1178,13 @@ pub async fn fetch(
         .buffer_unordered(parallel.max(1))
         .collect()
         .await;
+    drop(fsync);
+    let synced = crate::repo::cpu(move || syncer.finish()).await;
     let mut seen = std::collections::HashSet::new();
     for r in results {
         seen.extend(r?);
     }
+    synced.map_err(io_ctx(format!("fsync the files restored into {}", dest.display())))?;
     if let Some(missing) = manifest.files.iter().find(|f| !seen.contains(&f.path)) {
         return Err(BackupError::Corrupt { key: missing.part.clone(), reason: format!("{} is missing", missing.path) });
     }
@@ -1097,6 +1192,13 @@ pub async fn fetch(
         let p = dest.join(d);
         std::fs::create_dir_all(&p).map_err(io_ctx(format!("create {}", p.display())))?;
     }
+    // Durable before anything else is written: the files are synced (above), now every directory.
+    let root = dest.to_path_buf();
+    let files: Vec<String> = manifest.files.iter().map(|f| f.path.clone()).collect();
+    crate::repo::cpu(move || sync_dirs(&root, &files))
+        .await
+        .map_err(io_ctx(format!("fsync the files restored into {}", dest.display())))?;
+
     crate::wal::write_durably(&dest.join("backup_label"), &Bytes::from(manifest.backup_label.clone()))
         .await
         .map_err(|e| BackupError::Invalid(e.to_string()))?;
