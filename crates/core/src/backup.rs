@@ -953,6 +953,28 @@ fn safe_relative(p: &Path) -> bool {
     p.components().all(|c| matches!(c, Component::Normal(_))) && p.components().next().is_some()
 }
 
+/// Reads what another thread sends, chunk by chunk; the sender hanging up is the end.
+struct QueueReader {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for QueueReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(chunk) => (self.cur, self.pos) = (chunk?, 0),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 struct CountingReader<R> {
     inner: R,
     count: u64,
@@ -1048,14 +1070,42 @@ fn extract_part(
     let mut payload = PayloadReader::new(reader).map_err(|e| corrupt(e.to_string()))?;
     let codecs = payload.codecs.clone();
     let mut written = Vec::new();
-    {
-        let decompressed = envelope::decompressor(std::io::BufReader::with_capacity(1 << 20, &mut payload), &codecs)
-            .map_err(|e| corrupt(e.to_string()))?;
+    let payload_ref = &mut payload;
+    let n = std::thread::scope(|scope| -> Result<u64, BackupError> {
+        // Decompression runs on its own thread, a few MiB ahead of this one (which checksums and
+        // writes): a part whose sibling parts are done still uses two cores.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(4);
+        scope.spawn(move || {
+            let mut decompressed =
+                match envelope::decompressor(std::io::BufReader::with_capacity(1 << 20, payload_ref), &codecs) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string())));
+                        return;
+                    }
+                };
+            loop {
+                let mut buf = Vec::with_capacity(1 << 20);
+                let r = (&mut decompressed).take(1 << 20).read_to_end(&mut buf).map(|_| buf);
+                match r {
+                    Ok(b) if b.is_empty() => return, // the end: the receiver sees the hang-up
+                    Ok(b) => {
+                        if tx.send(Ok(b)).is_err() {
+                            return; // the extraction stopped
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
         // Counts, does not hash: every file's content is checked against its SHA-256 in the
         // (itself checksummed) manifest, tar headers are checked by the parser and against the
         // manifest's paths and sizes, and nothing else in the tar is written. Hashing the whole
         // part again would add a second SHA-256 pass over every restored byte.
-        let mut counting = CountingReader { inner: decompressed, count: 0 };
+        let mut counting = CountingReader { inner: QueueReader { rx, cur: Vec::new(), pos: 0 }, count: 0 };
         {
             let mut archive = tar::Archive::new(&mut counting);
             for entry in archive.entries().map_err(|e| corrupt(e.to_string()))? {
@@ -1103,12 +1153,11 @@ fn extract_part(
             }
         }
         std::io::copy(&mut counting, &mut std::io::sink()).map_err(|e| corrupt(e.to_string()))?;
-        let n = counting.count;
-        drop(counting);
-        let (tn, _) = payload.trailer().map_err(|e| corrupt(e.to_string()))?;
-        if n != tn {
-            return Err(corrupt(format!("the part holds {n} bytes of tar, its trailer says {tn}")));
-        }
+        Ok(counting.count)
+    })?;
+    let (tn, _) = payload.trailer().map_err(|e| corrupt(e.to_string()))?;
+    if n != tn {
+        return Err(corrupt(format!("the part holds {n} bytes of tar, its trailer says {tn}")));
     }
     Ok(written)
 }
