@@ -5,7 +5,7 @@
 #   - decodes every completed segment with `walnut wal-inspect` (decoder MB/s, per-segment ms);
 #   - pushes each segment with `walnut wal-push` to a fresh file:// repository (upload_ahead 0)
 #     and reports median push latency and the share of it spent decoding.
-# Figures, not pass/fail. Usage: bash bench/decode.sh [pgbench scale, default 10]
+# Figures, not pass/fail. Usage: [PORT=54333] bash bench/decode.sh [pgbench scale, default 10]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scale=${1:-10}
@@ -17,7 +17,7 @@ run_pg() { if [ "$(id -u)" = 0 ]; then setpriv --reuid=postgres --regid=postgres
 cleanup() { run_pg "$bindir/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$work"; }
 trap cleanup EXIT
 [ "$(id -u)" = 0 ] && chown postgres "$work"
-port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+port=${PORT:-54333}
 run_pg "$bindir/initdb" -D "$work/data" -U postgres --auth=trust --no-sync >/dev/null
 cat >> "$work/data/postgresql.conf" <<CONF
 port = $port
@@ -41,10 +41,8 @@ echo "walnut decode benchmark: $n segments of pgbench WAL (scale $scale), $(npro
 echo
 echo "== decoder (walnut wal-inspect) =="
 (cd "$work/segs/pg_wal" && "$walnut" wal-inspect $(ls)) | tail -1
-decode_ms=$(cd "$work/segs/pg_wal" && "$walnut" --json wal-inspect $(ls) | python3 -c '
-import sys, json, statistics
-ms = [json.loads(l)["decode_ms"] for l in sys.stdin if l.startswith("{")]
-print(f"{statistics.median(ms):.1f}")')
+decode_ms=$(cd "$work/segs/pg_wal" && "$walnut" --json wal-inspect $(ls) | grep -o '"decode_ms": *[0-9.]*' \
+  | sed 's/.*: *//' | sort -g | awk '{a[NR] = $1} END {printf "%.1f", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}')
 echo "median decode time per 16 MiB segment: ${decode_ms} ms"
 echo
 echo "== wal-push to file:// (upload_ahead = 0), each call a new process =="
@@ -55,4 +53,4 @@ push_ms=$(for f in $(ls "$work/segs/pg_wal"); do
   echo $(( (e - s) / 1000000 ))
 done | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
 echo "median wal-push latency: ${push_ms} ms per segment"
-python3 -c "print(f'decoding share of wal-push: {float(\"$decode_ms\") / max(float(\"$push_ms\"), 1e-9) * 100:.1f}% (push without decoding ~ {float(\"$push_ms\") - float(\"$decode_ms\"):.1f} ms)')"
+awk -v d="$decode_ms" -v p="$push_ms" 'BEGIN {printf "decoding share of wal-push: %.1f%% (push without decoding ~ %.1f ms)\n", d / (p > 0 ? p : 1e-9) * 100, p - d}'
