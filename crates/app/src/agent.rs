@@ -287,17 +287,11 @@ fn load_persisted(path: &std::path::Path, base: &Settings) -> Settings {
         .unwrap_or_else(|| base.clone())
 }
 
-async fn settings_get(State(a): State<Arc<Agent>>, h: HeaderMap) -> Response {
-    if !a.authorized(&h) {
-        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+async fn settings_get(State(a): State<Arc<Agent>>) -> Response {
     Json(a.settings.read().await.clone()).into_response()
 }
 
-async fn settings_patch(State(a): State<Arc<Agent>>, h: HeaderMap, body: axum::body::Bytes) -> Response {
-    if !a.authorized(&h) {
-        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+async fn settings_patch(State(a): State<Arc<Agent>>, body: axum::body::Bytes) -> Response {
     let v = match parse_json(&body) {
         Ok(v) => v,
         Err(r) => return *r,
@@ -320,20 +314,14 @@ async fn settings_patch(State(a): State<Arc<Agent>>, h: HeaderMap, body: axum::b
     Json(new).into_response()
 }
 
-async fn backups_get(State(a): State<Arc<Agent>>, h: HeaderMap) -> Response {
-    if !a.authorized(&h) {
-        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+async fn backups_get(State(a): State<Arc<Agent>>) -> Response {
     match backup::list(&a.repo).await {
         Ok(l) => Json(l).into_response(),
         Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
-async fn backups_post(State(a): State<Arc<Agent>>, h: HeaderMap, body: axum::body::Bytes) -> Response {
-    if !a.authorized(&h) {
-        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+async fn backups_post(State(a): State<Arc<Agent>>, body: axum::body::Bytes) -> Response {
     let req: NewBackup = if body.is_empty() {
         NewBackup { name: None }
     } else {
@@ -366,10 +354,7 @@ async fn backups_post(State(a): State<Arc<Agent>>, h: HeaderMap, body: axum::bod
     }
 }
 
-async fn backup_get(State(a): State<Arc<Agent>>, h: HeaderMap, UrlPath(reference): UrlPath<String>) -> Response {
-    if !a.authorized(&h) {
-        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+async fn backup_get(State(a): State<Arc<Agent>>, UrlPath(reference): UrlPath<String>) -> Response {
     match backup::resolve(&a.repo, &reference).await {
         Ok(m) => Json(backup::ManifestSummary::from(&m)).into_response(),
         Err(e @ backup::BackupError::NotFound(_)) => err(StatusCode::NOT_FOUND, e.to_string()),
@@ -398,10 +383,7 @@ async fn archiver(ctx: &Ctx) -> Result<Archiver> {
     Ok(Archiver { archived: r.get(0), failed: r.get(1), failing: r.get(2), lag_seconds: r.get(3) })
 }
 
-async fn health(State(a): State<Arc<Agent>>, h: HeaderMap) -> Response {
-    if !a.authorized(&h) {
-        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+async fn health(State(a): State<Arc<Agent>>) -> Response {
     let mut reasons = Vec::new();
     match archiver(&a.ctx).await {
         Ok(ar) if ar.failing => reasons.push("archiving is failing (pg_stat_archiver)".to_string()),
@@ -428,91 +410,101 @@ async fn health(State(a): State<Arc<Agent>>, h: HeaderMap) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics(State(a): State<Arc<Agent>>, h: HeaderMap) -> Response {
-    if !a.authorized(&h) {
-        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+async fn metrics(State(a): State<Arc<Agent>>) -> Response {
+    const GAUGE: &str = "gauge";
+    const COUNTER: &str = "counter";
+    // (name, help, type, value), in exposition order.
+    let mut samples: Vec<(&str, &str, &str, String)> = Vec::new();
     let m = a.metrics.lock().await;
-    let mut out = String::new();
-    let mut metric = |name: &str, help: &str, kind: &str, value: String| {
-        out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
-    };
-    let now = chrono::Utc::now();
     if let Some(t) = m.last_backup_end {
-        metric(
+        let age = (chrono::Utc::now() - t).num_seconds();
+        samples.push((
             "walnut_last_backup_timestamp_seconds",
             "End of the last successful backup.",
-            "gauge",
+            GAUGE,
             t.timestamp().to_string(),
-        );
-        metric(
-            "walnut_last_backup_age_seconds",
-            "Age of the last successful backup.",
-            "gauge",
-            (now - t).num_seconds().to_string(),
-        );
+        ));
+        samples.push(("walnut_last_backup_age_seconds", "Age of the last successful backup.", GAUGE, age.to_string()));
     }
-    metric(
-        "walnut_last_backup_duration_seconds",
-        "Duration of the last successful backup.",
-        "gauge",
-        format!("{:.3}", m.last_backup_duration),
-    );
-    metric(
-        "walnut_last_backup_bytes",
-        "Data size of the last successful backup.",
-        "gauge",
-        m.last_backup_bytes.to_string(),
-    );
-    metric(
-        "walnut_scheduled_backup_failures_total",
-        "Failed scheduled backups.",
-        "counter",
-        m.scheduled_failures.to_string(),
-    );
-    metric(
-        "walnut_retention_deletions_total",
-        "Backups deleted by retention.",
-        "counter",
-        m.retention_deletions.to_string(),
-    );
-    metric(
-        "walnut_retention_runs_total",
-        "Completed retention runs (after each scheduled backup and every retention_interval).",
-        "counter",
-        m.retention_runs.to_string(),
-    );
-    metric("walnut_retention_failures_total", "Failed retention runs.", "counter", m.retention_failures.to_string());
+    samples.extend([
+        (
+            "walnut_last_backup_duration_seconds",
+            "Duration of the last successful backup.",
+            GAUGE,
+            format!("{:.3}", m.last_backup_duration),
+        ),
+        (
+            "walnut_last_backup_bytes",
+            "Data size of the last successful backup.",
+            GAUGE,
+            m.last_backup_bytes.to_string(),
+        ),
+        (
+            "walnut_scheduled_backup_failures_total",
+            "Failed scheduled backups.",
+            COUNTER,
+            m.scheduled_failures.to_string(),
+        ),
+        (
+            "walnut_retention_deletions_total",
+            "Backups deleted by retention.",
+            COUNTER,
+            m.retention_deletions.to_string(),
+        ),
+        (
+            "walnut_retention_runs_total",
+            "Completed retention runs (after each scheduled backup and every retention_interval).",
+            COUNTER,
+            m.retention_runs.to_string(),
+        ),
+        ("walnut_retention_failures_total", "Failed retention runs.", COUNTER, m.retention_failures.to_string()),
+    ]);
     drop(m);
     if let Ok(ar) = archiver(&a.ctx).await {
-        metric(
+        samples.push((
             "walnut_wal_archived_total",
             "WAL files archived (pg_stat_archiver).",
-            "counter",
+            COUNTER,
             ar.archived.to_string(),
-        );
-        metric(
+        ));
+        samples.push((
             "walnut_wal_failed_total",
             "Failed archive attempts (pg_stat_archiver).",
-            "counter",
+            COUNTER,
             ar.failed.to_string(),
-        );
+        ));
         if ar.lag_seconds >= 0.0 {
-            metric(
+            samples.push((
                 "walnut_archive_lag_seconds",
                 "Seconds since the last archived WAL file.",
-                "gauge",
+                GAUGE,
                 format!("{:.1}", ar.lag_seconds),
-            );
+            ));
         }
     }
     if let Some(pgdata) = &a.ctx.config.pgdata
         && let Ok(rd) = std::fs::read_dir(pgdata.join("pg_wal/archive_status"))
     {
         let ready = rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".ready")).count();
-        metric("walnut_ready_backlog", "WAL files waiting to be archived.", "gauge", ready.to_string());
+        samples.push(("walnut_ready_backlog", "WAL files waiting to be archived.", GAUGE, ready.to_string()));
     }
+    let out: String = samples
+        .iter()
+        .map(|(name, help, kind, value)| format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"))
+        .collect();
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Every route needs the bearer token when one is configured (401 otherwise).
+async fn require_token(
+    State(a): State<Arc<Agent>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !a.authorized(req.headers()) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    next.run(req).await
 }
 
 fn is_loopback(addr: &SocketAddr) -> bool {
@@ -561,6 +553,7 @@ pub async fn run(ctx: Ctx, listen: Option<String>) -> Result<()> {
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY + 1))
+        .layer(axum::middleware::from_fn_with_state(agent.clone(), require_token))
         .with_state(agent.clone());
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
     tracing::info!("walnut agent listening on http://{}", listener.local_addr()?);

@@ -169,6 +169,11 @@ fn agent_schedules_serves_the_api_and_keeps_settings() {
     assert_eq!(http(port2, "GET", "/v1/settings", "", None).0, 401);
     assert_eq!(http(port2, "GET", "/v1/settings", "", Some("wrong")).0, 401);
     assert_eq!(http(port2, "GET", "/v1/settings", "", Some("s3cret-token")).0, 200);
+    for (method, path) in [("GET", "/metrics"), ("GET", "/v1/health"), ("GET", "/v1/backups"), ("POST", "/v1/backups")]
+    {
+        assert_eq!(http(port2, method, path, "", None).0, 401, "{method} {path} without the token");
+    }
+    assert_eq!(http(port2, "GET", "/metrics", "", Some("s3cret-token")).0, 200);
 }
 
 #[test]
