@@ -591,3 +591,120 @@ fn tablespaces_and_a_standby_that_follows_the_archive() {
     let o = s.psql("INSERT INTO t VALUES (0)");
     assert!(!o.status.success() && stderr(&o).contains("read-only"), "a standby is read-only: {}", stderr(&o));
 }
+
+/// A point-in-time restore that stops mid-segment and keeps archiving (`--archive`): timeline 2's
+/// first segment begins with pages copied from timeline 1 up to the switch point. It must archive
+/// (wal-push refused it before: archiving stopped for good and pg_wal filled), and a second restore
+/// follows timeline 2 through it.
+#[test]
+fn mid_segment_promotion_keeps_archiving() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE t(x int)");
+    assert_ok(&backup_push(&env, &pg, None), "backup-push");
+    pg.sql("INSERT INTO t SELECT generate_series(1, 5)");
+    sleep(1100);
+    let t1 = now_utc();
+    sleep(1100);
+    pg.sql("INSERT INTO t SELECT generate_series(6, 10)");
+    flush_archive(&pg);
+
+    let (_d, dest) = restore_dir("mid-segment");
+    let o = restore(&env, &dest, &["--target-time", &t1, "--archive", "--start"]);
+    assert_ok(&o, "restore --target-time --archive --start");
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "5");
+    assert_eq!(r.sql("SELECT timeline_id FROM pg_control_checkpoint()"), "2");
+    r.sql("INSERT INTO t SELECT generate_series(100, 104)");
+    sleep(1100);
+    let t2 = now_utc();
+    sleep(1100);
+    r.sql("INSERT INTO t SELECT generate_series(200, 204)");
+    let seg = r.sql("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(seg.starts_with("00000002"), "{seg}");
+    // This is the case under test: the segment's first page still says timeline 1.
+    let head = std::fs::read(dest.join("pg_wal").join(&seg)).unwrap();
+    assert_eq!(u32::from_le_bytes(head[4..8].try_into().unwrap()), 1, "{seg} starts with timeline 1's pages");
+    let key = env.dir.path().join("repo").join(wal_key(&seg));
+    PgCluster::wait_for(&format!("{seg} to be archived"), WAIT, || key.exists());
+    drop(r);
+
+    let (_d2, dest2) = restore_dir("follows-timeline-2");
+    assert_ok(&restore(&env, &dest2, &["--target-time", &t2, "--start"]), "restore on timeline 2");
+    let r = Restored::from_dir(&dest2);
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "10", "timeline 1 to the switch, then timeline 2's first insert");
+    assert_eq!(r.sql("SELECT count(*) FROM t WHERE x >= 200"), "0");
+    drop(r);
+    assert_ok(&env.walnut(&["wal-verify"]), "wal-verify across the mid-segment switch");
+}
+
+/// Starts a restored (not yet started) data directory and waits until it accepts writes.
+fn start_restored(dest: &std::path::Path) -> Restored {
+    let r = Restored::from_dir(dest);
+    let out = walnut_testkit::pg::as_postgres(&r.bindir.join("pg_ctl"))
+        .arg("-D")
+        .arg(dest)
+        .arg("-l")
+        .arg(dest.join("test-start.log"))
+        .args(["-w", "-t", "60", "start"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pg_ctl start: {}{}", stdout(&out), stderr(&out));
+    PgCluster::wait_for("recovery to finish", WAIT, || {
+        r.psql("SELECT pg_is_in_recovery()").status.success() && r.sql("SELECT pg_is_in_recovery()") == "f"
+    });
+    r
+}
+
+/// A time after the last archived commit is the end of the archive *as planned*: the segment with
+/// the DROP, archived between planning and the start (as archive_timeout does), is not replayed.
+/// And when walnut can reach the primary, commits it has not archived yet are archived first, so
+/// the target is exact.
+#[test]
+fn a_disaster_archived_after_planning_is_not_replayed() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE precious AS SELECT generate_series(1, 5) AS x");
+    assert_ok(&backup_push(&env, &pg, None), "backup-push");
+    pg.sql("INSERT INTO precious VALUES (6)");
+    flush_archive(&pg);
+    sleep(1100);
+    let t = now_utc();
+    sleep(1100);
+    pg.sql("DROP TABLE precious");
+
+    // The primary is out of reach (no connection settings): the end of the archive is pinned.
+    let (_d, dest) = restore_dir("pinned");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let o = restore(&env, &dest, &["--target-time", &t, "--port", &port]);
+    assert_ok(&o, "restore --target-time after the last archived commit");
+    assert!(stdout(&o).contains("not replayed"), "{}", stdout(&o));
+    flush_archive(&pg); // the DROP reaches the archive before the restored cluster starts
+    let r = start_restored(&dest);
+    assert_eq!(r.sql("SELECT count(*) FROM precious"), "6", "the DROP archived after planning is not replayed");
+    r.sql("INSERT INTO precious VALUES (7)");
+    drop(r);
+
+    // Reachable primary: a commit before the target that is not archived yet is archived first.
+    pg.sql("CREATE TABLE later AS SELECT 1 AS x");
+    flush_archive(&pg);
+    pg.sql("INSERT INTO later VALUES (2)");
+    sleep(1100);
+    let t2 = now_utc();
+    sleep(1100);
+    pg.sql("DROP TABLE later");
+    let (_d2, dest2) = restore_dir("caught-up");
+    let o = std::process::Command::new(walnut_bin())
+        .arg("--config")
+        .arg(&env.config)
+        .args(["restore", dest2.to_str().unwrap(), "--target-time", &t2, "--start"])
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", pg.port.to_string())
+        .env("PGUSER", "postgres")
+        .output()
+        .unwrap();
+    assert_ok(&o, "restore with the primary reachable");
+    assert!(stdout(&o).contains("switched WAL"), "{}", stdout(&o));
+    let r = Restored::from_dir(&dest2);
+    assert_eq!(r.sql("SELECT count(*) FROM later"), "2", "the unarchived commit before the target is restored");
+}

@@ -175,12 +175,15 @@ fn invalid_segments_are_refused() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("the file name says"), "{}", stderr(&o));
 
-    // Another timeline in the name than in the header.
-    let other_tli = format!("00000007{}", &seg[8..]);
-    std::fs::write(pg_wal.join(&other_tli), &good).unwrap();
+    // A later timeline in the header than in the name. (An earlier one is valid: the head of a
+    // new timeline's first segment is copied from the old timeline; see restore.rs.)
+    let other_tli = format!("{}{:08X}", &seg[..16], u32::from_str_radix(&seg[16..], 16).unwrap() + 101);
+    let mut later = good.clone();
+    later[4..8].copy_from_slice(&7u32.to_le_bytes());
+    std::fs::write(pg_wal.join(&other_tli), &later).unwrap();
     let o = env.walnut(&["wal-push", pg_wal.join(&other_tli).to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("timeline"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("timeline 7, after the file name's timeline 1"), "{}", stderr(&o));
 
     // Not WAL at all.
     std::fs::write(pg_wal.join(&next), vec![0x42u8; good.len()]).unwrap();

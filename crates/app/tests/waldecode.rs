@@ -101,6 +101,13 @@ fn decoder_agrees_with_pg_waldump() {
             ours.insert(walrec::RMGR_NAMES.get(id).unwrap_or(&"?").to_string(), *n);
         }
         assert_eq!(ours, theirs, "records per resource manager in {}", w[0]);
+        // The last record that begins here: where a pinned recovery target (inclusive) points.
+        let their_last: Option<Lsn> = dump
+            .lines()
+            .filter(|l| l.starts_with("rmgr:"))
+            .filter_map(|l| l.split("lsn: ").nth(1)?.split(',').next()?.trim().parse().ok())
+            .next_back();
+        assert_eq!(d.last_record, their_last, "the last record beginning in {}", w[0]);
         let our_commits: Vec<String> = d
             .events
             .iter()

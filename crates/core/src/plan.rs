@@ -9,7 +9,10 @@
 //! the time each segment was stored (a commit in a segment happened before the segment was
 //! archived). A time target after the newest archived segment, on an archive with no gap, is the
 //! end of the archive: the plan recovers to it instead of letting PostgreSQL fail with "recovery
-//! ended before configured recovery target was reached".
+//! ended before configured recovery target was reached". That end is pinned to the last record
+//! archived *when the plan was made* ([`RecoveryTarget::PinnedEnd`]): WAL archived between planning
+//! and replay (the disaster's own segment, pushed by `archive_timeout`) is never replayed into a
+//! point-in-time restore.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -85,6 +88,9 @@ pub struct Request {
 pub enum RecoveryTarget {
     /// Replay everything archived.
     EndOfArchive,
+    /// The end of the archive as it was when the plan was made: replay up to and including the
+    /// record that begins at this LSN (the last whole record archived then), nothing after it.
+    PinnedEnd(String),
     Time(DateTime<Utc>),
     Name(String),
     Lsn(String),
@@ -441,12 +447,27 @@ pub fn plan(
                         missing_name(SegNo(last_seg.0 + 1))
                     )));
                 }
+                // Pin the end: the last whole record of the last archived segment (summaries
+                // record it). Without one, only the unpinned end of the archive is possible.
+                let last_summary = inv.summary(tli_for(&path, last_seg, seg), last_seg);
+                let pin = last_summary
+                    .and_then(|_| sums.iter().filter_map(|x| x.last_record.as_deref()?.parse::<Lsn>().ok()).max());
                 notes.push(format!(
-                    "{} is after the last archived transaction ({}): that is the end of the archive, so walnut recovers to it",
+                    "{} is after the last archived transaction ({}): that is the end of the archive, so walnut recovers to it{}",
                     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    last_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    last_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    match pin {
+                        Some(l) => format!(" as it is now (up to the record at {l}; WAL archived later is not replayed)"),
+                        None => format!(
+                            " (the summary of {} does not say where its last record begins, so WAL archived after this plan would be replayed too)",
+                            missing_name(last_seg)
+                        ),
+                    }
                 ));
-                RecoveryTarget::EndOfArchive
+                match pin {
+                    Some(l) => RecoveryTarget::PinnedEnd(l.to_string()),
+                    None => RecoveryTarget::EndOfArchive,
+                }
             } else {
                 RecoveryTarget::Time(*t)
             }
@@ -542,8 +563,8 @@ mod tests {
     fn time_after_the_archive_is_the_end_of_the_archive_unless_there_is_a_gap() {
         let b = [backup("A", 1, 2, 2)];
         let p = plan(&b, &inv(&[(1, 2, 10)]), SEG, &req(Target::Time(t(50))), t(100)).unwrap();
-        assert_eq!(p.recovery_target, RecoveryTarget::EndOfArchive);
-        assert!(p.notes[0].contains("end of the archive"));
+        assert_eq!(p.recovery_target, RecoveryTarget::EndOfArchive, "no summaries: nothing to pin to");
+        assert!(p.notes[0].contains("end of the archive") && p.notes[0].contains("would be replayed"), "{:?}", p.notes);
         // With summaries, the last commit decides: a target after it is the end of the archive.
         let mut with = inv(&[(1, 2, 10)]);
         let mut sum = crate::summary::SegmentSummary {
@@ -558,8 +579,20 @@ mod tests {
             lsn: Lsn(seg_lsn(3).0 + 0x50).to_string(),
         });
         with.summaries.entry(TimelineId(1)).or_default().insert(SegNo(3), sum);
+        // Summaries without the last segment's: not pinned.
         let p = plan(&b, &with, SEG, &req(Target::Time(t(6))), t(100)).unwrap();
         assert_eq!(p.recovery_target, RecoveryTarget::EndOfArchive);
+        // With it: pinned to the last record archived now, so later WAL is not replayed.
+        let mut pinned = with.clone();
+        let last = crate::summary::SegmentSummary {
+            last_record: Some(Lsn(seg_lsn(10).0 + 0x1234).to_string()),
+            ..Default::default()
+        };
+        pinned.summaries.entry(TimelineId(1)).or_default().insert(SegNo(10), last);
+        let p = plan(&b, &pinned, SEG, &req(Target::Time(t(6))), t(100)).unwrap();
+        assert_eq!(p.recovery_target, RecoveryTarget::PinnedEnd(Lsn(seg_lsn(10).0 + 0x1234).to_string()));
+        assert!(p.notes[0].contains("not replayed"), "{:?}", p.notes);
+        assert_eq!(p.last_segment_lsn, seg_lsn(10).to_string());
         let p = plan(&b, &with, SEG, &req(Target::Time(t(3))), t(100)).unwrap();
         assert_eq!(p.recovery_target, RecoveryTarget::Time(t(3)));
         let p = plan(&b, &with, SEG, &req(Target::Name("rp".into())), t(100)).unwrap();

@@ -28,6 +28,10 @@ pub struct SegmentSummary {
     /// Timeline switches recorded here (end-of-recovery records): the new timeline.
     pub new_timelines: Vec<u32>,
     pub end_of_valid_wal: String,
+    /// Where the last whole record that begins in this segment begins (absent in summaries made
+    /// before walnut recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_record: Option<String>,
     /// How decoding ended: switch, continues, segment_end, zeros.
     pub end: String,
 }
@@ -49,6 +53,7 @@ pub fn summarize(seg: &[u8], start: Lsn) -> Result<SegmentSummary, String> {
     let mut s = SegmentSummary {
         records: d.records,
         end_of_valid_wal: d.end_of_valid.to_string(),
+        last_record: d.last_record.map(|l| l.to_string()),
         end: end.into(),
         ..Default::default()
     };

@@ -1,8 +1,15 @@
 //! WAL page headers, and the check every segment passes before walnut archives it.
 //!
 //! A segment is accepted only when its size is the segment size its own long page header declares,
-//! the header's magic names a supported PostgreSQL version, and the header's timeline and address
-//! match the file name. This rejects truncated files, files renamed by hand and foreign files.
+//! the header's magic names a supported PostgreSQL version, its address matches the file name, and
+//! its timeline is the file name's or an earlier one. This rejects truncated files, files renamed
+//! by hand and foreign files.
+//!
+//! Why an earlier timeline is valid: when a timeline ends in the middle of a segment (a promotion,
+//! a point-in-time recovery that stops mid-segment), PostgreSQL starts the new timeline's first
+//! segment as a copy of the old one up to the switch point, so its first pages keep the old
+//! timeline in their headers. PostgreSQL itself accepts a page timeline at or below the segment's
+//! (and checks it against the timeline history when it reads the segment back).
 
 use crate::SystemId;
 use crate::lsn::{Lsn, SegNo, TimelineId, WalSegSize};
@@ -101,7 +108,10 @@ pub enum SegmentError {
         "{name}: the file is {len} bytes but WAL segments of this cluster are {expected} bytes: truncated or padded"
     )]
     WrongLength { name: String, len: usize, expected: u64 },
-    #[error("{name}: the page header says timeline {header}, the file name says timeline {named}")]
+    #[error(
+        "{name}: the page header says timeline {header}, after the file name's timeline {named} (a segment's pages \
+         can only carry its own timeline or an earlier one): not this segment, or corrupt"
+    )]
     TimelineMismatch { name: String, header: u32, named: u32 },
     #[error("{name}: the page header says the segment starts at {header}, the file name says {named}")]
     AddressMismatch { name: String, header: Lsn, named: Lsn },
@@ -126,7 +136,8 @@ pub fn check_segment(name: SegName, data: &[u8]) -> Result<SegmentCheck, Segment
     if data.len() as u64 != seg_size.bytes() {
         return Err(SegmentError::WrongLength { name: n(), len: data.len(), expected: seg_size.bytes() });
     }
-    if std.tli != name.tli {
+    // The copied head of a new timeline's first segment carries the old timeline (module docs).
+    if std.tli.0 == 0 || std.tli > name.tli {
         return Err(SegmentError::TimelineMismatch { name: n(), header: std.tli.0, named: name.tli.0 });
     }
     let segno = name.segno(seg_size);
@@ -177,6 +188,17 @@ mod tests {
         assert_eq!(c.segno, SegNo(259));
     }
 
+    /// A new timeline's first segment, copied from the old timeline up to a mid-segment switch point,
+    /// starts with pages of the old timeline: that is valid WAL.
+    #[test]
+    fn accepts_an_earlier_timeline_in_a_new_timelines_first_segment() {
+        let old = seg("000000010000000100000003");
+        let data = synthetic_segment(old, SystemId(42), WalSegSize::DEFAULT);
+        let c = check_segment(seg("000000020000000100000003"), &data).unwrap();
+        assert_eq!(c.segno, SegNo(259));
+        assert!(check_segment(seg("000000070000000100000003"), &data).is_ok());
+    }
+
     #[test]
     fn refuses_truncated_renamed_and_foreign_files() {
         let name = seg("000000020000000100000003");
@@ -189,8 +211,11 @@ mod tests {
         ));
         assert!(matches!(
             check_segment(seg("000000010000000100000003"), &data),
-            Err(SegmentError::TimelineMismatch { .. })
+            Err(SegmentError::TimelineMismatch { header: 2, named: 1, .. })
         ));
+        let mut tli0 = data.clone();
+        tli0[4..8].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(check_segment(name, &tli0), Err(SegmentError::TimelineMismatch { header: 0, .. })));
         let mut foreign = data.clone();
         foreign[0] = 0x13;
         assert!(matches!(check_segment(name, &foreign), Err(SegmentError::UnknownMagic { .. })));

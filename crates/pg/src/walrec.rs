@@ -112,6 +112,9 @@ pub struct Decoded {
     pub events: Vec<Event>,
     /// The end of valid WAL: just after the last valid record.
     pub end_of_valid: Lsn,
+    /// Where the last record that begins in this segment and validated whole begins (a recovery
+    /// target LSN there, inclusive, is reached by replaying exactly what this segment completes).
+    pub last_record: Option<Lsn>,
     pub end: End,
     /// What was wrong, when `end` is `Invalid`.
     pub invalid_reason: Option<String>,
@@ -345,6 +348,7 @@ pub fn decode_segment(seg: &[u8], seg_start: Lsn, next: Option<&[u8]>) -> Decode
         per_rmgr: [0; 256],
         events: Vec::new(),
         end_of_valid: seg_start,
+        last_record: None,
         end: End::Invalid,
         invalid_reason: None,
     };
@@ -444,6 +448,7 @@ pub fn decode_segment(seg: &[u8], seg_start: Lsn, next: Option<&[u8]>) -> Decode
         d.records += 1;
         d.per_rmgr[rmid as usize] += 1;
         d.end_of_valid = Lsn(after);
+        d.last_record = Some(Lsn(start));
         if let Some(e) = event(rmid, info, xid, &rec, Lsn(start)) {
             let switch = matches!(e, Event::Switch { .. });
             d.events.push(e);

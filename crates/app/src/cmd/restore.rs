@@ -143,13 +143,14 @@ fn recovery_settings(ctx: &Ctx, a: &RestoreArgs, p: &Plan, port: Option<u16>) ->
             s.push(("recovery_target_time".into(), quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())))
         }
         RecoveryTarget::Name(n) => s.push(("recovery_target_name".into(), quote(n))),
-        RecoveryTarget::Lsn(l) => s.push(("recovery_target_lsn".into(), quote(l))),
+        RecoveryTarget::Lsn(l) | RecoveryTarget::PinnedEnd(l) => s.push(("recovery_target_lsn".into(), quote(l))),
         RecoveryTarget::Xid(x) => s.push(("recovery_target_xid".into(), quote(&x.to_string()))),
         RecoveryTarget::Immediate => s.push(("recovery_target".into(), quote("immediate"))),
     }
     if !a.standby && p.recovery_target != RecoveryTarget::EndOfArchive {
         s.push(("recovery_target_action".into(), quote(&a.target_action)));
-        if a.exclusive {
+        // The pinned end includes its last record: --exclusive is about the user's target.
+        if a.exclusive && !matches!(p.recovery_target, RecoveryTarget::PinnedEnd(_)) {
             s.push(("recovery_target_inclusive".into(), "off".into()));
         }
     }
@@ -169,6 +170,7 @@ fn recovery_settings(ctx: &Ctx, a: &RestoreArgs, p: &Plan, port: Option<u16>) ->
 fn describe_target(t: &RecoveryTarget) -> String {
     match t {
         RecoveryTarget::EndOfArchive => "the end of the archive".into(),
+        RecoveryTarget::PinnedEnd(l) => format!("the end of the archive as planned (the record at {l})"),
         RecoveryTarget::Time(t) => format!("time {}", t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
         RecoveryTarget::Name(n) => format!("restore point {n:?}"),
         RecoveryTarget::Lsn(l) => format!("LSN {l}"),
@@ -213,12 +215,30 @@ pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
     }
     check_dest(&a.dest)?;
     let repo = ctx.repository()?;
-    let (p, m) = make_plan(&repo, &req).await?;
     let say = |s: String| {
         if !ctx.global.quiet && !ctx.global.json {
             println!("{s}");
         }
     };
+    let (mut p, mut m) = make_plan(&repo, &req).await?;
+    if matches!(p.recovery_target, RecoveryTarget::PinnedEnd(_) | RecoveryTarget::EndOfArchive)
+        && matches!(req.target, Target::Time(_))
+    {
+        // The target is after the last archived commit: is the archive really caught up?
+        match catch_up_with_primary(ctx, &repo).await {
+            CatchUp::Switched(seg) => {
+                say(format!(
+                    "the primary had WAL that was not archived yet: walnut switched WAL and waited until {seg} was archived, and planned again"
+                ));
+                (p, m) = make_plan(&repo, &req).await?;
+            }
+            CatchUp::CaughtUp => say("the primary has no WAL beyond the archive: the archive is caught up".into()),
+            CatchUp::Unknown(why) => say(format!(
+                "note: {why}, so walnut cannot tell whether it holds commits before the target that are not archived yet: \
+                 the restore ends at the end of the archive as it is now"
+            )),
+        }
+    }
     say(format!(
         "plan: backup {}{} (timeline {}, consistent at {}), then WAL to {} on timeline {} ({} segments checked present)",
         p.backup_id,
@@ -283,6 +303,96 @@ pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
         println!("{}", serde_json::json!({"plan": p, "dest": a.dest, "started": true, "port": port}));
     }
     Ok(())
+}
+
+/// What the primary said about WAL not archived yet.
+enum CatchUp {
+    /// Nothing written beyond the archive.
+    CaughtUp,
+    /// It had WAL beyond the archive; a switch was forced and this segment is archived now.
+    Switched(String),
+    /// Could not ask it (why).
+    Unknown(String),
+}
+
+/// When a time target lies after the last archived commit, the primary (when walnut can reach
+/// it: `[postgres] url` or the libpq variables, and it is this repository's cluster) may hold
+/// commits before the target that are not archived yet. If it has WAL beyond the archive, walnut
+/// switches to a new segment and waits (up to `[backup] archive_wait`) until the one holding
+/// those commits is archived, so the plan made next covers them.
+async fn catch_up_with_primary(ctx: &Ctx, repo: &walnut_core::Repository) -> CatchUp {
+    let Ok(cfg) = pgserver::pg_config(ctx.config.pg_url.as_deref()) else {
+        return CatchUp::Unknown("the PostgreSQL connection settings are invalid".into());
+    };
+    let client = match tokio::time::timeout(Duration::from_secs(5), pgserver::connect(&cfg)).await {
+        Ok(Ok(c)) => c,
+        _ => return CatchUp::Unknown("the primary is not reachable from here".into()),
+    };
+    let row = match client
+        .query_one(
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()), pg_is_in_recovery(), \
+             CASE WHEN pg_is_in_recovery() THEN '' ELSE pg_current_wal_lsn()::text END",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return CatchUp::Unknown(format!("the primary did not answer ({})", backup::pg_error(&e))),
+    };
+    let (sysid, in_recovery, current): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
+    let identity = match repo.identity().await {
+        Ok(Some(i)) => i,
+        _ => return CatchUp::Unknown("the repository identity could not be read".into()),
+    };
+    if sysid != identity.system_identifier.to_string() {
+        return CatchUp::Unknown(format!(
+            "the PostgreSQL server walnut reaches is another cluster (system identifier {sysid}), not this repository's primary"
+        ));
+    }
+    if in_recovery {
+        return CatchUp::Unknown("the PostgreSQL server walnut reaches is a standby".into());
+    }
+    let Ok(current) = current.parse::<walnut_pg::Lsn>() else {
+        return CatchUp::Unknown("the primary's WAL position is unreadable".into());
+    };
+    let inv = match walnut_core::wal::inventory(repo, false).await {
+        Ok(i) => i,
+        Err(e) => return CatchUp::Unknown(format!("the archive could not be listed ({e})")),
+    };
+    // The end of the archive on the newest timeline: the start of the segment after its last.
+    let seg = identity.seg_size();
+    let archived_end = inv
+        .segments
+        .iter()
+        .next_back()
+        .and_then(|(_, m)| m.keys().next_back())
+        .map(|s| seg.start_lsn(walnut_pg::SegNo(s.0 + 1)))
+        .unwrap_or_default();
+    // A segment begins with its page header: nothing after it means nothing written.
+    if current.0 <= archived_end.0 + walnut_pg::walpage::SIZE_OF_LONG_PHD as u64 {
+        return CatchUp::CaughtUp;
+    }
+    let switched = client.query_one("SELECT pg_walfile_name(pg_switch_wal())", &[]).await;
+    let name: String = match switched {
+        Ok(r) => r.get(0),
+        Err(e) => return CatchUp::Unknown(format!("the primary refused pg_switch_wal() ({})", backup::pg_error(&e))),
+    };
+    let Ok(key) = walnut_pg::WalFileName::parse(&name).map(|n| walnut_core::layout::wal_key(&n)) else {
+        return CatchUp::Unknown(format!("the primary named an odd WAL file {name:?}"));
+    };
+    let deadline = Instant::now() + ctx.config.backup_archive_wait;
+    loop {
+        match repo.store().head(&key).await {
+            Ok(Some(_)) => return CatchUp::Switched(name),
+            _ if Instant::now() > deadline => {
+                return CatchUp::Unknown(format!(
+                    "the primary has WAL beyond the archive, but {name} was not archived within {} (check pg_stat_archiver)",
+                    humantime::format_duration(ctx.config.backup_archive_wait)
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 fn action_text(a: &RestoreArgs, p: &Plan) -> String {
@@ -354,7 +464,7 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
     let deadline = Instant::now() + Duration::from_secs(3600);
     let mut last_report = Instant::now() - Duration::from_secs(10);
     let target_lsn = match &p.recovery_target {
-        RecoveryTarget::Lsn(l) => l.clone(),
+        RecoveryTarget::Lsn(l) | RecoveryTarget::PinnedEnd(l) => l.clone(),
         _ => p.restorable.latest_lsn.clone(),
     };
     loop {
