@@ -220,15 +220,22 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// The default state directory: `$XDG_STATE_HOME/walnut`, else `~/.local/state/walnut`.
+/// The default state directory: `$XDG_STATE_HOME/walnut`, else `~/.local/state/walnut` (the home
+/// from `$HOME`, else the user's entry in /etc/passwd). Never a shared directory such as /tmp:
+/// with no home at all it is empty, and upload-ahead and prefetch stay off until `state_dir` is set.
 fn default_state_dir() -> PathBuf {
     if let Some(x) = env("XDG_STATE_HOME") {
         return PathBuf::from(x).join("walnut");
     }
-    if let Some(h) = env("HOME") {
-        return PathBuf::from(h).join(".local/state/walnut");
-    }
-    std::env::temp_dir().join("walnut-state")
+    env("HOME").map(PathBuf::from).or_else(home_from_passwd).map(|h| h.join(".local/state/walnut")).unwrap_or_default()
+}
+
+/// The running user's home directory from /etc/passwd.
+fn home_from_passwd() -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").ok()?.uid().to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() > 5 && f[2] == uid).map(|f| f[5].into())
 }
 
 impl Config {

@@ -14,11 +14,21 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     init_logging(&cli);
+    // For wal-fetch, every failure must stop recovery (> 125): exit 1 means "not archived", and
+    // a panic's 101 would be read the same way.
+    let failure = if matches!(cli.command, cli::Command::WalFetch { .. }) { exit::FATAL } else { exit::FAILURE };
+    if failure == exit::FATAL {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            std::process::exit(i32::from(exit::FATAL));
+        }));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("walnut: cannot start the async runtime: {e}");
-            return exit::FAILURE.into();
+            return failure.into();
         }
     };
     let code = runtime.block_on(cmd::run(cli));

@@ -333,3 +333,126 @@ fn file_upload_ahead_and_prefetch() {
 fn s3_upload_ahead_and_prefetch() {
     upload_ahead_and_prefetch(Backend::S3);
 }
+
+/// "Not archived" (exit 1, which PostgreSQL may take as the end of recovery and promote) only
+/// from a repository that is there: a missing or unreadable repository is a failure above 125,
+/// and a read never creates a repository.
+#[test]
+fn wal_fetch_from_a_missing_or_unreadable_repository_stops_recovery() {
+    let env = Env::new(Backend::File);
+    let dest_dir = tempfile::tempdir().unwrap();
+    let dest = dest_dir.path().join("seg");
+    let fatal = |o: &std::process::Output, what: &str| {
+        let code = o.status.code().unwrap_or(0);
+        assert!(code > 125, "{what}: exit {code} (must stop recovery): {}", stderr(o));
+        assert!(!dest.exists(), "{what}: nothing delivered");
+    };
+    // A file:// repository that does not exist: refused, and not created by the read.
+    let missing = env.dir.path().join("no-such-repo");
+    let url = format!("file://{}", missing.display());
+    let o = env.walnut(&["--repo", &url, "wal-fetch", "000000010000000000000001", dest.to_str().unwrap()]);
+    fatal(&o, "missing file:// repository");
+    assert!(stderr(&o).contains("no walnut repository"), "{}", stderr(&o));
+    assert!(!missing.exists(), "a read must not create the repository");
+
+    // An S3 bucket that does not exist.
+    let s3_env = Env::new(Backend::S3);
+    let o = s3_env.walnut(&[
+        "--repo",
+        "s3://no-such-bucket/x",
+        "wal-fetch",
+        "000000010000000000000001",
+        dest.to_str().unwrap(),
+    ]);
+    fatal(&o, "missing S3 bucket");
+
+    // A repository that is there, but whose identity cannot be read.
+    let pg = env.cluster();
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, ARCHIVE_WAIT);
+    let o = env.walnut(&["wal-fetch", "0000000100000000000000FE", dest.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "absent from a repository that is there: {}", stderr(&o));
+    let identity = env.object_path("walnut.json");
+    assert!(identity.exists(), "the identity object is at {}", identity.display());
+    let aside = env.dir.path().join("identity.aside");
+    std::fs::rename(&identity, &aside).unwrap();
+    std::fs::create_dir(&identity).unwrap(); // reads fail with EISDIR
+    let o = env.walnut(&["wal-fetch", "0000000100000000000000FE", dest.to_str().unwrap()]);
+    fatal(&o, "unreadable identity");
+    std::fs::remove_dir(&identity).unwrap();
+    std::fs::rename(&aside, &identity).unwrap();
+}
+
+fn spooled_names(state: &std::path::Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut stack = vec![state.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.parent().is_some_and(|d| d.ends_with("spool"))
+                && !e.file_name().to_string_lossy().starts_with('.')
+            {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// A repository wiped and re-created at the same URL by another cluster: wal-fetch hands out only
+/// the new repository's WAL, never a segment the prefetcher spooled from the old one.
+#[test]
+fn a_recreated_repository_never_gets_the_old_ones_spooled_wal() {
+    let env = Env::new(Backend::File);
+    let a = env.cluster();
+    let first = a.switch_wal();
+    let mut last = first.clone();
+    for _ in 0..3 {
+        last = a.switch_wal();
+    }
+    a.wait_archived(&last, ARCHIVE_WAIT);
+    drop(a);
+    // As the server's user, like a restore_command (the state directory is that user's).
+    let fetch = |name: &str, dest: &std::path::Path| {
+        walnut_testkit::pg::as_postgres(std::path::Path::new(walnut_bin()))
+            .arg("--config")
+            .arg(&env.config)
+            .args(["wal-fetch", name, dest.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let dest_dir = walnut_testkit::shared_tempdir("walnut-fetched-");
+    walnut_testkit::pg::give_to_postgres_user(dest_dir.path());
+    let o = fetch(&first, &dest_dir.path().join("first"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The prefetcher (a detached process) spools the next segments.
+    let state = env.dir.path().join("state");
+    PgCluster::wait_for("the prefetcher to spool", ARCHIVE_WAIT, || spooled_names(&state).len() >= 2);
+    let spooled = spooled_names(&state);
+
+    // The repository is wiped and another cluster archives to the same URL.
+    std::fs::remove_dir_all(env.dir.path().join("repo")).unwrap();
+    let b = env.cluster();
+    let mut b_last = String::new();
+    for _ in 0..5 {
+        b_last = b.switch_wal();
+    }
+    b.wait_archived(&b_last, ARCHIVE_WAIT);
+    let sysid_b: u64 = b.sql("SELECT system_identifier FROM pg_control_system()").trim().parse().unwrap();
+    let mut checked = 0;
+    for name in spooled {
+        let path = dest_dir.path().join(&name);
+        let o = fetch(&name, &path);
+        if o.status.code() == Some(1) {
+            continue; // b did not write this one
+        }
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let data = std::fs::read(&path).unwrap();
+        let sysid = u64::from_le_bytes(data[24..32].try_into().unwrap());
+        assert_eq!(sysid, sysid_b, "{name} must come from the new repository's cluster");
+        checked += 1;
+    }
+    assert!(checked >= 1, "at least one spooled name was re-archived by the new cluster");
+}

@@ -27,6 +27,10 @@ pub struct Identity {
     pub created_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// A random ID drawn when the repository is initialised: a repository re-created at the same
+    /// URL for the same cluster is still another repository (local state is keyed by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 mod sysid_text {
@@ -50,7 +54,16 @@ impl Identity {
             wal_segment_size: seg.bytes(),
             created_at: None,
             created_by: None,
+            instance: None,
         }
+    }
+
+    /// A short key naming this repository instance, for local state kept about it (the prefetch
+    /// spool, upload-ahead records): it changes when the repository is re-created, even for the
+    /// same cluster at the same URL.
+    pub fn state_key(&self) -> String {
+        let body = serde_json::to_vec(self).expect("identity serialises");
+        hex::encode(&envelope::sha256(&body)[..8])
     }
 
     pub fn seg_size(&self) -> WalSegSize {
@@ -144,6 +157,7 @@ impl Repository {
         let mut fresh = ours.clone();
         fresh.created_at = Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         fresh.created_by = Some(format!("walnut {}", env!("CARGO_PKG_VERSION")));
+        fresh.instance = Some(format!("{:032x}", rand::random::<u128>()));
         let body = serde_json::to_vec_pretty(&fresh).expect("identity serialises");
         let obj = envelope::encode(
             &body,

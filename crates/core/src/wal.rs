@@ -7,9 +7,11 @@
 //! a push also uploads the next segments already marked `.ready` (upload-ahead, bounded), and
 //! records each in the state directory, so the next calls confirm (one HEAD) and return at once.
 //!
-//! Fetch: the object is read from the spool (if a prefetcher put it there) or the repository,
-//! verified (checksum of the decoded content), written to a temporary file beside the
-//! destination, fsynced and renamed. [`prefetch`] fills the spool with the next segments.
+//! Fetch: the repository's identity is read first: "not archived" (which PostgreSQL may take as
+//! the end of recovery) is said only of a repository that is there. The object is read from the
+//! spool (if a prefetcher put it there, for this repository instance) or the repository, verified
+//! (checksum of the decoded content), written to a temporary file beside the destination, fsynced
+//! and renamed. [`prefetch`] fills the spool with the next segments.
 
 use crate::envelope::{self, Codec, EnvelopeError};
 use crate::layout;
@@ -43,6 +45,11 @@ pub enum WalError {
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
     #[error(
+        "there is no walnut repository at {0} (no identity object: missing, wiped, or the wrong URL or prefix); \
+         walnut says a WAL file is not archived only when the repository is there. Check `repo`"
+    )]
+    NoRepository(String),
+    #[error(
         "{name}: cannot tell which cluster this file belongs to: no WAL segment has been archived to this \
          repository yet and {pgdata}/global/pg_control could not be read ({reason})"
     )]
@@ -72,7 +79,8 @@ pub struct PushReport {
 pub struct WalPusher {
     pub repo: Repository,
     pub codec: Codec,
-    pub state: Option<StateDir>,
+    /// The state directory (upload-ahead records go below it, per repository instance).
+    pub state_base: Option<PathBuf>,
     /// How many `.ready` segments to upload ahead, in parallel (0 turns it off).
     pub upload_ahead: usize,
 }
@@ -153,9 +161,11 @@ impl WalPusher {
         };
         let mut report = PushReport::default();
         let name_text = prepared.name.to_string();
+        let state = open_state(self.state_base.as_deref(), &self.repo, &identity);
+        let state = state.as_ref();
 
         // Uploaded ahead by an earlier call? Confirm the object is there, with the recorded size.
-        if let Some(state) = &self.state
+        if let Some(state) = state
             && let Some(rec) = state.ahead(&name_text)
         {
             let sum = cpu({
@@ -173,7 +183,7 @@ impl WalPusher {
             }
         }
 
-        let ahead = self.ready_segments_after(path, &prepared.name);
+        let ahead = self.ready_segments_after(state, path, &prepared.name);
         let this = async {
             if report.confirmed_ahead {
                 Ok((false, false))
@@ -181,13 +191,13 @@ impl WalPusher {
                 self.store_one(&prepared).await.map(|(up, _)| (up, !up))
             }
         };
-        let others = self.upload_ahead(ahead, &identity);
+        let others = self.upload_ahead(state, ahead, &identity);
         let (this, ahead_done) = tokio::join!(this, others);
         let (uploaded, already) = this?;
         report.uploaded = uploaded;
         report.already_stored = already;
         report.ahead_uploaded = ahead_done;
-        if let Some(state) = &self.state {
+        if let Some(state) = state {
             prune_ahead_records(state, &prepared.name);
         }
         Ok(report)
@@ -215,10 +225,8 @@ impl WalPusher {
     }
 
     /// The next segments PostgreSQL has marked `.ready`, after `current`, at most `upload_ahead`.
-    fn ready_segments_after(&self, path: &Path, current: &WalFileName) -> Vec<PathBuf> {
-        if self.upload_ahead == 0 || self.state.is_none() {
-            return vec![];
-        }
+    fn ready_segments_after(&self, state: Option<&StateDir>, path: &Path, current: &WalFileName) -> Vec<PathBuf> {
+        let Some(state) = state.filter(|_| self.upload_ahead > 0) else { return vec![] };
         let WalFileName::Segment(cur) = current else { return vec![] };
         let Some(pg_wal) = path.parent() else { return vec![] };
         let Ok(rd) = std::fs::read_dir(pg_wal.join("archive_status")) else { return vec![] };
@@ -229,7 +237,6 @@ impl WalPusher {
             .filter(|s| s > cur)
             .collect();
         names.sort();
-        let state = self.state.as_ref().expect("checked");
         names
             .into_iter()
             .filter(|s| state.ahead(&s.to_string()).is_none())
@@ -239,8 +246,8 @@ impl WalPusher {
     }
 
     /// Uploads `paths` in parallel; failures are ignored (the file's own push will report them).
-    async fn upload_ahead(&self, paths: Vec<PathBuf>, identity: &Identity) -> Vec<String> {
-        let Some(state) = &self.state else { return vec![] };
+    async fn upload_ahead(&self, state: Option<&StateDir>, paths: Vec<PathBuf>, identity: &Identity) -> Vec<String> {
+        let Some(state) = state else { return vec![] };
         futures::stream::iter(paths)
             .map(|p| async move {
                 let content: Bytes = tokio::fs::read(&p).await.ok()?.into();
@@ -259,6 +266,21 @@ impl WalPusher {
             .filter_map(|x| async move { x })
             .collect()
             .await
+    }
+}
+
+/// The state of this repository instance below `base`, or `None` (with a warning) when there is
+/// none to use: upload-ahead and prefetch are then off, nothing else changes.
+fn open_state(base: Option<&Path>, repo: &Repository, identity: &Identity) -> Option<StateDir> {
+    match StateDir::open(base?, &repo.describe(), identity) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(
+                "state directory {} is not usable ({e}); upload-ahead and prefetch are off. Set state_dir to a directory of walnut's own",
+                base?.display()
+            );
+            None
+        }
     }
 }
 
@@ -289,7 +311,8 @@ pub enum FetchOutcome {
 
 pub struct WalFetcher {
     pub repo: Repository,
-    pub state: Option<StateDir>,
+    /// The state directory (the prefetch spool is below it, per repository instance).
+    pub state_base: Option<PathBuf>,
 }
 
 impl WalFetcher {
@@ -297,7 +320,9 @@ impl WalFetcher {
     /// content was verified.
     pub async fn fetch(&self, name: &str, dest: &Path) -> Result<FetchOutcome, WalError> {
         let wal_name = WalFileName::parse(name)?;
-        if let Some(state) = &self.state {
+        // Only a repository that is there can say "not archived"; its instance keys the spool.
+        let identity = self.repo.identity().await?.ok_or_else(|| WalError::NoRepository(self.repo.describe()))?;
+        if let Some(state) = open_state(self.state_base.as_deref(), &self.repo, &identity) {
             let spooled = state.spool_path(name);
             if let Ok(raw) = tokio::fs::read(&spooled).await {
                 let decoded = cpu(move || envelope::decode(&raw)).await;
@@ -323,12 +348,15 @@ impl WalFetcher {
 /// Fills the spool with up to `count` segments following `after` on its timeline, in parallel,
 /// verifying each. Stops quietly at the end of the archive. Only one prefetcher runs per
 /// repository (a lock in the spool); a second returns at once. Returns how many it spooled.
-pub async fn prefetch(repo: &Repository, state: &StateDir, after: &str, count: usize) -> Result<usize, WalError> {
+pub async fn prefetch(repo: &Repository, state_base: &Path, after: &str, count: usize) -> Result<usize, WalError> {
+    let Some(start) = WalFileName::parse(after)?.segment() else { return Ok(0) };
+    let Some(identity) = repo.identity().await? else { return Ok(0) };
+    let state = StateDir::open(state_base, &repo.describe(), &identity)
+        .map_err(WalError::io(format!("open the state directory {}", state_base.display())))?;
+    let state = &state;
     let Some(_lock) = state.try_lock_spool().map_err(WalError::io("lock the prefetch spool"))? else {
         return Ok(0);
     };
-    let Some(start) = WalFileName::parse(after)?.segment() else { return Ok(0) };
-    let Some(identity) = repo.identity().await? else { return Ok(0) };
     let size = identity.seg_size();
     // Spooled segments at or before `after` on this timeline will not be asked for again.
     for n in state.spooled() {
@@ -371,6 +399,14 @@ pub async fn prefetch(repo: &Repository, state: &StateDir, after: &str, count: u
         if r? {
             spooled += 1;
         }
+    }
+    // Re-created while we read it? Then what we spooled may be the new repository's: drop the
+    // spool of the old instance (the new one starts empty).
+    if repo.identity().await?.is_none_or(|now| now.state_key() != identity.state_key()) {
+        for n in state.spooled() {
+            let _ = std::fs::remove_file(state.spool_path(&n));
+        }
+        return Ok(0);
     }
     Ok(spooled)
 }

@@ -58,7 +58,9 @@ fn create_dirs_durably(dir: &Path, owner: Option<(u32, u32)>) -> std::io::Result
 }
 
 impl LocalStore {
-    /// A store rooted at `root` (created if missing).
+    /// A store rooted at `root`. The directory is created by the first write, never by a read: a
+    /// missing repository must read as missing (a `wal-fetch` from it is a failure, not "not
+    /// archived"), not as a new empty one.
     pub fn new(root: impl Into<PathBuf>) -> Result<LocalStore> {
         use std::os::unix::fs::MetadataExt;
         let root = root.into();
@@ -68,7 +70,6 @@ impl LocalStore {
         let existing = root.ancestors().find(|p| p.exists()).map(Path::to_path_buf);
         let owner =
             existing.and_then(|p| fs::metadata(p).ok()).filter(|m| am_root && m.uid() != 0).map(|m| (m.uid(), m.gid()));
-        create_dirs_durably(&root, owner).map_err(|e| io_err("create", &root.display().to_string(), e))?;
         Ok(LocalStore { root, owner })
     }
 

@@ -4,21 +4,7 @@ use super::{Ctx, report};
 use crate::exit;
 use std::path::Path;
 use std::time::Instant;
-use walnut_core::state::StateDir;
 use walnut_core::wal::{FetchOutcome, WalFetcher, WalPusher};
-
-fn state_dir(ctx: &Ctx, repo: &walnut_core::Repository) -> Option<StateDir> {
-    match StateDir::open(&ctx.config.state_dir, &repo.describe()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(
-                "state directory {} is not usable ({e}); upload-ahead and prefetch are off. Set state_dir to a writable directory",
-                ctx.config.state_dir.display()
-            );
-            None
-        }
-    }
-}
 
 pub async fn push(ctx: &Ctx, path: &Path) -> u8 {
     let start = Instant::now();
@@ -30,7 +16,7 @@ pub async fn push(ctx: &Ctx, path: &Path) -> u8 {
         }
     };
     let pusher = WalPusher {
-        state: state_dir(ctx, &repo),
+        state_base: Some(ctx.config.state_dir.clone()),
         repo,
         codec: ctx.config.codec,
         upload_ahead: ctx.config.upload_ahead,
@@ -82,8 +68,7 @@ pub async fn fetch(ctx: &Ctx, name: &str, dest: &Path) -> u8 {
             return exit::FATAL;
         }
     };
-    let state = state_dir(ctx, &repo);
-    let fetcher = WalFetcher { repo, state: state.clone() };
+    let fetcher = WalFetcher { repo, state_base: Some(ctx.config.state_dir.clone()) };
     let outcome = fetcher.fetch(name, dest).await;
     if ctx.global.json {
         let status = match &outcome {
@@ -105,10 +90,7 @@ pub async fn fetch(ctx: &Ctx, name: &str, dest: &Path) -> u8 {
                 if o == FetchOutcome::FromSpool { " from the prefetch spool" } else { "" },
                 start.elapsed()
             );
-            if state.is_some()
-                && ctx.config.prefetch > 0
-                && walnut_pg::WalFileName::parse(name).is_ok_and(|n| n.segment().is_some())
-            {
+            if ctx.config.prefetch > 0 && walnut_pg::WalFileName::parse(name).is_ok_and(|n| n.segment().is_some()) {
                 spawn_prefetcher(ctx, name);
             }
             exit::OK
@@ -148,8 +130,7 @@ pub async fn prefetch(ctx: &Ctx, name: &str) -> u8 {
             return exit::FAILURE;
         }
     };
-    let Some(state) = state_dir(ctx, &repo) else { return exit::FAILURE };
-    match walnut_core::wal::prefetch(&repo, &state, name, ctx.config.prefetch).await {
+    match walnut_core::wal::prefetch(&repo, &ctx.config.state_dir, name, ctx.config.prefetch).await {
         Ok(n) => {
             tracing::debug!("prefetched {n} segments after {name}");
             exit::OK
