@@ -53,6 +53,9 @@ struct Agent {
     stop: CancellationToken,
     /// Cancelled when running backups must be abandoned.
     abandon: CancellationToken,
+    /// Backups started through the API: tasks of the agent's own, so a client that goes away
+    /// does not cancel them half-way; a shutdown waits for them.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 fn err(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -342,7 +345,17 @@ async fn backups_post(State(a): State<Arc<Agent>>, body: axum::body::Bytes) -> R
     if a.stop.is_cancelled() {
         return err(StatusCode::SERVICE_UNAVAILABLE, "the agent is shutting down: no new backup starts");
     }
-    match a.take_backup(req.name, false, false).await {
+    // The backup is the agent's task, not the request's: if the client disconnects, this handler
+    // is dropped but the backup goes on to DONE (or FAILED), never left RUNNING.
+    let task = {
+        let a = a.clone();
+        a.tasks.clone().spawn(async move { a.take_backup(req.name, false, false).await })
+    };
+    let outcome = match task.await {
+        Ok(o) => o,
+        Err(e) => Some(Err(anyhow::anyhow!("the backup task failed: {e}"))),
+    };
+    match outcome {
         None => err(StatusCode::CONFLICT, "a backup is already running: try again when it is DONE"),
         Some(Ok(m)) => (StatusCode::CREATED, Json(backup::ManifestSummary::from(&m))).into_response(),
         Some(Err(e)) => {
@@ -544,6 +557,7 @@ pub async fn run(ctx: Ctx, listen: Option<String>) -> Result<()> {
         token,
         stop: CancellationToken::new(),
         abandon: CancellationToken::new(),
+        tasks: tokio_util::task::TaskTracker::new(),
         ctx,
     });
     let app = Router::new()
@@ -583,6 +597,11 @@ pub async fn run(ctx: Ctx, listen: Option<String>) -> Result<()> {
     // The server is closed; the scheduler returns once a running backup is DONE or abandoned.
     if tokio::time::timeout(grace + Duration::from_secs(30), sched).await.is_err() {
         tracing::error!("the scheduler did not stop in time");
+    }
+    // Backups started through the API whose clients went away: DONE or abandoned (FAILED) too.
+    agent.tasks.close();
+    if tokio::time::timeout(grace + Duration::from_secs(30), agent.tasks.wait()).await.is_err() {
+        tracing::error!("a backup started through the API did not stop in time");
     }
     if let Some(e) = &agent.metrics.lock().await.last_error {
         tracing::info!("stopped; last backup error: {e}");

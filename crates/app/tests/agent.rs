@@ -276,3 +276,45 @@ fn sigterm_lets_a_backup_finish_or_abandons_it_cleanly() {
     let o = backup_push(&env, &pg, Some("after"));
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// A client that sends `POST /v1/backups` and goes away after a second must not leave the backup
+/// RUNNING for ever (a RUNNING backup pins all WAL from retention): the backup is the agent's
+/// task, and it finishes DONE once its WAL is archived.
+#[test]
+fn a_backup_outlives_the_request_that_started_it() {
+    let env = Env::with_extra(Backend::File, "[backup]\narchive_wait = \"120s\"");
+    let pg = env.cluster();
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, Duration::from_secs(60));
+    let port = free_port();
+    let _agent = start_agent(&env, &pg, port, None);
+    PgCluster::wait_for("the first scheduled backup", Duration::from_secs(90), || {
+        backups_json(&env).iter().any(|b| b["status"] == "DONE")
+    });
+    let running = |env: &Env| backups_json(env).iter().any(|b| b["status"] == "RUNNING");
+
+    // Archiving broken: the backup waits for its WAL while the client gives up and disconnects.
+    set_archive_command(&pg, "false");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body = r#"{"name":"orphan"}"#;
+    write!(
+        s,
+        "POST /v1/backups HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    PgCluster::wait_for("the backup to be RUNNING", Duration::from_secs(30), || running(&env));
+    std::thread::sleep(Duration::from_secs(1));
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(s);
+    // The agent notices the closed connection; the backup must go on regardless.
+    std::thread::sleep(Duration::from_secs(1));
+    set_archive_command(&pg, &env.archive_command());
+    PgCluster::wait_for("the orphaned backup to finish DONE", Duration::from_secs(90), || {
+        let list = backups_json(&env);
+        !list.iter().any(|b| b["status"] == "RUNNING") && list.iter().any(|b| b["name"] == "orphan")
+    });
+    let list = backups_json(&env);
+    let b = list.iter().find(|b| b["name"] == "orphan").unwrap();
+    assert_eq!(b["status"], "DONE", "{list:?}");
+}

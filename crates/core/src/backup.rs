@@ -231,7 +231,38 @@ pub fn check_name(name: &str) -> Result<(), BackupError> {
 // ---------------------------------------------------------------------------------------------
 // Listing and resolving
 
-#[derive(Debug, Deserialize, Serialize)]
+/// Stops a backup's heartbeat and marks it FAILED when the backup's future is dropped before it
+/// finished (see [`push`]); disarmed once the backup ends normally.
+struct MarkerGuard {
+    repo: Repository,
+    id: String,
+    failed: Bytes,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl MarkerGuard {
+    fn disarm(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for MarkerGuard {
+    fn drop(&mut self) {
+        let Some(h) = self.heartbeat.take() else { return };
+        h.abort();
+        // Best effort: when the runtime is gone too, the marker goes stale and reads as FAILED.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (repo, key, body) = (self.repo.clone(), layout::backup_running(&self.id), self.failed.clone());
+            rt.spawn(async move {
+                let _ = repo.store().put(&key, body, PutMode::Overwrite).await;
+            });
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 struct RunningMarker {
     started_at: String,
     host: String,
@@ -770,13 +801,24 @@ pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>
             }
         })
     };
+    // If this future is dropped half-way (its caller went away), the heartbeat must not keep a
+    // RUNNING marker fresh for ever: the guard stops it and marks the backup FAILED.
+    let mut guard = MarkerGuard {
+        repo: repo.clone(),
+        id: id.clone(),
+        failed: json_object(&RunningMarker {
+            error: Some("backup abandoned: the task running it was dropped before it finished".into()),
+            ..marker.clone()
+        }),
+        heartbeat: Some(heartbeat),
+    };
     let inner =
         push_inner(repo, opts, &client, &id, &pgdata, started, version_num as u32, major, seg, &sysid_text, progress);
     let result = tokio::select! {
         r = inner => r,
         _ = opts.cancel.cancelled() => Err(BackupError::Abandoned("walnut was asked to stop".into())),
     };
-    heartbeat.abort();
+    guard.disarm();
     match result {
         Ok(m) => {
             let _ = repo.store().delete(&layout::backup_running(&id)).await;
