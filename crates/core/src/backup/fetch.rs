@@ -1,0 +1,331 @@
+//! Fetching a backup: parallel download, decompression and tar extraction with every file
+//! checked against the manifest, fsynced by a pool while extraction goes on.
+
+use super::*;
+
+/// A `Read` over byte chunks arriving on a channel (from an async download).
+pub(super) struct ChannelReader {
+    pub(super) rx: mpsc::Receiver<Result<Bytes, StorageError>>,
+    pub(super) cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+                None => return Ok(0),
+            }
+        }
+        let n = self.cur.len().min(out.len());
+        out[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
+pub(super) fn safe_relative(p: &Path) -> bool {
+    p.components().all(|c| matches!(c, Component::Normal(_))) && p.components().next().is_some()
+}
+
+/// Reads what another thread sends, chunk by chunk; the sender hanging up is the end.
+pub(super) struct QueueReader {
+    pub(super) rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    pub(super) cur: Vec<u8>,
+    pub(super) pos: usize,
+}
+
+impl Read for QueueReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(chunk) => (self.cur, self.pos) = (chunk?, 0),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+pub(super) struct CountingReader<R> {
+    pub(super) inner: R,
+    pub(super) count: u64,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// fsyncs restored files on a few threads while extraction goes on (an fsync inside the extraction
+/// loop stalled decompression on every flush). The queue is bounded, so open files never pile up.
+pub(super) struct Syncer {
+    pub(super) tx: std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)>,
+    pub(super) workers: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Syncer {
+    fn start(threads: usize) -> Syncer {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(PathBuf, std::fs::File)>(64);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let workers = (0..threads)
+            .map(|_| {
+                let rx = rx.clone();
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    loop {
+                        let job = rx.lock().expect("fsync queue").recv();
+                        let Ok((path, file)) = job else { return Ok(()) };
+                        file.sync_data()
+                            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+                    }
+                })
+            })
+            .collect();
+        Syncer { tx, workers }
+    }
+
+    fn sender(&self) -> std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)> {
+        self.tx.clone()
+    }
+
+    /// Waits until every queued file is synced (all senders must be dropped first).
+    fn finish(self) -> std::io::Result<()> {
+        drop(self.tx);
+        let mut first = Ok(());
+        for w in self.workers {
+            let r = w.join().expect("fsync thread panicked");
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+/// fsyncs every directory that holds a restored file or directory (the ancestors of `files`,
+/// relative to `root`, through the pg_tblspc links too).
+pub(super) fn sync_dirs(root: &Path, files: &[String]) -> std::io::Result<()> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for f in files {
+        let mut p = Path::new(f.as_str());
+        while let Some(parent) = p.parent() {
+            if !dirs.insert(root.join(parent)) {
+                break;
+            }
+            p = parent;
+        }
+    }
+    dirs.extend([root.to_path_buf(), root.join("pg_tblspc"), root.join("pg_wal"), root.join("pg_wal/archive_status")]);
+    for d in dirs.iter().filter(|d| d.exists()) {
+        std::fs::File::open(d)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
+    }
+    Ok(())
+}
+
+/// Extracts one part into `dest`, verifying every file against the manifest and the part's
+/// checksum. Returns the paths written.
+pub(super) fn extract_part(
+    key: &str,
+    reader: ChannelReader,
+    dest: &Path,
+    expected: &HashMap<String, FileEntry>,
+    progress: &Progress,
+    fsync: &std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)>,
+) -> Result<Vec<String>, BackupError> {
+    use std::os::unix::fs::PermissionsExt;
+    let corrupt = |reason: String| BackupError::Corrupt { key: key.to_string(), reason };
+    let mut payload = PayloadReader::new(reader).map_err(|e| corrupt(e.to_string()))?;
+    let codecs = payload.codecs.clone();
+    let mut written = Vec::new();
+    let payload_ref = &mut payload;
+    let n = std::thread::scope(|scope| -> Result<u64, BackupError> {
+        // Decompression runs on its own thread, a few MiB ahead of this one (which checksums and
+        // writes): a part whose sibling parts are done still uses two cores.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(4);
+        scope.spawn(move || {
+            let mut decompressed =
+                match envelope::decompressor(std::io::BufReader::with_capacity(1 << 20, payload_ref), &codecs) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string())));
+                        return;
+                    }
+                };
+            loop {
+                let mut buf = Vec::with_capacity(1 << 20);
+                let r = (&mut decompressed).take(1 << 20).read_to_end(&mut buf).map(|_| buf);
+                match r {
+                    Ok(b) if b.is_empty() => return, // the end: the receiver sees the hang-up
+                    Ok(b) => {
+                        if tx.send(Ok(b)).is_err() {
+                            return; // the extraction stopped
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        // Counts, does not hash: every file's content is checked against its SHA-256 in the
+        // (itself checksummed) manifest, tar headers are checked by the parser and against the
+        // manifest's paths and sizes, and nothing else in the tar is written. Hashing the whole
+        // part again would add a second SHA-256 pass over every restored byte.
+        let mut counting = CountingReader { inner: QueueReader { rx, cur: Vec::new(), pos: 0 }, count: 0 };
+        {
+            let mut archive = tar::Archive::new(&mut counting);
+            for entry in archive.entries().map_err(|e| corrupt(e.to_string()))? {
+                let mut entry = entry.map_err(|e| corrupt(e.to_string()))?;
+                let path = entry.path().map_err(|e| corrupt(e.to_string()))?.into_owned();
+                if !safe_relative(&path) {
+                    return Err(corrupt(format!("unsafe path {}", path.display())));
+                }
+                let target = dest.join(&path);
+                match entry.header().entry_type() {
+                    tar::EntryType::Directory => {
+                        std::fs::create_dir_all(&target).map_err(io_ctx(format!("create {}", target.display())))?;
+                        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700))
+                            .map_err(io_ctx(format!("chmod {}", target.display())))?;
+                    }
+                    tar::EntryType::Regular => {
+                        let rel = path.to_string_lossy().into_owned();
+                        let want = expected
+                            .get(&rel)
+                            .ok_or_else(|| corrupt(format!("{rel} is in the part but not in the manifest")))?;
+                        if let Some(parent) = target.parent() {
+                            std::fs::create_dir_all(parent).map_err(io_ctx(format!("create {}", parent.display())))?;
+                        }
+                        let mut file =
+                            std::fs::File::create(&target).map_err(io_ctx(format!("create {}", target.display())))?;
+                        let mut h = HashingReader::new(&mut entry);
+                        std::io::copy(&mut h, &mut file).map_err(|e| corrupt(format!("{rel}: {e}")))?;
+                        let (n, sum) = h.finish();
+                        if n != want.size || hex::encode(sum) != want.sha256 {
+                            return Err(corrupt(format!("{rel}: content does not match the manifest checksum")));
+                        }
+                        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))
+                            .map_err(io_ctx(format!("chmod {}", target.display())))?;
+                        let mtime = std::time::UNIX_EPOCH + Duration::from_secs(want.mtime.max(0) as u64);
+                        let _ = file.set_modified(mtime);
+                        progress.done.fetch_add(n, Ordering::Relaxed);
+                        written.push(rel);
+                        // Flushed by the syncer's threads while extraction goes on.
+                        if fsync.send((target, file)).is_err() {
+                            return Err(BackupError::Invalid("the fsync threads stopped".into()));
+                        }
+                    }
+                    other => return Err(corrupt(format!("unexpected tar entry type {other:?}"))),
+                }
+            }
+        }
+        std::io::copy(&mut counting, &mut std::io::sink()).map_err(|e| corrupt(e.to_string()))?;
+        Ok(counting.count)
+    })?;
+    let (tn, _) = payload.trailer().map_err(|e| corrupt(e.to_string()))?;
+    if n != tn {
+        return Err(corrupt(format!("the part holds {n} bytes of tar, its trailer says {tn}")));
+    }
+    Ok(written)
+}
+
+/// Downloads and extracts a backup into `dest` (which must exist and be empty), in parallel,
+/// verifying everything; then writes `backup_label` (and `tablespace_map` when the tablespaces
+/// are not restored in place) and the directories PostgreSQL needs.
+pub async fn fetch(
+    repo: &Repository,
+    manifest: &Manifest,
+    dest: &Path,
+    tablespace_dirs: &HashMap<String, PathBuf>,
+    parallel: usize,
+    progress: Arc<Progress>,
+) -> Result<(), BackupError> {
+    progress.total.store(manifest.data_bytes, Ordering::Relaxed);
+    // Tablespaces: DEST/pg_tblspc/<oid> is a symlink to the tablespace's directory (created
+    // here), so their files extract through it, as PostgreSQL expects them.
+    if !manifest.tablespaces.is_empty() {
+        use std::os::unix::fs::PermissionsExt;
+        let links = dest.join("pg_tblspc");
+        std::fs::create_dir_all(&links).map_err(io_ctx(format!("create {}", links.display())))?;
+        for t in &manifest.tablespaces {
+            let dir = tablespace_dirs.get(&t.oid).ok_or_else(|| {
+                BackupError::Invalid(format!("no directory given for tablespace {} (oid {})", t.display_name(), t.oid))
+            })?;
+            std::fs::create_dir_all(dir).map_err(io_ctx(format!("create {}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_ctx(format!("chmod {}", dir.display())))?;
+            std::os::unix::fs::symlink(dir, links.join(&t.oid)).map_err(io_ctx(format!(
+                "link pg_tblspc/{} to {}",
+                t.oid,
+                dir.display()
+            )))?;
+        }
+    }
+    let expected: Arc<HashMap<String, FileEntry>> =
+        Arc::new(manifest.files.iter().map(|f| (f.path.clone(), f.clone())).collect());
+    let syncer = Syncer::start(4);
+    let fsync = syncer.sender();
+    let results: Vec<Result<Vec<String>, BackupError>> = futures::stream::iter(manifest.parts.clone())
+        .map(|part| {
+            let (repo, expected, progress, dest) =
+                (repo.clone(), expected.clone(), progress.clone(), dest.to_path_buf());
+            let fsync = fsync.clone();
+            async move {
+                let mut stream = repo.store().get_stream(&part.key).await?;
+                let (tx, rx) = mpsc::channel(4);
+                let forward = tokio::spawn(async move {
+                    while let Some(chunk) = stream.next().await {
+                        let stop = chunk.is_err();
+                        if tx.send(chunk).await.is_err() || stop {
+                            break;
+                        }
+                    }
+                });
+                let key = part.key.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    extract_part(&key, ChannelReader { rx, cur: Bytes::new() }, &dest, &expected, &progress, &fsync)
+                })
+                .await
+                .expect("extract task panicked");
+                forward.abort();
+                r
+            }
+        })
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    drop(fsync);
+    let synced = crate::repo::cpu(move || syncer.finish()).await;
+    let mut seen = std::collections::HashSet::new();
+    for r in results {
+        seen.extend(r?);
+    }
+    synced.map_err(io_ctx(format!("fsync the files restored into {}", dest.display())))?;
+    if let Some(missing) = manifest.files.iter().find(|f| !seen.contains(&f.path)) {
+        return Err(BackupError::Corrupt { key: missing.part.clone(), reason: format!("{} is missing", missing.path) });
+    }
+    for d in ["pg_wal", "pg_wal/archive_status"] {
+        let p = dest.join(d);
+        std::fs::create_dir_all(&p).map_err(io_ctx(format!("create {}", p.display())))?;
+    }
+    // Durable before anything else is written: the files are synced (above), now every directory.
+    let root = dest.to_path_buf();
+    let files: Vec<String> = manifest.files.iter().map(|f| f.path.clone()).collect();
+    crate::repo::cpu(move || sync_dirs(&root, &files))
+        .await
+        .map_err(io_ctx(format!("fsync the files restored into {}", dest.display())))?;
+
+    crate::wal::write_durably(&dest.join("backup_label"), &Bytes::from(manifest.backup_label.clone()))
+        .await
+        .map_err(|e| BackupError::Invalid(e.to_string()))?;
+    Ok(())
+}

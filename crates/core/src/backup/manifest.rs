@@ -1,0 +1,189 @@
+//! The backup manifest (what a DONE backup holds), its summary for listings, and PostgreSQL's
+//! own `backup_manifest` written beside a fetched backup.
+
+use super::*;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Relative to the data directory (`pg_tblspc/<oid>/...` for tablespaces).
+    pub path: String,
+    pub size: u64,
+    /// SHA-256 of the content, hex.
+    pub sha256: String,
+    /// Modification time, Unix seconds.
+    pub mtime: i64,
+    /// The part object's key.
+    pub part: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartEntry {
+    pub key: String,
+    pub stored_bytes: u64,
+    pub content_bytes: u64,
+    pub content_sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tablespace {
+    pub oid: String,
+    pub location: String,
+    /// `pg_tablespace.spcname` (absent in manifests written before walnut recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Tablespace {
+    /// The name when known, else the OID.
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.oid)
+    }
+}
+
+/// A backup's manifest: everything needed to restore it, written last.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: String,
+    pub name: Option<String>,
+    /// Taken by the agent's schedule (true) or on demand (false).
+    pub scheduled: bool,
+    pub system_identifier: String,
+    pub pg_version_num: u32,
+    pub pg_major: PgMajor,
+    pub wal_segment_size: u64,
+    pub timeline: u32,
+    pub start_lsn: String,
+    /// The consistency point: recovery must replay at least to here.
+    pub end_lsn: String,
+    pub start_wal: String,
+    pub end_wal: String,
+    pub start_time: String,
+    pub end_time: String,
+    pub label: String,
+    pub backup_label: String,
+    pub tablespace_map: String,
+    pub data_bytes: u64,
+    pub stored_bytes: u64,
+    pub compression: String,
+    pub tablespaces: Vec<Tablespace>,
+    pub parts: Vec<PartEntry>,
+    pub files: Vec<FileEntry>,
+    /// Room for incremental backups: the backup this one builds on.
+    #[serde(default)]
+    pub parent: Option<String>,
+}
+
+impl Manifest {
+    pub fn start(&self) -> Lsn {
+        self.start_lsn.parse().unwrap_or_default()
+    }
+    pub fn end(&self) -> Lsn {
+        self.end_lsn.parse().unwrap_or_default()
+    }
+    pub fn tli(&self) -> TimelineId {
+        TimelineId(self.timeline)
+    }
+    pub fn end_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        chrono::DateTime::parse_from_rfc3339(&self.end_time).ok().map(|t| t.with_timezone(&chrono::Utc))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    Done,
+    Running,
+    Failed,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Done => "DONE",
+            Status::Running => "RUNNING",
+            Status::Failed => "FAILED",
+        })
+    }
+}
+
+/// One line of a listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupInfo {
+    pub id: String,
+    pub status: Status,
+    #[serde(flatten)]
+    pub manifest: Option<ManifestSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A manifest without its file list.
+#[derive(Debug, Clone, Serialize)]
+pub struct ManifestSummary {
+    pub name: Option<String>,
+    pub scheduled: bool,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub end_lsn: String,
+    pub start_wal: String,
+    pub end_wal: String,
+    pub start_time: String,
+    pub end_time: String,
+    pub data_bytes: u64,
+    pub stored_bytes: u64,
+    pub files: usize,
+    pub pg_version_num: u32,
+}
+
+impl From<&Manifest> for ManifestSummary {
+    fn from(m: &Manifest) -> Self {
+        ManifestSummary {
+            name: m.name.clone(),
+            scheduled: m.scheduled,
+            timeline: m.timeline,
+            start_lsn: m.start_lsn.clone(),
+            end_lsn: m.end_lsn.clone(),
+            start_wal: m.start_wal.clone(),
+            end_wal: m.end_wal.clone(),
+            start_time: m.start_time.clone(),
+            end_time: m.end_time.clone(),
+            data_bytes: m.data_bytes,
+            stored_bytes: m.stored_bytes,
+            files: m.files.len(),
+            pg_version_num: m.pg_version_num,
+        }
+    }
+}
+
+pub(super) fn json_object(v: &impl Serialize) -> Bytes {
+    let body = serde_json::to_vec_pretty(v).expect("serialisable");
+    envelope::encode(&body, &serde_json::Value::Null, Codec { compression: crate::Compression::None, level: 0 })
+}
+
+/// PostgreSQL's own `backup_manifest` (version 1) for a fetched backup, so `pg_verifybackup`
+/// can check it independently.
+pub fn postgres_manifest(m: &Manifest) -> String {
+    use sha2::Digest;
+    let mut out = String::from("{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n\"Files\": [\n");
+    let label_sum = hex::encode(envelope::sha256(m.backup_label.as_bytes()));
+    let mut entries: Vec<(String, u64, i64, String)> =
+        m.files.iter().map(|f| (f.path.clone(), f.size, f.mtime, f.sha256.clone())).collect();
+    entries.push(("backup_label".into(), m.backup_label.len() as u64, chrono::Utc::now().timestamp(), label_sum));
+    let n = entries.len();
+    for (i, (path, size, mtime, sum)) in entries.into_iter().enumerate() {
+        let when = chrono::DateTime::from_timestamp(mtime, 0).unwrap_or_default().format("%Y-%m-%d %H:%M:%S GMT");
+        out += &format!(
+            "{{ \"Path\": {}, \"Size\": {size}, \"Last-Modified\": \"{when}\", \"Checksum-Algorithm\": \"SHA256\", \"Checksum\": \"{sum}\" }}{}\n",
+            serde_json::to_string(&path).expect("string"),
+            if i + 1 < n { "," } else { "" }
+        );
+    }
+    out += &format!(
+        "],\n\"WAL-Ranges\": [\n{{ \"Timeline\": {}, \"Start-LSN\": \"{}\", \"End-LSN\": \"{}\" }}\n],\n",
+        m.timeline, m.start_lsn, m.end_lsn
+    );
+    let sum = hex::encode(sha2::Sha256::digest(out.as_bytes()));
+    out += &format!("\"Manifest-Checksum\": \"{sum}\"}}\n");
+    out
+}

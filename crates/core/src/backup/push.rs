@@ -1,0 +1,470 @@
+//! Taking a base backup: the session, the parallel tar -> compress -> upload streams, the
+//! RUNNING marker and its heartbeat, and the manifest written last.
+
+use super::*;
+
+/// Stops a backup's heartbeat and marks it FAILED when the backup's future is dropped before it
+/// finished (see [`push`]); disarmed once the backup ends normally.
+pub(super) struct MarkerGuard {
+    pub(super) repo: Repository,
+    pub(super) id: String,
+    pub(super) failed: Bytes,
+    pub(super) heartbeat: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl MarkerGuard {
+    fn disarm(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for MarkerGuard {
+    fn drop(&mut self) {
+        let Some(h) = self.heartbeat.take() else { return };
+        h.abort();
+        // Best effort: when the runtime is gone too, the marker goes stale and reads as FAILED.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (repo, key, body) = (self.repo.clone(), layout::backup_running(&self.id), self.failed.clone());
+            rt.spawn(async move {
+                let _ = repo.store().put(&key, body, PutMode::Overwrite).await;
+            });
+        }
+    }
+}
+
+pub struct PushOptions {
+    pub pg: tokio_postgres::Config,
+    /// The data directory as this process sees it (default: `SHOW data_directory`).
+    pub pgdata: Option<PathBuf>,
+    pub name: Option<String>,
+    pub scheduled: bool,
+    pub codec: Codec,
+    /// Parallel streams (threads compressing, uploads in flight).
+    pub parallel: usize,
+    /// Roll over to a new part object after this many bytes of tar.
+    pub part_size: u64,
+    /// How long to wait for the backup's WAL to be archived.
+    pub archive_wait: Duration,
+    /// Cancelled: the backup is abandoned where it stands and marked FAILED (never DONE).
+    pub cancel: tokio_util::sync::CancellationToken,
+}
+
+/// Progress counters, shared with whoever displays them.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub total: AtomicU64,
+    pub done: AtomicU64,
+}
+
+pub(super) enum Msg {
+    Start(String),
+    Data(Bytes),
+    End { content_len: u64, sha256: [u8; 32] },
+}
+
+/// Fixed-size chunks into the upload channel.
+pub(super) struct ChunkWriter {
+    pub(super) tx: mpsc::Sender<Msg>,
+    pub(super) buf: Vec<u8>,
+}
+
+pub(super) const CHUNK: usize = 4 << 20;
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(Msg::Data(chunk.into()))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+type PartWriter = tar::Builder<HashingWriter<Compressor<ChunkWriter>>>;
+
+pub(super) fn finish_part(builder: PartWriter, tx: &mpsc::Sender<Msg>) -> std::io::Result<()> {
+    let hashing = builder.into_inner()?;
+    let (compressor, content_len, sha256) = hashing.finish();
+    let mut chunks = compressor.finish()?;
+    chunks.send()?;
+    tx.blocking_send(Msg::End { content_len, sha256 })
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))
+}
+
+/// One stream: tar -> hash -> compress -> chunks, rolling parts at file boundaries.
+pub(super) fn produce_stream(
+    id: &str,
+    stream: usize,
+    files: Vec<SourceFile>,
+    codec: Codec,
+    part_size: u64,
+    tx: mpsc::Sender<Msg>,
+    progress: &Progress,
+) -> std::io::Result<Vec<FileEntry>> {
+    let mut entries = Vec::new();
+    let mut part_no = 0;
+    let mut current: Option<(PartWriter, String)> = None;
+    for f in files {
+        if current.is_none() {
+            part_no += 1;
+            let key = layout::backup_part(id, stream, part_no);
+            tx.blocking_send(Msg::Start(key.clone()))
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))?;
+            let chunks = ChunkWriter { tx: tx.clone(), buf: Vec::with_capacity(CHUNK) };
+            let mut b = tar::Builder::new(HashingWriter::new(Compressor::new(chunks, codec)?));
+            b.mode(tar::HeaderMode::Complete);
+            current = Some((b, key));
+        }
+        let (builder, key) = current.as_mut().expect("started");
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(f.mode);
+        header.set_mtime(f.mtime.max(0) as u64);
+        if f.dir {
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_size(0);
+            builder.append_data(&mut header, format!("{}/", f.rel), std::io::empty())?;
+        } else {
+            let file = match std::fs::File::open(&f.abs) {
+                Ok(file) => file,
+                // Files that vanish during the backup are normal (WAL replay recreates them).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(std::io::Error::new(e.kind(), format!("read {}: {e}", f.abs.display()))),
+            };
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(f.size);
+            // Exactly the size in the header: a file that shrank is padded with zeros, one that
+            // grew is cut (WAL replay repairs both).
+            let mut reader = HashingReader::new(file.take(f.size).chain(std::io::repeat(0)).take(f.size));
+            builder.append_data(&mut header, &f.rel, &mut reader)?;
+            let (_, sum) = reader.finish();
+            progress.done.fetch_add(f.size, Ordering::Relaxed);
+            entries.push(FileEntry {
+                path: f.rel.clone(),
+                size: f.size,
+                sha256: hex::encode(sum),
+                mtime: f.mtime,
+                part: key.clone(),
+            });
+        }
+        if builder.get_ref().count >= part_size {
+            let (b, _) = current.take().expect("started");
+            finish_part(b, &tx)?;
+        }
+    }
+    if let Some((b, _)) = current.take() {
+        finish_part(b, &tx)?;
+    }
+    Ok(entries)
+}
+
+/// Uploads what one stream produces.
+pub(super) async fn upload_stream(
+    repo: Repository,
+    codec: Codec,
+    mut rx: mpsc::Receiver<Msg>,
+) -> Result<Vec<PartEntry>, BackupError> {
+    let mut parts = Vec::new();
+    let mut current: Option<(Box<dyn walnut_storage::ObjectWriter>, String, u64)> = None;
+    let result = async {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Start(key) => {
+                    let mut w = repo.store().put_writer(&key).await?;
+                    let header = envelope::stream_header(codec);
+                    let n = header.len() as u64;
+                    w.write(header.into()).await?;
+                    current = Some((w, key, n));
+                }
+                Msg::Data(b) => {
+                    let (w, _, n) = current.as_mut().expect("part started");
+                    *n += b.len() as u64;
+                    w.write(b).await?;
+                }
+                Msg::End { content_len, sha256 } => {
+                    let (mut w, key, n) = current.take().expect("part started");
+                    let trailer = envelope::stream_trailer(content_len, sha256);
+                    let stored = n + trailer.len() as u64;
+                    w.write(trailer.into()).await?;
+                    w.finish().await?;
+                    parts.push(PartEntry {
+                        key,
+                        stored_bytes: stored,
+                        content_bytes: content_len,
+                        content_sha256: hex::encode(sha256),
+                    });
+                }
+            }
+        }
+        Ok::<_, BackupError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        if let Some((w, _, _)) = current.take() {
+            let _ = w.abort().await;
+        }
+        return Err(e);
+    }
+    Ok(parts)
+}
+
+pub(super) fn parse_label_field<'a>(label: &'a str, field: &str) -> Option<&'a str> {
+    label.lines().find_map(|l| l.strip_prefix(field)).map(str::trim)
+}
+
+/// Takes a base backup of a running cluster (see the module docs).
+pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>) -> Result<Manifest, BackupError> {
+    if let Some(n) = &opts.name {
+        check_name(n)?;
+        let taken = list(repo)
+            .await?
+            .into_iter()
+            .any(|b| b.manifest.as_ref().and_then(|m| m.name.as_deref()) == Some(n.as_str()));
+        if taken {
+            return Err(BackupError::Invalid(format!("a backup named {n:?} already exists: names are unique")));
+        }
+    }
+    let client = connect(&opts.pg).await?;
+    let q = |e: tokio_postgres::Error| BackupError::Postgres(pg_error(&e));
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, (SELECT system_identifier::text FROM pg_control_system()), \
+             current_setting('data_directory'), current_setting('wal_segment_size'), pg_is_in_recovery(), \
+             current_setting('wal_level'), (SELECT bytes_per_wal_segment FROM pg_control_init())",
+            &[],
+        )
+        .await
+        .map_err(q)?;
+    let version_num: i32 = row.get(0);
+    let sysid_text: String = row.get(1);
+    let data_directory: String = row.get(2);
+    let in_recovery: bool = row.get(4);
+    let wal_level: String = row.get(5);
+    let seg_bytes: i32 = row.get(6);
+    if in_recovery {
+        return Err(BackupError::Invalid("the server is a standby: take base backups on the primary".into()));
+    }
+    if wal_level == "minimal" {
+        return Err(BackupError::Invalid("wal_level is minimal: set wal_level = replica and restart".into()));
+    }
+    let major = PgMajor::from_version_text(&version_num.to_string())
+        .ok_or_else(|| BackupError::Invalid(format!("unknown server version {version_num}")))?;
+    let seg = WalSegSize::new(seg_bytes as u64).map_err(|e| BackupError::Invalid(e.to_string()))?;
+    let sysid = SystemId(sysid_text.parse().map_err(|_| BackupError::Invalid("bad system identifier".into()))?);
+    repo.ensure_identity(&Identity::new(sysid, major, seg)).await?;
+    let pgdata = opts.pgdata.clone().unwrap_or_else(|| PathBuf::from(&data_directory));
+    if !pgdata.join("PG_VERSION").exists() {
+        return Err(BackupError::Invalid(format!(
+            "{} is not the data directory of this server (no PG_VERSION): pass --pgdata",
+            pgdata.display()
+        )));
+    }
+
+    let server = ServerInfo { version_num: version_num as u32, major, seg, sysid: sysid_text.clone() };
+    let started = chrono::Utc::now();
+    let id = new_backup_id(repo, started).await?;
+    let marker = RunningMarker {
+        started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        host: std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string(),
+        pid: std::process::id(),
+        error: None,
+    };
+    repo.store().put(&layout::backup_running(&id), json_object(&marker), PutMode::Overwrite).await?;
+    let heartbeat = {
+        let repo = repo.clone();
+        let key = layout::backup_running(&id);
+        let body = json_object(&marker);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(HEARTBEAT).await;
+                let _ = repo.store().put(&key, body.clone(), PutMode::Overwrite).await;
+            }
+        })
+    };
+    // If this future is dropped half-way (its caller went away), the heartbeat must not keep a
+    // RUNNING marker fresh for ever: the guard stops it and marks the backup FAILED.
+    let mut guard = MarkerGuard {
+        repo: repo.clone(),
+        id: id.clone(),
+        failed: json_object(&RunningMarker {
+            error: Some("backup abandoned: the task running it was dropped before it finished".into()),
+            ..marker.clone()
+        }),
+        heartbeat: Some(heartbeat),
+    };
+    let inner = push_inner(repo, opts, &client, &id, &pgdata, started, &server, progress);
+    let result = tokio::select! {
+        r = inner => r,
+        _ = opts.cancel.cancelled() => Err(BackupError::Abandoned("walnut was asked to stop".into())),
+    };
+    guard.disarm();
+    match result {
+        Ok(m) => {
+            let _ = repo.store().delete(&layout::backup_running(&id)).await;
+            Ok(m)
+        }
+        Err(e) => {
+            let failed = RunningMarker { error: Some(e.to_string()), ..marker };
+            let _ = repo.store().put(&layout::backup_running(&id), json_object(&failed), PutMode::Overwrite).await;
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+/// What the server reported about itself when the backup began.
+pub(super) struct ServerInfo {
+    pub(super) version_num: u32,
+    pub(super) major: PgMajor,
+    pub(super) seg: WalSegSize,
+    pub(super) sysid: String,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn push_inner(
+    repo: &Repository,
+    opts: &PushOptions,
+    client: &tokio_postgres::Client,
+    id: &str,
+    pgdata: &Path,
+    started: chrono::DateTime<chrono::Utc>,
+    server: &ServerInfo,
+    progress: Arc<Progress>,
+) -> Result<Manifest, BackupError> {
+    let ServerInfo { version_num, major, seg, sysid } = server;
+    let (version_num, major, seg) = (*version_num, *major, *seg);
+    let q = |e: tokio_postgres::Error| BackupError::Postgres(pg_error(&e));
+    let label = format!("walnut {id}");
+    let start_lsn: String =
+        client.query_one("SELECT pg_backup_start($1, true)::text", &[&label]).await.map_err(q)?.get(0);
+
+    let root = pgdata.to_path_buf();
+    let (files, tablespaces) = crate::repo::cpu(move || {
+        let mut files = Vec::new();
+        let mut ts = Vec::new();
+        walk(&root, "", &mut files, &mut ts).map(|_| (files, ts))
+    })
+    .await
+    .map_err(io_ctx(format!("read the data directory {}", pgdata.display())))?;
+    progress.total.store(files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
+
+    let streams = balance(files, opts.parallel);
+    let mut producers = Vec::new();
+    let mut uploaders = Vec::new();
+    for (i, files) in streams.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel(2);
+        let (id, codec, part_size, progress) = (id.to_string(), opts.codec, opts.part_size, progress.clone());
+        producers
+            .push(tokio::task::spawn_blocking(move || produce_stream(&id, i, files, codec, part_size, tx, &progress)));
+        uploaders.push(tokio::spawn(upload_stream(repo.clone(), opts.codec, rx)));
+    }
+    let mut file_entries = Vec::new();
+    let mut parts = Vec::new();
+    let mut first_error: Option<BackupError> = None;
+    // Upload errors first: a producer's "upload stopped" is only their echo.
+    for u in uploaders {
+        match u.await.expect("upload task panicked") {
+            Ok(p) => parts.extend(p),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    for p in producers {
+        match p.await.expect("backup stream panicked") {
+            Ok(f) => file_entries.extend(f),
+            Err(e) => {
+                first_error.get_or_insert(BackupError::Io { context: "back up the data directory".into(), source: e });
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+
+    // Stop without PostgreSQL's own unbounded wait for archiving; walnut waits, bounded, below.
+    let row =
+        client.query_one("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)", &[]).await.map_err(q)?;
+    let end_lsn_text: String = row.get(0);
+    let backup_label: String = row.get(1);
+    let tablespace_map: String = row.get(2);
+    let end_lsn: Lsn =
+        end_lsn_text.parse().map_err(|_| BackupError::Postgres(format!("bad stop LSN {end_lsn_text}")))?;
+    let start: Lsn = start_lsn.parse().map_err(|_| BackupError::Postgres(format!("bad start LSN {start_lsn}")))?;
+    let tli: u32 = parse_label_field(&backup_label, "START TIMELINE:")
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| BackupError::Postgres("backup_label has no START TIMELINE".into()))?;
+    let start_seg = SegName::new(TimelineId(tli), seg.segno(start), seg);
+    let end_seg = SegName::new(TimelineId(tli), seg.segno(Lsn(end_lsn.0.saturating_sub(1).max(start.0))), seg);
+
+    // The backup is usable only once the WAL up to its end is archived.
+    let key = layout::wal_key(&WalFileName::Segment(end_seg));
+    let deadline = tokio::time::Instant::now() + opts.archive_wait;
+    loop {
+        if repo.store().head(&key).await?.is_some() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BackupError::ArchiveTimeout { segment: end_seg.to_string(), waited: opts.archive_wait });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    file_entries.sort_by(|a, b| a.path.cmp(&b.path));
+    parts.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut tablespaces = tablespaces;
+    if !tablespaces.is_empty() {
+        for row in client.query("SELECT oid::text, spcname::text FROM pg_tablespace", &[]).await.map_err(q)? {
+            let (oid, name): (String, String) = (row.get(0), row.get(1));
+            if let Some(t) = tablespaces.iter_mut().find(|t| t.oid == oid) {
+                t.name = Some(name);
+            }
+        }
+    }
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        id: id.to_string(),
+        name: opts.name.clone(),
+        scheduled: opts.scheduled,
+        system_identifier: sysid.to_string(),
+        pg_version_num: version_num,
+        pg_major: major,
+        wal_segment_size: seg.bytes(),
+        timeline: tli,
+        start_lsn: start.to_string(),
+        end_lsn: end_lsn.to_string(),
+        start_wal: start_seg.to_string(),
+        end_wal: end_seg.to_string(),
+        start_time: started.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        end_time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        label,
+        backup_label,
+        tablespace_map,
+        data_bytes: file_entries.iter().map(|f| f.size).sum(),
+        stored_bytes: parts.iter().map(|p| p.stored_bytes).sum(),
+        compression: format!("{:?}", opts.codec.compression).to_lowercase(),
+        tablespaces,
+        parts,
+        files: file_entries,
+        parent: None,
+    };
+    // Commit: the manifest, create-only, last.
+    repo.store().put(&layout::backup_manifest(id), json_object(&manifest), PutMode::Create).await?;
+    Ok(manifest)
+}
