@@ -149,6 +149,44 @@ fn lsn_immediate_exclusive_and_actions() {
     let o = restore(&env, &dest_np, &["--start", "--set-password", "postgres"]);
     assert!(!o.status.success() && stderr(&o).contains("WALNUT_NEW_PASSWORD"), "{}", stderr(&o));
     assert!(dest_is_empty(&dest_np));
+    // A role that does not exist: the statement fails, and the server logs it (STATEMENT: ...).
+    // Only a SCRAM verifier computed by walnut is ever sent, so the password is in no file.
+    let (_d, dest_bad) = restore_dir("bad-role");
+    let o = std::process::Command::new(walnut_bin())
+        .arg("--config")
+        .arg(&env.config)
+        .args([
+            "restore",
+            dest_bad.to_str().unwrap(),
+            "--target-lsn",
+            &lsn,
+            "--start",
+            "--set-password",
+            "no_such_role",
+        ])
+        .env("WALNUT_NEW_PASSWORD", "s3cr3t-n0t-in-l0gs")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "a role that does not exist fails: {}", stdout(&o));
+    assert!(stderr(&o).contains("no_such_role"), "{}", stderr(&o));
+    let r = Restored::from_dir(&dest_bad);
+    r.sql("SELECT 1"); // the server logged the failed statement by now
+    let mut stack = vec![dest_bad.clone()];
+    let mut logged = false;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(!text.contains("s3cr3t-n0t-in-l0gs"), "the password is in {}", p.display());
+                logged |= text.contains("no_such_role");
+            }
+        }
+    }
+    assert!(logged, "the server log holds the failed statement (so the check above means something)");
+    drop(r);
 
     let (_d, dest) = restore_dir("immediate");
     assert_ok(&restore(&env, &dest, &["--target-immediate", "--start"]), "restore --target-immediate");

@@ -8,10 +8,12 @@
 //! - [`state`]: walnut's own working state on the local disk (never inside PGDATA).
 
 pub mod backup;
+pub mod durable;
 pub mod envelope;
 pub mod layout;
 pub mod plan;
 pub mod repo;
+pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod state;

@@ -20,6 +20,33 @@ use std::collections::{BTreeMap, HashMap};
 use walnut_pg::history::HistoryEntry;
 use walnut_pg::{Lsn, SegNo, TimelineId, WalSegSize};
 
+/// Parses a target time: RFC 3339 or PostgreSQL style; a time without a zone is an error.
+pub fn parse_target_time(text: &str) -> Result<DateTime<Utc>, String> {
+    let t = text.trim();
+    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(t) {
+        return Ok(d.with_timezone(&Utc));
+    }
+    let mut s = t.replacen(' ', "T", 1);
+    // PostgreSQL writes offsets as +00 or +05:30; RFC 3339 wants +00:00.
+    if let Some(pos) = s.rfind(['+', '-']).filter(|p| *p > 10) {
+        let off = &s[pos + 1..];
+        if off.len() == 2 && off.bytes().all(|b| b.is_ascii_digit()) {
+            s.push_str(":00");
+        } else if off.len() == 4 && off.bytes().all(|b| b.is_ascii_digit()) {
+            s.insert(pos + 3, ':');
+        }
+    }
+    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(&s) {
+        return Ok(d.with_timezone(&Utc));
+    }
+    if chrono::NaiveDateTime::parse_from_str(&s, "%Y-%m-%dT%H:%M:%S%.f").is_ok() {
+        return Err(format!("target time {text:?} has no time zone: add one, like {text}Z or '{text}+00'"));
+    }
+    Err(format!(
+        "invalid target time {text:?}: use RFC 3339 (2024-07-15T15:17:54Z) or PostgreSQL style ('2024-07-15 15:17:54+00')"
+    ))
+}
+
 #[derive(Debug, Clone)]
 pub struct BackupPoint {
     pub id: String,

@@ -16,7 +16,7 @@
 //! identical), a missing spool file means a fetch from the repository.
 
 use std::fs;
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -32,18 +32,7 @@ pub struct AheadRecord {
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".tmp.{}.{}",
-        path.file_name().expect("file name").to_string_lossy(),
-        std::process::id()
-    ));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })
+    crate::durable::write(path, data)
 }
 
 impl StateDir {

@@ -49,6 +49,8 @@ pub enum WalError {
          walnut says a WAL file is not archived only when the repository is there. Check `repo`"
     )]
     NoRepository(String),
+    #[error("{name} did not reach the repository within {wait:?}: check archiving (pg_stat_archiver, the server log)")]
+    NotArchived { name: String, wait: std::time::Duration },
     #[error(
         "{name}: cannot tell which cluster this file belongs to: no WAL segment has been archived to this \
          repository yet and {pgdata}/global/pg_control could not be read ({reason})"
@@ -411,36 +413,28 @@ pub async fn prefetch(repo: &Repository, state_base: &Path, after: &str, count: 
     Ok(spooled)
 }
 
-/// Writes `data` to a temporary file beside `dest`, fsyncs it, renames it into place and fsyncs
-/// the directory. On any failure `dest` does not exist.
-pub async fn write_durably(dest: &Path, data: &Bytes) -> Result<(), WalError> {
-    let dest = dest.to_path_buf();
-    let data = data.clone();
-    cpu(move || {
-        use std::io::Write;
-        let dir = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let tmp = dir.join(format!(
-            ".{}.walnut-tmp.{}",
-            dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            std::process::id()
-        ));
-        let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&data)?;
-            f.sync_all()?;
-            drop(f);
-            std::fs::rename(&tmp, &dest)?;
-            std::fs::File::open(&dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+/// Waits until `name` is in the repository (polling), up to `wait`. The one "wait until
+/// archived" (a backup's last segment, a restore point's, a switch forced before a restore).
+pub async fn wait_archived(repo: &Repository, name: &WalFileName, wait: std::time::Duration) -> Result<(), WalError> {
+    let key = layout::wal_key(name);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match repo.store().head(&key).await {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) | Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await
+            }
+            Ok(None) => return Err(WalError::NotArchived { name: name.to_string(), wait }),
+            Err(e) => return Err(e.into()),
         }
-        result.map_err(WalError::io(format!("write {}", dest.display())))
-    })
-    .await
+    }
+}
+
+/// Writes `data` to `dest` durably ([`crate::durable`]). On any failure `dest` does not exist.
+pub async fn write_durably(dest: &Path, data: &Bytes) -> Result<(), WalError> {
+    crate::durable::write_async(dest.to_path_buf(), data.clone())
+        .await
+        .map_err(WalError::io(format!("write {}", dest.display())))
 }
 
 /// What the repository holds of WAL, for planning: segments per timeline with the time each was

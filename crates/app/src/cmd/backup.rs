@@ -3,11 +3,12 @@
 use super::Ctx;
 use crate::output::{self, Bar};
 use crate::pgserver;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use walnut_core::backup::{self, Progress, PushOptions, Status};
+use walnut_core::restore::{TablespaceTarget, check_dest, clean_dest, create_dest, tablespace_targets};
 
 pub fn push_options(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>, scheduled: bool) -> Result<PushOptions> {
     Ok(PushOptions {
@@ -154,111 +155,6 @@ pub async fn show(ctx: &Ctx, reference: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks that `dest` is absent or an empty directory; returns whether it existed.
-pub fn check_dest(dest: &Path) -> Result<bool> {
-    match std::fs::read_dir(dest) {
-        Ok(mut rd) => {
-            if rd.next().is_some() {
-                bail!("{} is not empty: restore into an empty or new directory", dest.display());
-            }
-            Ok(true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
-            bail!("{} is a file, not a directory", dest.display())
-        }
-        Err(e) => Err(e).with_context(|| format!("read {}", dest.display())),
-    }
-}
-
-/// Creates `dest` (0700) if needed.
-pub fn create_dest(dest: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dest).with_context(|| format!("create {}", dest.display()))?;
-    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o700))?;
-    Ok(())
-}
-
-/// Removes what a failed fetch left in `dest` (which was empty or absent before).
-pub fn clean_dest(dest: &Path, existed: bool) {
-    if existed {
-        if let Ok(rd) = std::fs::read_dir(dest) {
-            for e in rd.flatten() {
-                let p = e.path();
-                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-            }
-        }
-    } else {
-        let _ = std::fs::remove_dir_all(dest);
-    }
-}
-
-/// Where one tablespace of a backup is restored.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TablespaceTarget {
-    pub oid: String,
-    pub name: String,
-    pub dir: std::path::PathBuf,
-    #[serde(skip)]
-    existed: bool,
-}
-
-impl TablespaceTarget {
-    /// Removes what a failed restore left in the directory (which was empty or absent before).
-    pub fn clean(&self) {
-        clean_dest(&self.dir, self.existed);
-    }
-}
-
-/// Where each tablespace of `m` goes: `--tablespace-map NAME|OID=DIR`, else its location in the
-/// source (as pg_basebackup and pgBackRest do). Each directory must be absent or empty, outside
-/// DEST, and used once; all of it is checked before anything is written.
-pub fn tablespace_targets(m: &backup::Manifest, dest: &Path, maps: &[String]) -> Result<Vec<TablespaceTarget>> {
-    let known =
-        || m.tablespaces.iter().map(|t| format!("{} (oid {})", t.display_name(), t.oid)).collect::<Vec<_>>().join(", ");
-    let mut chosen: std::collections::HashMap<&str, std::path::PathBuf> = Default::default();
-    for map in maps {
-        let Some((key, dir)) = map.split_once('=') else {
-            bail!("--tablespace-map {map:?}: expected NAME=DIR or OID=DIR");
-        };
-        let Some(t) = m.tablespaces.iter().find(|t| t.oid == key || t.name.as_deref() == Some(key)) else {
-            if m.tablespaces.is_empty() {
-                bail!("--tablespace-map {key}: backup {} has no tablespaces", m.id);
-            }
-            bail!("--tablespace-map {key}: backup {} has no such tablespace (it has {})", m.id, known());
-        };
-        let dir = std::path::PathBuf::from(dir);
-        if !dir.is_absolute() {
-            bail!("--tablespace-map {map:?}: the directory must be an absolute path");
-        }
-        chosen.insert(&t.oid, dir);
-    }
-    let dest_abs = std::path::absolute(dest)?;
-    let mut out: Vec<TablespaceTarget> = Vec::new();
-    for t in &m.tablespaces {
-        let mapped = chosen.contains_key(t.oid.as_str());
-        let dir = chosen.remove(t.oid.as_str()).unwrap_or_else(|| std::path::PathBuf::from(&t.location));
-        let name = t.display_name().to_string();
-        let fix = format!("give it an empty directory with --tablespace-map {name}=/new/dir");
-        if dir.starts_with(&dest_abs) {
-            bail!("tablespace {name} (oid {}) cannot go to {}, inside DEST: {fix}", t.oid, dir.display());
-        }
-        if let Some(o) = out.iter().find(|o| o.dir == dir) {
-            bail!("tablespaces {} and {name} would both go to {}: {fix}", o.name, dir.display());
-        }
-        let existed = check_dest(&dir).map_err(|e| {
-            let whose = if mapped { "the directory given" } else { "its location in the source" };
-            anyhow::anyhow!(
-                "tablespace {name} (oid {}) would be restored to {} ({whose}): {e:#}; {fix}",
-                t.oid,
-                dir.display()
-            )
-        })?;
-        out.push(TablespaceTarget { oid: t.oid.clone(), name, dir, existed });
-    }
-    Ok(out)
-}
-
 /// Fetches `m` into `dest` (and its tablespaces into theirs) with progress; cleans up on failure.
 pub async fn fetch_into(
     ctx: &Ctx,
@@ -292,7 +188,9 @@ pub async fn fetch(ctx: &Ctx, dest: &Path, reference: &str, tablespace_maps: &[S
     let m = backup::resolve(&repo, reference).await?;
     let tablespaces = tablespace_targets(&m, dest, tablespace_maps)?;
     let took = fetch_into(ctx, &repo, &m, dest, &tablespaces).await?;
-    std::fs::write(dest.join("backup_manifest"), backup::postgres_manifest(&m))?;
+    let manifest = dest.join("backup_manifest");
+    walnut_core::durable::write(&manifest, backup::postgres_manifest(&m).as_bytes())
+        .with_context(|| format!("write {}", manifest.display()))?;
     if !ctx.global.quiet {
         println!(
             "fetched backup {} into {}: {} in {:.1?} ({}). No recovery configuration was written: use `walnut restore` for PITR.",

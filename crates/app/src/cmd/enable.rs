@@ -28,13 +28,7 @@ pub async fn run(ctx: &Ctx, restart: bool) -> Result<()> {
         .map_err(q)?;
     let (wal_level, mode, command): (String, String, String) = (row.get(0), row.get(1), row.get(2));
     let (timeout_s, data_dir, version): (i32, String, i32) = (row.get(3), row.get(4), row.get(5));
-    let mut want_cmd = format!("{}", ctx.config.exe.display());
-    if let Some(c) = &ctx.config.path {
-        want_cmd += &format!(" --config {}", c.display());
-    } else {
-        want_cmd += &format!(" --repo {}", ctx.config.repo_url()?);
-    }
-    want_cmd += " wal-push %p";
+    let want_cmd = format!("{} wal-push %p", ctx.walnut_command(false)?);
     let want_timeout = ctx.config.settings.archive_timeout.as_secs().max(1) as i32;
     let mut changed = Vec::new();
     if wal_level == "minimal" {

@@ -24,7 +24,28 @@ pub struct Ctx {
     pub config: Config,
 }
 
+/// Quotes one word for `/bin/sh` (PostgreSQL runs archive_command and restore_command through
+/// it): plain words as they are, anything else in single quotes.
+pub fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"_./:=@%+,-".contains(&b));
+    if plain { word.to_string() } else { format!("'{}'", word.replace('\'', r"'\''")) }
+}
+
 impl Ctx {
+    /// The walnut command line written into `archive_command`/`restore_command` (before the
+    /// subcommand): this executable, `--config` when one is in use, and `--repo` when asked for
+    /// or when there is no config file, each word quoted for the shell.
+    pub fn walnut_command(&self, with_repo: bool) -> Result<String> {
+        let mut words = vec![self.config.exe.display().to_string()];
+        if let Some(c) = &self.config.path {
+            words.extend(["--config".to_string(), c.display().to_string()]);
+        }
+        if with_repo || self.config.path.is_none() {
+            words.extend(["--repo".to_string(), self.config.repo_url()?.to_string()]);
+        }
+        Ok(words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" "))
+    }
+
     pub fn repository(&self) -> Result<Repository> {
         let url = self.config.repo_url()?;
         let store = walnut_storage::open(url, &self.config.storage)?;
@@ -137,4 +158,17 @@ fn show_config(ctx: &Ctx) -> u8 {
     });
     println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
     exit::OK
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(super::shell_quote("/usr/bin/walnut"), "/usr/bin/walnut");
+        assert_eq!(super::shell_quote("s3://b/p"), "s3://b/p");
+        assert_eq!(super::shell_quote("/etc/my walnut.toml"), "'/etc/my walnut.toml'");
+        assert_eq!(super::shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(super::shell_quote(""), "''");
+        assert_eq!(super::shell_quote("a;rm -rf /"), "'a;rm -rf /'");
+    }
 }

@@ -1,15 +1,16 @@
 //! `walnut restore`: plan, validate, fetch, configure recovery, and optionally start and wait.
 
 use super::Ctx;
-use super::backup::{check_dest, clean_dest, fetch_into, tablespace_targets};
+use super::backup::fetch_into;
 use crate::output;
 use crate::pgserver;
 use anyhow::{Context, Result, bail};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use walnut_core::backup::{self, Status};
-use walnut_core::plan::{self, BackupPoint, Plan, RecoveryTarget, Request, Target, TimelineChoice};
+use walnut_core::backup;
+use walnut_core::plan::{self, Plan, RecoveryTarget, Request, Target, TimelineChoice};
+use walnut_core::restore::{self, CatchUp, RecoveryConf, RecoveryOptions, check_dest, clean_dest, tablespace_targets};
 use walnut_pg::TimelineId;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -69,31 +70,9 @@ pub struct RestoreArgs {
     pub tablespace_map: Vec<String>,
 }
 
-/// Parses a target time: RFC 3339 or PostgreSQL style; a time without a zone is an error.
+/// Parses a target time (see [`walnut_core::plan::parse_target_time`]).
 pub fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>> {
-    let t = text.trim();
-    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(t) {
-        return Ok(d.with_timezone(&chrono::Utc));
-    }
-    let mut s = t.replacen(' ', "T", 1);
-    // PostgreSQL writes offsets as +00 or +05:30; RFC 3339 wants +00:00.
-    if let Some(pos) = s.rfind(['+', '-']).filter(|p| *p > 10) {
-        let off = &s[pos + 1..];
-        if off.len() == 2 && off.bytes().all(|b| b.is_ascii_digit()) {
-            s.push_str(":00");
-        } else if off.len() == 4 && off.bytes().all(|b| b.is_ascii_digit()) {
-            s.insert(pos + 3, ':');
-        }
-    }
-    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(&s) {
-        return Ok(d.with_timezone(&chrono::Utc));
-    }
-    if chrono::NaiveDateTime::parse_from_str(&s, "%Y-%m-%dT%H:%M:%S%.f").is_ok() {
-        bail!("target time {text:?} has no time zone: add one, like {text}Z or '{text}+00'");
-    }
-    bail!(
-        "invalid target time {text:?}: use RFC 3339 (2024-07-15T15:17:54Z) or PostgreSQL style ('2024-07-15 15:17:54+00')"
-    )
+    plan::parse_target_time(text).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn request(a: &RestoreArgs) -> Result<Request> {
@@ -125,82 +104,19 @@ fn request(a: &RestoreArgs) -> Result<Request> {
     Ok(Request { target, backup: a.backup.clone(), timeline })
 }
 
-fn quote(v: &str) -> String {
-    format!("'{}'", v.replace('\'', "''"))
-}
-
-/// The recovery settings appended to postgresql.auto.conf.
-fn recovery_settings(ctx: &Ctx, a: &RestoreArgs, p: &Plan, port: Option<u16>) -> Result<Vec<(String, String)>> {
-    let mut base = format!("{}", ctx.config.exe.display());
-    if let Some(c) = &ctx.config.path {
-        base += &format!(" --config {}", c.display());
-    }
-    base += &format!(" --repo {}", ctx.config.repo_url()?);
-    let mut s: Vec<(String, String)> = vec![("restore_command".into(), quote(&format!("{base} wal-fetch %f %p")))];
-    match &p.recovery_target {
-        RecoveryTarget::EndOfArchive => {}
-        RecoveryTarget::Time(t) => {
-            s.push(("recovery_target_time".into(), quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())))
-        }
-        RecoveryTarget::Name(n) => s.push(("recovery_target_name".into(), quote(n))),
-        RecoveryTarget::Lsn(l) | RecoveryTarget::PinnedEnd(l) => s.push(("recovery_target_lsn".into(), quote(l))),
-        RecoveryTarget::Xid(x) => s.push(("recovery_target_xid".into(), quote(&x.to_string()))),
-        RecoveryTarget::Immediate => s.push(("recovery_target".into(), quote("immediate"))),
-    }
-    if !a.standby && p.recovery_target != RecoveryTarget::EndOfArchive {
-        s.push(("recovery_target_action".into(), quote(&a.target_action)));
-        // The pinned end includes its last record: --exclusive is about the user's target.
-        if a.exclusive && !matches!(p.recovery_target, RecoveryTarget::PinnedEnd(_)) {
-            s.push(("recovery_target_inclusive".into(), "off".into()));
-        }
-    }
-    s.push(("recovery_target_timeline".into(), quote(&a.target_timeline)));
-    if a.archive {
-        s.push(("archive_mode".into(), quote("on")));
-        s.push(("archive_command".into(), quote(&format!("{base} wal-push %p"))));
-    } else {
-        s.push(("archive_mode".into(), quote("off")));
-    }
-    if let Some(port) = port {
-        s.push(("port".into(), port.to_string()));
-    }
-    Ok(s)
-}
-
 fn describe_target(t: &RecoveryTarget) -> String {
-    match t {
-        RecoveryTarget::EndOfArchive => "the end of the archive".into(),
-        RecoveryTarget::PinnedEnd(l) => format!("the end of the archive as planned (the record at {l})"),
-        RecoveryTarget::Time(t) => format!("time {}", t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
-        RecoveryTarget::Name(n) => format!("restore point {n:?}"),
-        RecoveryTarget::Lsn(l) => format!("LSN {l}"),
-        RecoveryTarget::Xid(x) => format!("transaction {x}"),
-        RecoveryTarget::Immediate => "the backup's consistency point".into(),
-    }
+    restore::describe_target(t)
 }
 
-/// Builds the plan from what the repository holds.
-pub async fn make_plan(repo: &walnut_core::Repository, req: &Request) -> Result<(Plan, backup::Manifest)> {
-    let identity =
-        repo.identity().await?.ok_or_else(|| anyhow::anyhow!("{} is empty: nothing to restore", repo.describe()))?;
-    let listed = backup::list(repo).await?;
-    let mut points = Vec::new();
-    for b in listed.iter().filter(|b| b.status == Status::Done) {
-        let m = b.manifest.as_ref().expect("DONE has a manifest");
-        let end_time = chrono::DateTime::parse_from_rfc3339(&m.end_time)?.with_timezone(&chrono::Utc);
-        points.push(BackupPoint {
-            id: b.id.clone(),
-            name: m.name.clone(),
-            tli: TimelineId(m.timeline),
-            start: m.start_lsn.parse()?,
-            end: m.end_lsn.parse()?,
-            end_time,
-        });
-    }
-    let inv = walnut_core::wal::inventory(repo, true).await?;
-    let p = plan::plan(&points, &inv, identity.seg_size(), req, chrono::Utc::now())?;
-    let m = backup::load_manifest(repo, &p.backup_id).await?;
-    Ok((p, m))
+fn recovery_options(ctx: &Ctx, a: &RestoreArgs, port: Option<u16>) -> Result<RecoveryOptions> {
+    Ok(RecoveryOptions {
+        walnut: ctx.walnut_command(true)?,
+        exclusive: a.exclusive,
+        action: a.target_action.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        standby: a.standby,
+        archive: a.archive,
+        port,
+    })
 }
 
 pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
@@ -220,7 +136,7 @@ pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
             println!("{s}");
         }
     };
-    let (mut p, mut m) = make_plan(&repo, &req).await?;
+    let (mut p, mut m) = restore::prepare(&repo, &req, chrono::Utc::now()).await?;
     if matches!(p.recovery_target, RecoveryTarget::PinnedEnd(_) | RecoveryTarget::EndOfArchive)
         && matches!(req.target, Target::Time(_))
     {
@@ -230,7 +146,7 @@ pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
                 say(format!(
                     "the primary had WAL that was not archived yet: walnut switched WAL and waited until {seg} was archived, and planned again"
                 ));
-                (p, m) = make_plan(&repo, &req).await?;
+                (p, m) = restore::prepare(&repo, &req, chrono::Utc::now()).await?;
             }
             CatchUp::CaughtUp => say("the primary has no WAL beyond the archive: the archive is caught up".into()),
             CatchUp::Unknown(why) => say(format!(
@@ -305,93 +221,15 @@ pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
     Ok(())
 }
 
-/// What the primary said about WAL not archived yet.
-enum CatchUp {
-    /// Nothing written beyond the archive.
-    CaughtUp,
-    /// It had WAL beyond the archive; a switch was forced and this segment is archived now.
-    Switched(String),
-    /// Could not ask it (why).
-    Unknown(String),
-}
-
-/// When a time target lies after the last archived commit, the primary (when walnut can reach
-/// it: `[postgres] url` or the libpq variables, and it is this repository's cluster) may hold
-/// commits before the target that are not archived yet. If it has WAL beyond the archive, walnut
-/// switches to a new segment and waits (up to `[backup] archive_wait`) until the one holding
-/// those commits is archived, so the plan made next covers them.
+/// Asks the primary, when it can be reached (`[postgres] url` or the libpq variables), whether it
+/// holds WAL not archived yet ([`restore::catch_up`]).
 async fn catch_up_with_primary(ctx: &Ctx, repo: &walnut_core::Repository) -> CatchUp {
     let Ok(cfg) = pgserver::pg_config(ctx.config.pg_url.as_deref()) else {
         return CatchUp::Unknown("the PostgreSQL connection settings are invalid".into());
     };
-    let client = match tokio::time::timeout(Duration::from_secs(5), pgserver::connect(&cfg)).await {
-        Ok(Ok(c)) => c,
-        _ => return CatchUp::Unknown("the primary is not reachable from here".into()),
-    };
-    let row = match client
-        .query_one(
-            "SELECT (SELECT system_identifier::text FROM pg_control_system()), pg_is_in_recovery(), \
-             CASE WHEN pg_is_in_recovery() THEN '' ELSE pg_current_wal_lsn()::text END",
-            &[],
-        )
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return CatchUp::Unknown(format!("the primary did not answer ({})", backup::pg_error(&e))),
-    };
-    let (sysid, in_recovery, current): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
-    let identity = match repo.identity().await {
-        Ok(Some(i)) => i,
-        _ => return CatchUp::Unknown("the repository identity could not be read".into()),
-    };
-    if sysid != identity.system_identifier.to_string() {
-        return CatchUp::Unknown(format!(
-            "the PostgreSQL server walnut reaches is another cluster (system identifier {sysid}), not this repository's primary"
-        ));
-    }
-    if in_recovery {
-        return CatchUp::Unknown("the PostgreSQL server walnut reaches is a standby".into());
-    }
-    let Ok(current) = current.parse::<walnut_pg::Lsn>() else {
-        return CatchUp::Unknown("the primary's WAL position is unreadable".into());
-    };
-    let inv = match walnut_core::wal::inventory(repo, false).await {
-        Ok(i) => i,
-        Err(e) => return CatchUp::Unknown(format!("the archive could not be listed ({e})")),
-    };
-    // The end of the archive on the newest timeline: the start of the segment after its last.
-    let seg = identity.seg_size();
-    let archived_end = inv
-        .segments
-        .iter()
-        .next_back()
-        .and_then(|(_, m)| m.keys().next_back())
-        .map(|s| seg.start_lsn(walnut_pg::SegNo(s.0 + 1)))
-        .unwrap_or_default();
-    // A segment begins with its page header: nothing after it means nothing written.
-    if current.0 <= archived_end.0 + walnut_pg::walpage::SIZE_OF_LONG_PHD as u64 {
-        return CatchUp::CaughtUp;
-    }
-    let switched = client.query_one("SELECT pg_walfile_name(pg_switch_wal())", &[]).await;
-    let name: String = match switched {
-        Ok(r) => r.get(0),
-        Err(e) => return CatchUp::Unknown(format!("the primary refused pg_switch_wal() ({})", backup::pg_error(&e))),
-    };
-    let Ok(key) = walnut_pg::WalFileName::parse(&name).map(|n| walnut_core::layout::wal_key(&n)) else {
-        return CatchUp::Unknown(format!("the primary named an odd WAL file {name:?}"));
-    };
-    let deadline = Instant::now() + ctx.config.backup_archive_wait;
-    loop {
-        match repo.store().head(&key).await {
-            Ok(Some(_)) => return CatchUp::Switched(name),
-            _ if Instant::now() > deadline => {
-                return CatchUp::Unknown(format!(
-                    "the primary has WAL beyond the archive, but {name} was not archived within {} (check pg_stat_archiver)",
-                    humantime::format_duration(ctx.config.backup_archive_wait)
-                ));
-            }
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
+    match tokio::time::timeout(Duration::from_secs(5), pgserver::connect(&cfg)).await {
+        Ok(Ok(client)) => restore::catch_up(repo, &client, ctx.config.backup_archive_wait).await,
+        _ => CatchUp::Unknown("the primary is not reachable from here".into()),
     }
 }
 
@@ -413,26 +251,7 @@ fn configure(ctx: &Ctx, a: &RestoreArgs, p: &Plan) -> Result<Option<u16>> {
         (None, true) => Some(pgserver::free_port()?),
         (None, false) => None,
     };
-    let settings = recovery_settings(ctx, a, p, port)?;
-    let auto = a.dest.join("postgresql.auto.conf");
-    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
-    if !text.is_empty() && !text.ends_with('\n') {
-        text.push('\n');
-    }
-    text += &format!("# walnut restore of backup {} to {}\n", p.backup_id, describe_target(&p.recovery_target));
-    for (k, v) in &settings {
-        text += &format!("{k} = {v}\n");
-    }
-    std::fs::write(&auto, text).with_context(|| format!("write {}", auto.display()))?;
-    if !a.dest.join("postgresql.conf").exists() {
-        // Debian keeps postgresql.conf in /etc: the restored directory needs its own.
-        std::fs::write(
-            a.dest.join("postgresql.conf"),
-            "# written by walnut restore; settings are in postgresql.auto.conf\n",
-        )?;
-    }
-    let signal = if a.standby { "standby.signal" } else { "recovery.signal" };
-    std::fs::write(a.dest.join(signal), "")?;
+    RecoveryConf::from_plan(p, &recovery_options(ctx, a, port)?).write(&a.dest)?;
     pgserver::prepare_ownership(&a.dest)?;
     Ok(port)
 }
@@ -529,9 +348,12 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
                 if let Some(role) = &a.set_password {
                     let pw = std::env::var("WALNUT_NEW_PASSWORD").unwrap_or_default();
                     let ident = format!("\"{}\"", role.replace('"', "\"\""));
-                    client.batch_execute(&format!("ALTER ROLE {ident} PASSWORD {}", quote(&pw))).await.map_err(
-                        |e| anyhow::anyhow!("set the password of {role}: {}", walnut_core::backup::pg_error(&e)),
-                    )?;
+                    // Only a SCRAM-SHA-256 verifier computed here reaches the server: a failing
+                    // statement or log_statement never writes the password into a log.
+                    let verifier = postgres_protocol::password::scram_sha_256(pw.as_bytes());
+                    client.batch_execute(&format!("ALTER ROLE {ident} PASSWORD '{verifier}'")).await.map_err(|e| {
+                        anyhow::anyhow!("set the password of {role}: {}", walnut_core::backup::pg_error(&e))
+                    })?;
                     println!("password of role {role} changed");
                 }
                 println!(
