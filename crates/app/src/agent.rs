@@ -8,10 +8,10 @@
 //! running backup gets `[agent] shutdown_timeout` to finish, then it is abandoned and marked
 //! FAILED (a second signal abandons it at once). It is never left looking DONE.
 
-use crate::cmd::Ctx;
 use crate::config::{Settings, parse_duration};
+use crate::ctx::Ctx;
 use crate::pgserver;
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -39,7 +39,7 @@ struct Metrics {
     last_error: Option<String>,
 }
 
-struct Agent {
+pub struct Agent {
     ctx: Ctx,
     repo: walnut_core::Repository,
     settings: RwLock<Settings>,
@@ -84,15 +84,7 @@ impl Agent {
     /// Reads the anchor from the repository: the newest DONE scheduled backup.
     async fn refresh_anchor(&self) -> Result<()> {
         let list = backup::list(&self.repo).await?;
-        let last = list
-            .iter()
-            .filter(|b| b.status == Status::Done)
-            .filter_map(|b| b.manifest.as_ref())
-            .filter(|m| m.scheduled)
-            .filter_map(|m| chrono::DateTime::parse_from_rfc3339(&m.end_time).ok())
-            .map(|t| t.with_timezone(&chrono::Utc))
-            .max();
-        self.schedule.lock().await.last_scheduled = last;
+        self.schedule.lock().await.last_scheduled = schedule_anchor(&list);
         if self.metrics.lock().await.last_backup_end.is_none() {
             let newest = list
                 .iter()
@@ -117,7 +109,7 @@ impl Agent {
         };
         let t = Instant::now();
         let r = async {
-            let mut opts = crate::cmd::backup::push_options(&self.ctx, None, name, scheduled)?;
+            let mut opts = self.ctx.push_options(None, name, scheduled)?;
             opts.cancel = self.abandon.clone();
             let progress = Arc::new(backup::Progress::default());
             Ok(backup::push(&self.repo, &opts, progress).await?)
@@ -142,13 +134,18 @@ impl Agent {
 
     async fn retention(&self) {
         let s = self.settings.read().await.clone();
-        let mut ctx = self.ctx.clone();
-        ctx.config.settings = s;
-        ctx.global.quiet = true;
-        match crate::cmd::retention::apply_policy_count(&ctx).await {
-            Ok(n) => {
+        let rule = walnut_core::retention::Rule::Policy(walnut_core::retention::Policy {
+            recovery_window: s.recovery_window,
+            minimum_redundancy: s.minimum_redundancy,
+        });
+        let run = async {
+            let outcome = walnut_core::prune::decide(&self.repo, &rule, chrono::Utc::now()).await?;
+            walnut_core::prune::execute(&self.repo, &outcome).await
+        };
+        match run.await {
+            Ok((backups, _wal)) => {
                 let mut m = self.metrics.lock().await;
-                m.retention_deletions += n;
+                m.retention_deletions += backups as u64;
                 m.retention_runs += 1;
             }
             Err(e) => {
@@ -162,6 +159,19 @@ impl Agent {
             tracing::warn!("update the WAL summary index: {e}");
         }
     }
+}
+
+/// The schedule's anchor: the *start* of the newest DONE scheduled backup. Anchored on starts, a
+/// backup that takes 9 hours with a 24 h frequency still starts every 24 h (anchored on its end,
+/// it would start every 33 h).
+fn schedule_anchor(list: &[backup::BackupInfo]) -> Option<chrono::DateTime<chrono::Utc>> {
+    list.iter()
+        .filter(|b| b.status == Status::Done)
+        .filter_map(|b| b.manifest.as_ref())
+        .filter(|m| m.scheduled)
+        .filter_map(|m| chrono::DateTime::parse_from_rfc3339(&m.start_time).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .max()
 }
 
 async fn scheduler(agent: Arc<Agent>) {
@@ -190,7 +200,7 @@ async fn scheduler(agent: Arc<Agent>) {
                 s.failures = 0;
                 s.last_failure = None;
                 // The new anchor, at once (the repository says the same on the next refresh).
-                s.last_scheduled = m.end_time().or(s.last_scheduled);
+                s.last_scheduled = m.started().or(s.last_scheduled);
                 drop(s);
                 agent.retention().await;
                 next_retention = tokio::time::Instant::now() + interval;
@@ -508,105 +518,195 @@ async fn metrics(State(a): State<Arc<Agent>>) -> Response {
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
 
-/// Every route needs the bearer token when one is configured (401 otherwise).
-async fn require_token(
-    State(a): State<Arc<Agent>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
+/// Every route needs the bearer token when one is configured (401 otherwise). On a loopback
+/// address (no token), the `Host` header must name a loopback host, so that a web page cannot
+/// reach the API by DNS rebinding; and every request that changes something must be
+/// `application/json`, which a cross-site form or `text/plain` POST cannot send without a
+/// preflight.
+async fn guard(State(a): State<Arc<Agent>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     if !a.authorized(req.headers()) {
         return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
-    next.run(req).await
+    if a.token.is_none() {
+        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("");
+        if !loopback_host(host) {
+            return err(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Host {host:?} is not a loopback name: the agent without a token answers 127.0.0.1, [::1] and localhost only"
+                ),
+            );
+        }
+    }
+    let mutating = !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    let json = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
+    if mutating && !json {
+        return err(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the request with Content-Type: application/json");
+    }
+    json_errors(next.run(req).await).await
 }
 
-fn is_loopback(addr: &SocketAddr) -> bool {
+/// `127.0.0.1`, `localhost`, `[::1]`, with or without a port.
+fn loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Every error the API returns is JSON (`{"error": ...}`), including the ones axum makes itself
+/// (404, 405, 413).
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if status.as_u16() < 400 || is_json {
+        return resp;
+    }
+    let body = axum::body::to_bytes(resp.into_body(), MAX_BODY).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let msg = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_lowercase() } else { text };
+    err(status, msg)
+}
+
+pub fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
 
-pub async fn run(ctx: Ctx, listen: Option<String>) -> Result<()> {
-    let listen = listen.unwrap_or_else(|| ctx.config.agent_listen.clone());
-    let addr: SocketAddr =
-        listen.parse().with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:5500"))?;
-    let token = match (&ctx.config.agent_token, &ctx.config.agent_token_file) {
-        (Some(t), _) => Some(t.expose().to_string()),
-        (None, Some(f)) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("read the token file {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
-        (None, None) => None,
-    };
-    if !is_loopback(&addr) && token.as_deref().is_none_or(str::is_empty) {
-        bail!(
-            "refusing to listen on {addr} without a token: a non-loopback address needs [agent] token_file or WALNUT_AGENT_TOKEN"
-        );
+impl Agent {
+    /// The agent's state, from the configuration and the API token (if any).
+    pub fn new(ctx: Ctx, token: Option<String>) -> Result<Arc<Agent>> {
+        let repo = ctx.repository()?;
+        let settings_path = ctx.config.state_dir.join("agent").join("settings.json");
+        let settings = load_persisted(&settings_path, &ctx.config.settings);
+        Ok(Arc::new(Agent {
+            repo,
+            settings: RwLock::new(settings),
+            settings_path,
+            backup_lock: Mutex::new(()),
+            metrics: Mutex::new(Metrics::default()),
+            schedule: Mutex::new(ScheduleState::default()),
+            wake: Notify::new(),
+            token,
+            stop: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            ctx,
+        }))
     }
-    let repo = ctx.repository()?;
-    let settings_path = ctx.config.state_dir.join("agent").join("settings.json");
-    let settings = load_persisted(&settings_path, &ctx.config.settings);
-    let agent = Arc::new(Agent {
-        repo,
-        settings: RwLock::new(settings),
-        settings_path,
-        backup_lock: Mutex::new(()),
-        metrics: Mutex::new(Metrics::default()),
-        schedule: Mutex::new(ScheduleState::default()),
-        wake: Notify::new(),
-        token,
-        stop: CancellationToken::new(),
-        abandon: CancellationToken::new(),
-        tasks: tokio_util::task::TaskTracker::new(),
-        ctx,
-    });
-    let app = Router::new()
+
+    /// Asks the agent to stop: the API closes, no backup starts, a running one may finish.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Abandons running backups (they are marked FAILED).
+    pub fn abandon(&self) {
+        self.abandon.cancel();
+    }
+}
+
+/// The HTTP API over an agent state.
+pub fn router(state: Arc<Agent>) -> Router {
+    Router::new()
         .route("/v1/settings", get(settings_get).patch(settings_patch))
         .route("/v1/backups", get(backups_get).post(backups_post))
         .route("/v1/backups/{reference}", get(backup_get))
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
+        .fallback(|| async {
+            err(StatusCode::NOT_FOUND, "no such endpoint: see GET /v1/health, /v1/settings, /v1/backups, /metrics")
+        })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY + 1))
-        .layer(axum::middleware::from_fn_with_state(agent.clone(), require_token))
-        .with_state(agent.clone());
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Runs the agent: the scheduler and the API on `listener`, until [`Agent::stop`]; then waits
+/// for running backups (finished, or abandoned by [`Agent::abandon`]) and returns.
+pub async fn serve(state: Arc<Agent>, listener: tokio::net::TcpListener) -> Result<()> {
     tracing::info!("walnut agent listening on http://{}", listener.local_addr()?);
-    let sched = tokio::spawn(scheduler(agent.clone()));
-    let grace = agent.ctx.config.agent_shutdown_timeout;
-    let (stop, abandon) = (agent.stop.clone(), agent.abandon.clone());
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!("shutting down: a running backup gets {} to finish", humantime::format_duration(grace));
-        stop.cancel();
-        tokio::select! {
-            _ = tokio::time::sleep(grace) => {}
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        abandon.cancel();
-    });
-    let stopping = agent.stop.clone();
-    axum::serve(listener, app).with_graceful_shutdown(async move { stopping.cancelled().await }).await?;
+    let sched = tokio::spawn(scheduler(state.clone()));
+    let grace = state.ctx.config.agent_shutdown_timeout;
+    let stopping = state.stop.clone();
+    axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(async move { stopping.cancelled().await })
+        .await?;
     // The server is closed; the scheduler returns once a running backup is DONE or abandoned.
     if tokio::time::timeout(grace + Duration::from_secs(30), sched).await.is_err() {
         tracing::error!("the scheduler did not stop in time");
     }
     // Backups started through the API whose clients went away: DONE or abandoned (FAILED) too.
-    agent.tasks.close();
-    if tokio::time::timeout(grace + Duration::from_secs(30), agent.tasks.wait()).await.is_err() {
+    state.tasks.close();
+    if tokio::time::timeout(grace + Duration::from_secs(30), state.tasks.wait()).await.is_err() {
         tracing::error!("a backup started through the API did not stop in time");
     }
-    if let Some(e) = &agent.metrics.lock().await.last_error {
+    if let Some(e) = &state.metrics.lock().await.last_error {
         tracing::info!("stopped; last backup error: {e}");
     } else {
         tracing::info!("stopped");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for ok in ["127.0.0.1", "127.0.0.1:5500", "localhost", "LOCALHOST:80", "[::1]", "[::1]:5500", "127.1.2.3:9"] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in ["", "evil.example", "evil.example:5500", "10.0.0.1:5500", "127.0.0.1.evil.example", "[::2]:80"] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
+    }
+
+    fn info(id: &str, scheduled: bool, start: &str, end: &str) -> backup::BackupInfo {
+        backup::BackupInfo {
+            id: id.into(),
+            status: Status::Done,
+            error: None,
+            manifest: Some(backup::ManifestSummary {
+                name: None,
+                scheduled,
+                timeline: 1,
+                start_lsn: "0/2000028".into(),
+                end_lsn: "0/2000100".into(),
+                start_wal: "000000010000000000000002".into(),
+                end_wal: "000000010000000000000002".into(),
+                start_time: start.into(),
+                end_time: end.into(),
+                data_bytes: 1,
+                stored_bytes: 1,
+                files: 1,
+                pg_version_num: 150000,
+            }),
+        }
+    }
+
+    /// A 9-hour scheduled backup with a 24 h frequency: the next one is due 24 h after the
+    /// last one *started* (on its end, it would be 33 h).
+    #[test]
+    fn the_schedule_is_anchored_on_starts() {
+        let list = [
+            info("A", true, "2026-01-01T00:00:00Z", "2026-01-01T09:00:00Z"),
+            info("B", false, "2026-01-01T12:00:00Z", "2026-01-01T12:10:00Z"),
+        ];
+        let anchor = schedule_anchor(&list).unwrap();
+        assert_eq!(anchor.to_rfc3339(), "2026-01-01T00:00:00+00:00");
+        let state = ScheduleState { last_scheduled: Some(anchor), ..Default::default() };
+        let due = schedule::next_due(&state, Duration::from_secs(24 * 3600), anchor);
+        assert_eq!(due.to_rfc3339(), "2026-01-02T00:00:00+00:00");
+    }
 }

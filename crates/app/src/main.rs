@@ -5,6 +5,7 @@ mod agent;
 mod cli;
 mod cmd;
 mod config;
+mod ctx;
 mod exit;
 mod output;
 mod pgserver;
@@ -63,4 +64,52 @@ fn init_logging(cli: &cli::Cli) {
     } else {
         builder.with_ansi(false).init();
     }
+}
+
+/// `walnut agent`: resolves the token, binds the port, handles the signals, and serves
+/// ([`agent::serve`]). SIGTERM/SIGINT stops the API and new backups; a running backup gets
+/// `[agent] shutdown_timeout` to finish (a second signal abandons it at once).
+pub async fn run_agent(ctx: ctx::Ctx, listen: Option<String>) -> anyhow::Result<()> {
+    use anyhow::{Context, bail};
+    let listen = listen.unwrap_or_else(|| ctx.config.agent_listen.clone());
+    let addr: std::net::SocketAddr =
+        listen.parse().with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:5500"))?;
+    let token = match (&ctx.config.agent_token, &ctx.config.agent_token_file) {
+        (Some(t), _) => Some(t.expose().to_string()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("read the token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    }
+    .filter(|t| !t.is_empty());
+    if !agent::is_loopback(&addr) && token.is_none() {
+        bail!(
+            "refusing to listen on {addr} without a token: a non-loopback address needs [agent] token_file or WALNUT_AGENT_TOKEN"
+        );
+    }
+    let grace = ctx.config.agent_shutdown_timeout;
+    let state = agent::Agent::new(ctx, token)?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let s = state.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down: a running backup gets {} to finish", humantime::format_duration(grace));
+        s.stop();
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        s.abandon();
+    });
+    agent::serve(state, listener).await
 }

@@ -27,6 +27,17 @@ fn http(port: u16, method: &str, path: &str, body: &str, token: Option<&str>) ->
     (status, body)
 }
 
+/// Sends `head` (request line and headers, without the blank line) and `body` as they are.
+fn http_raw(port: u16, head: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(s, "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
 fn json_of(body: &str) -> serde_json::Value {
     let start = body.find(['{', '[']).unwrap_or(0);
     let end = body.rfind(['}', ']']).map(|e| e + 1).unwrap_or(body.len());
@@ -118,7 +129,30 @@ fn agent_schedules_serves_the_api_and_keeps_settings() {
         assert!(b.contains(needle), "{body}: {b}");
     }
     let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(100_000));
-    assert_eq!(http(port, "PATCH", "/v1/settings", &big, None).0, 413);
+    let (status, b) = http(port, "PATCH", "/v1/settings", &big, None);
+    assert_eq!(status, 413);
+    assert!(json_of(&b)["error"].is_string(), "413 is JSON too: {b}");
+    // Every error is JSON, even axum's own.
+    let (status, b) = http(port, "GET", "/nope", "", None);
+    assert_eq!(status, 404);
+    assert!(json_of(&b)["error"].is_string(), "{b}");
+    let (status, b) = http(port, "DELETE", "/v1/settings", "", None);
+    assert_eq!(status, 405);
+    assert!(json_of(&b)["error"].is_string(), "{b}");
+    // A web page cannot drive the loopback API: a foreign Host (DNS rebinding) is refused, and
+    // so is a mutating request that is not application/json (a cross-site text/plain POST).
+    let backups_before = backups_json(&env).len();
+    let (status, b) = http_raw(port, "GET /v1/settings HTTP/1.1\r\nHost: evil.example:5500", "");
+    assert_eq!(status, 403, "{b}");
+    assert!(json_of(&b)["error"].as_str().unwrap_or("").contains("evil.example"), "{b}");
+    let (status, b) =
+        http_raw(port, "POST /v1/backups HTTP/1.1\r\nHost: evil.example\r\nContent-Type: application/json", "{}");
+    assert_eq!(status, 403, "{b}");
+    let (status, b) = http_raw(port, "POST /v1/backups HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain", "{}");
+    assert_eq!(status, 415, "{b}");
+    let (status, b) = http_raw(port, "PATCH /v1/settings HTTP/1.1\r\nHost: localhost", r#"{"recovery_window":"30d"}"#);
+    assert_eq!(status, 415, "{b}");
+    assert_eq!(backups_json(&env).len(), backups_before, "no backup was started");
     assert_eq!(http(port, "GET", "/v1/settings", "", None).1, before, "nothing changed");
 
     // A valid change applies at runtime without a restart, and survives an agent restart.

@@ -12,6 +12,7 @@ pub mod durable;
 pub mod envelope;
 pub mod layout;
 pub mod plan;
+pub mod prune;
 pub mod repo;
 pub mod restore;
 pub mod retention;

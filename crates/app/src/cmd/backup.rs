@@ -2,31 +2,16 @@
 
 use super::Ctx;
 use crate::output::{self, Bar};
-use crate::pgserver;
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use walnut_core::backup::{self, Progress, PushOptions, Status};
+use walnut_core::backup::{self, Progress, Status};
 use walnut_core::restore::{TablespaceTarget, check_dest, clean_dest, create_dest, tablespace_targets};
-
-pub fn push_options(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>, scheduled: bool) -> Result<PushOptions> {
-    Ok(PushOptions {
-        pg: pgserver::pg_config(ctx.config.pg_url.as_deref())?,
-        pgdata: pgdata.map(Path::to_path_buf).or(ctx.config.pgdata.clone()),
-        name,
-        scheduled,
-        codec: ctx.config.codec,
-        parallel: ctx.config.backup_parallel,
-        part_size: ctx.config.backup_part_size,
-        archive_wait: ctx.config.backup_archive_wait,
-        cancel: Default::default(),
-    })
-}
 
 pub async fn push(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>) -> Result<()> {
     let repo = ctx.repository()?;
-    let mut opts = push_options(ctx, pgdata, name, false)?;
+    let mut opts = ctx.push_options(pgdata, name, false)?;
     // Ctrl-C or SIGTERM: the backup is marked FAILED at once instead of going stale.
     opts.cancel = super::stop_signal();
     let progress = Arc::new(Progress::default());

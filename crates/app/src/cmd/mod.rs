@@ -15,43 +15,8 @@ use crate::cli::{Cli, Command};
 use crate::config::Config;
 use crate::exit;
 use anyhow::Result;
-use walnut_core::Repository;
 
-/// Everything a command needs from the global options.
-#[derive(Clone)]
-pub struct Ctx {
-    pub global: crate::cli::Global,
-    pub config: Config,
-}
-
-/// Quotes one word for `/bin/sh` (PostgreSQL runs archive_command and restore_command through
-/// it): plain words as they are, anything else in single quotes.
-pub fn shell_quote(word: &str) -> String {
-    let plain = !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"_./:=@%+,-".contains(&b));
-    if plain { word.to_string() } else { format!("'{}'", word.replace('\'', r"'\''")) }
-}
-
-impl Ctx {
-    /// The walnut command line written into `archive_command`/`restore_command` (before the
-    /// subcommand): this executable, `--config` when one is in use, and `--repo` when asked for
-    /// or when there is no config file, each word quoted for the shell.
-    pub fn walnut_command(&self, with_repo: bool) -> Result<String> {
-        let mut words = vec![self.config.exe.display().to_string()];
-        if let Some(c) = &self.config.path {
-            words.extend(["--config".to_string(), c.display().to_string()]);
-        }
-        if with_repo || self.config.path.is_none() {
-            words.extend(["--repo".to_string(), self.config.repo_url()?.to_string()]);
-        }
-        Ok(words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" "))
-    }
-
-    pub fn repository(&self) -> Result<Repository> {
-        let url = self.config.repo_url()?;
-        let store = walnut_storage::open(url, &self.config.storage)?;
-        Ok(Repository::new(store))
-    }
-}
+pub use crate::ctx::Ctx;
 
 pub async fn run(cli: Cli) -> u8 {
     let config = match Config::load(cli.global.config.as_deref(), cli.global.repo.as_deref()) {
@@ -78,7 +43,7 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Command::WalInspect { paths } => finish(walinfo::inspect(&ctx, &paths)),
         Command::Enable { restart } => finish(enable::run(&ctx, restart).await),
-        Command::Agent { listen } => finish(crate::agent::run(ctx, listen).await),
+        Command::Agent { listen } => finish(crate::run_agent(ctx, listen).await),
         Command::Check => finish(check::run(&ctx).await),
         Command::Delete { what } => finish(retention::delete(&ctx, &what).await),
         Command::Retention { what: crate::cli::RetentionWhat::Apply { confirm } } => {
@@ -158,17 +123,4 @@ fn show_config(ctx: &Ctx) -> u8 {
     });
     println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
     exit::OK
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn shell_quoting() {
-        assert_eq!(super::shell_quote("/usr/bin/walnut"), "/usr/bin/walnut");
-        assert_eq!(super::shell_quote("s3://b/p"), "s3://b/p");
-        assert_eq!(super::shell_quote("/etc/my walnut.toml"), "'/etc/my walnut.toml'");
-        assert_eq!(super::shell_quote("it's"), r"'it'\''s'");
-        assert_eq!(super::shell_quote(""), "''");
-        assert_eq!(super::shell_quote("a;rm -rf /"), "'a;rm -rf /'");
-    }
 }

@@ -4,10 +4,9 @@
 use super::Ctx;
 use super::backup::print_table;
 use anyhow::{Result, bail};
-use walnut_core::backup::{self, Status};
-use walnut_core::layout;
-use walnut_core::retention::{self, Candidate, Policy, Rule, State};
-use walnut_pg::Lsn;
+use walnut_core::backup;
+use walnut_core::prune;
+use walnut_core::retention::{Policy, Rule};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum DeleteWhat {
@@ -40,7 +39,7 @@ pub async fn delete(ctx: &Ctx, what: &DeleteWhat) -> Result<()> {
             (Rule::Retain(*n), *confirm)
         }
         DeleteWhat::Before { reference, confirm } => {
-            let t = match super::restore::parse_time(reference) {
+            let t = match walnut_core::plan::parse_target_time(reference) {
                 Ok(t) => t,
                 Err(_) => {
                     let m = backup::resolve(&repo, reference).await?;
@@ -56,63 +55,18 @@ pub async fn delete(ctx: &Ctx, what: &DeleteWhat) -> Result<()> {
 
 pub async fn apply_policy(ctx: &Ctx, confirm: bool) -> Result<()> {
     let repo = ctx.repository()?;
-    let s = &ctx.config.settings;
-    let rule = Rule::Policy(Policy { recovery_window: s.recovery_window, minimum_redundancy: s.minimum_redundancy });
-    apply(ctx, &repo, &rule, confirm).await
+    apply(ctx, &repo, &policy_rule(&ctx.config.settings), confirm).await
 }
 
-/// Applies the policy with --confirm semantics and returns how many backups were deleted.
-pub async fn apply_policy_count(ctx: &Ctx) -> Result<u64> {
-    let repo = ctx.repository()?;
-    let s = &ctx.config.settings;
-    let rule = Rule::Policy(Policy { recovery_window: s.recovery_window, minimum_redundancy: s.minimum_redundancy });
-    let before = backup::list(&repo).await?.len();
-    apply(ctx, &repo, &rule, true).await?;
-    let after = backup::list(&repo).await?.len();
-    Ok(before.saturating_sub(after) as u64)
+/// The configured policy as a retention rule.
+pub fn policy_rule(s: &crate::config::Settings) -> Rule {
+    Rule::Policy(Policy { recovery_window: s.recovery_window, minimum_redundancy: s.minimum_redundancy })
 }
 
-async fn candidates(repo: &walnut_core::Repository) -> Result<Vec<Candidate>> {
-    let mut out = Vec::new();
-    for b in backup::list(repo).await? {
-        let state = match b.status {
-            Status::Done => State::Done,
-            Status::Running => State::Running,
-            Status::Failed => State::Failed,
-        };
-        let (time, start) = match &b.manifest {
-            Some(m) => {
-                (chrono::DateTime::parse_from_rfc3339(&m.end_time)?.with_timezone(&chrono::Utc), m.start_lsn.parse()?)
-            }
-            None => {
-                let t = repo
-                    .store()
-                    .head(&layout::backup_running(&b.id))
-                    .await?
-                    .map(|i| i.last_modified)
-                    .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
-                (t, Lsn(u64::MAX))
-            }
-        };
-        out.push(Candidate { id: b.id, state, time, start });
-    }
-    Ok(out)
-}
-
+/// Prints the decision (with reasons); deletes only with `confirm`.
 async fn apply(ctx: &Ctx, repo: &walnut_core::Repository, rule: &Rule, confirm: bool) -> Result<()> {
-    let cands = candidates(repo).await?;
-    let plan = retention::plan(&cands, rule, chrono::Utc::now());
-    let identity = repo.identity().await?;
-    let needed: Option<Lsn> = plan.wal_needed_from.as_ref().and_then(|l| l.parse().ok());
-    let wal_delete = match &identity {
-        Some(id) => {
-            let mut objects = repo.store().list(layout::WAL_DIR).await?;
-            objects.extend(repo.store().list(layout::WAL_INDEX_DIR).await?);
-            retention::wal_to_delete(objects.iter().map(|o| o.key.as_str()), needed, id.seg_size())
-        }
-        None => Vec::new(),
-    };
-    let deleting: Vec<&str> = plan.backups.iter().filter(|d| !d.keep).map(|d| d.id.as_str()).collect();
+    let outcome = prune::decide(repo, rule, chrono::Utc::now()).await?;
+    let (plan, wal_delete) = (&outcome.plan, &outcome.wal_delete);
     if ctx.global.json {
         println!(
             "{}",
@@ -146,31 +100,9 @@ async fn apply(ctx: &Ctx, repo: &walnut_core::Repository, rule: &Rule, confirm: 
         }
         return Ok(());
     }
-    // Manifests first: from then on those backups no longer exist for any reader; then their
-    // objects; WAL last, so an interrupted run never leaves a listed backup without its WAL.
-    let manifests: Vec<String> = deleting.iter().map(|id| layout::backup_manifest(id)).collect();
-    delete_all(repo, manifests).await?;
-    let mut objects = Vec::new();
-    for id in &deleting {
-        objects.extend(repo.store().list(&layout::backup_dir(id)).await?.into_iter().map(|o| o.key));
-    }
-    delete_all(repo, objects).await?;
-    delete_all(repo, wal_delete.clone()).await?;
+    let (backups, wal) = prune::execute(repo, &outcome).await?;
     if !ctx.global.json {
-        println!("deleted {} backup(s) and {} WAL object(s)", deleting.len(), wal_delete.len());
+        println!("deleted {backups} backup(s) and {wal} WAL object(s)");
     }
-    Ok(())
-}
-
-/// Deletes objects, `DELETE_CONCURRENCY` at a time (a million WAL objects one by one would take
-/// hours on a remote store).
-async fn delete_all(repo: &walnut_core::Repository, keys: Vec<String>) -> Result<()> {
-    use futures::{StreamExt, TryStreamExt};
-    const DELETE_CONCURRENCY: usize = 32;
-    futures::stream::iter(keys)
-        .map(|key| async move { repo.store().delete(&key).await })
-        .buffer_unordered(DELETE_CONCURRENCY)
-        .try_collect::<()>()
-        .await?;
     Ok(())
 }

@@ -84,6 +84,9 @@ impl Manifest {
     pub fn tli(&self) -> TimelineId {
         TimelineId(self.timeline)
     }
+    pub fn started(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        chrono::DateTime::parse_from_rfc3339(&self.start_time).ok().map(|t| t.with_timezone(&chrono::Utc))
+    }
     pub fn end_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
         chrono::DateTime::parse_from_rfc3339(&self.end_time).ok().map(|t| t.with_timezone(&chrono::Utc))
     }
