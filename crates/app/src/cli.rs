@@ -72,9 +72,10 @@ pub enum Command {
     },
     /// Timelines, archived WAL ranges, gaps, time ranges, restore points, restorable windows.
     WalShow,
-    /// Check archive integrity: continuity from every backup, history files, checksums.
+    /// Check archive integrity: WAL continuity from every backup, history files against segments,
+    /// every segment object's header; with --deep, every segment's checksum and records.
     WalVerify {
-        /// Download and decode every segment.
+        /// Download every segment, verify its checksum and decode all of it.
         #[arg(long)]
         deep: bool,
     },

@@ -232,8 +232,7 @@ fn default_state_dir() -> PathBuf {
 
 /// The running user's home directory from /etc/passwd.
 fn home_from_passwd() -> Option<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata("/proc/self").ok()?.uid().to_string();
+    let uid = walnut_storage::local::effective_uid()?.to_string();
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() > 5 && f[2] == uid).map(|f| f[5].into())
 }

@@ -77,7 +77,7 @@ pub fn bindir(configured: Option<&Path>, major: u32) -> Result<PathBuf> {
 }
 
 pub fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    walnut_storage::local::is_root()
 }
 
 /// The uid/gid of an OS user, via `id`.

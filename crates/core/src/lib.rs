@@ -7,6 +7,7 @@
 //! - [`wal`]: `wal-push` (validate, upload-ahead) and `wal-fetch` (verify, prefetch spool).
 //! - [`state`]: walnut's own working state on the local disk (never inside PGDATA).
 
+pub mod archive;
 pub mod backup;
 pub mod durable;
 pub mod envelope;

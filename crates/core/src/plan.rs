@@ -179,7 +179,7 @@ pub enum PlanError {
 }
 
 /// The timelines from the oldest ancestor to `tli`, each with the LSN where it begins.
-fn path_to(inv: &WalInventory, tli: TimelineId) -> Vec<(TimelineId, Lsn)> {
+pub(crate) fn path_to(inv: &WalInventory, tli: TimelineId) -> Vec<(TimelineId, Lsn)> {
     let mut out = Vec::new();
     let mut begin = Lsn(0);
     if let Some(h) = inv.histories.get(&tli) {
@@ -205,13 +205,13 @@ fn latest_descendant(inv: &WalInventory, from: TimelineId) -> TimelineId {
 }
 
 /// Which timeline's copy of segment `s` recovery reads on `path`.
-fn tli_for(path: &[(TimelineId, Lsn)], s: SegNo, seg: WalSegSize) -> TimelineId {
+pub(crate) fn tli_for(path: &[(TimelineId, Lsn)], s: SegNo, seg: WalSegSize) -> TimelineId {
     path.iter().rev().find(|(_, begin)| seg.segno(*begin) <= s).map(|(t, _)| *t).unwrap_or(path[0].0)
 }
 
 /// Walks contiguous segments from `start` along `path`. Returns the last present segment (if any)
 /// and whether any segment exists beyond the first missing one (a gap).
-fn contiguous(
+pub(crate) fn contiguous(
     inv: &WalInventory,
     path: &[(TimelineId, Lsn)],
     start: SegNo,

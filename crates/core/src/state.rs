@@ -118,7 +118,8 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
         Err(e) => return Err(e),
     }
     let meta = fs::metadata(dir)?;
-    let me = fs::metadata("/proc/self")?.uid();
+    let me = walnut_storage::local::effective_uid()
+        .ok_or_else(|| std::io::Error::other("cannot tell which user walnut runs as (/proc/self)"))?;
     if meta.uid() != me {
         return Err(std::io::Error::new(
             ErrorKind::PermissionDenied,

@@ -425,7 +425,7 @@ pub async fn wait_archived(repo: &Repository, name: &WalFileName, wait: std::tim
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await
             }
             Ok(None) => return Err(WalError::NotArchived { name: name.to_string(), wait }),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(WalError::Storage(e)),
         }
     }
 }

@@ -57,6 +57,17 @@ fn create_dirs_durably(dir: &Path, owner: Option<(u32, u32)>) -> std::io::Result
     Ok(())
 }
 
+/// The user this process runs as (the owner of `/proc/self`); `None` where that cannot be read.
+pub fn effective_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Whether this process runs as root: the one place walnut asks.
+pub fn is_root() -> bool {
+    effective_uid() == Some(0)
+}
+
 impl LocalStore {
     /// A store rooted at `root`. The directory is created by the first write, never by a read: a
     /// missing repository must read as missing (a `wal-fetch` from it is a failure, not "not
@@ -64,7 +75,7 @@ impl LocalStore {
     pub fn new(root: impl Into<PathBuf>) -> Result<LocalStore> {
         use std::os::unix::fs::MetadataExt;
         let root = root.into();
-        let am_root = fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+        let am_root = is_root();
         // The repository's owner: its root's, or for a new repository the nearest existing
         // parent's (so `backup-push` run as root does not lock out the archiver).
         let existing = root.ancestors().find(|p| p.exists()).map(Path::to_path_buf);

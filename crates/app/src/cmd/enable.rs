@@ -4,9 +4,7 @@ use super::Ctx;
 use crate::pgserver;
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 use walnut_core::backup::{self, Status};
-use walnut_core::layout;
 use walnut_pg::WalFileName;
 
 fn quote(v: &str) -> String {
@@ -88,23 +86,18 @@ pub async fn run(ctx: &Ctx, restart: bool) -> Result<()> {
         .await
         .map_err(q)?;
     let seg: String = client.query_one("SELECT pg_walfile_name(pg_switch_wal())", &[]).await.map_err(q)?.get(0);
-    let key = layout::wal_key(&WalFileName::parse(&seg)?);
-    let deadline = Instant::now() + ctx.config.backup_archive_wait;
-    while repo.store().head(&key).await?.is_none() {
-        if Instant::now() > deadline {
-            let row = client
-                .query_one("SELECT failed_count, coalesce(last_failed_wal, '') FROM pg_stat_archiver", &[])
-                .await
-                .map_err(q)?;
-            bail!(
-                "archiving is not working: {seg} did not reach {} within {:?} (pg_stat_archiver: {} failures, last failed {:?}); check the server log for the archive_command's error",
-                repo.describe(),
-                ctx.config.backup_archive_wait,
-                row.get::<_, i64>(0),
-                row.get::<_, String>(1)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let wait = ctx.config.backup_archive_wait;
+    if walnut_core::wal::wait_archived(&repo, &WalFileName::parse(&seg)?, wait).await.is_err() {
+        let row = client
+            .query_one("SELECT failed_count, coalesce(last_failed_wal, '') FROM pg_stat_archiver", &[])
+            .await
+            .map_err(q)?;
+        bail!(
+            "archiving is not working: {seg} did not reach {} within {wait:?} (pg_stat_archiver: {} failures, last failed {:?}); check the server log for the archive_command's error",
+            repo.describe(),
+            row.get::<_, i64>(0),
+            row.get::<_, String>(1)
+        );
     }
     println!("archiving works: {seg} is in {}", repo.describe());
     let has_backup = backup::list(&repo).await?.iter().any(|b| b.status == Status::Done);

@@ -3,8 +3,6 @@
 use super::Ctx;
 use crate::pgserver;
 use anyhow::{Result, bail};
-use std::time::{Duration, Instant};
-use walnut_core::layout;
 use walnut_pg::{Lsn, WalFileName};
 
 pub async fn run(ctx: &Ctx, name: &str) -> Result<()> {
@@ -33,16 +31,11 @@ pub async fn run(ctx: &Ctx, name: &str) -> Result<()> {
         .batch_execute("SELECT pg_switch_wal()")
         .await
         .map_err(|e| anyhow::anyhow!("{}", walnut_core::backup::pg_error(&e)))?;
-    let key = layout::wal_key(&WalFileName::parse(&seg_name)?);
-    let deadline = Instant::now() + ctx.config.backup_archive_wait;
-    while repo.store().head(&key).await?.is_none() {
-        if Instant::now() > deadline {
-            bail!(
-                "restore point {name:?} was created at {lsn}, but {seg_name} did not reach the repository within {:?}: check archiving (pg_stat_archiver)",
-                ctx.config.backup_archive_wait
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let wait = ctx.config.backup_archive_wait;
+    if walnut_core::wal::wait_archived(&repo, &WalFileName::parse(&seg_name)?, wait).await.is_err() {
+        bail!(
+            "restore point {name:?} was created at {lsn}, but {seg_name} did not reach the repository within {wait:?}: check archiving (pg_stat_archiver)"
+        );
     }
     if ctx.global.json {
         println!("{}", serde_json::json!({"name": name, "lsn": lsn.to_string(), "time": time, "segment": seg_name}));

@@ -414,16 +414,13 @@ pub(super) async fn push_inner(
     let end_seg = SegName::new(TimelineId(tli), seg.segno(Lsn(end_lsn.0.saturating_sub(1).max(start.0))), seg);
 
     // The backup is usable only once the WAL up to its end is archived.
-    let key = layout::wal_key(&WalFileName::Segment(end_seg));
-    let deadline = tokio::time::Instant::now() + opts.archive_wait;
-    loop {
-        if repo.store().head(&key).await?.is_some() {
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline {
+    match crate::wal::wait_archived(repo, &WalFileName::Segment(end_seg), opts.archive_wait).await {
+        Ok(()) => {}
+        Err(crate::wal::WalError::NotArchived { .. }) => {
             return Err(BackupError::ArchiveTimeout { segment: end_seg.to_string(), waited: opts.archive_wait });
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        Err(crate::wal::WalError::Storage(e)) => return Err(e.into()),
+        Err(e) => return Err(BackupError::Invalid(e.to_string())),
     }
 
     file_entries.sort_by(|a, b| a.path.cmp(&b.path));
