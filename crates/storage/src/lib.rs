@@ -402,6 +402,49 @@ mod tests {
         assert!(!format!("{:?}", Some(s)).contains("hunter2"));
     }
     #[test]
+    fn every_kind_says_whether_a_retry_helps() {
+        let src = || Some(Box::new(std::io::Error::other("boom")) as BoxError);
+        let (op, key) = ("get", "wal/x".to_string());
+        let cases = [
+            (StorageError::NotFound { op, key: key.clone(), source: src() }, false),
+            (StorageError::AlreadyExists { op, key: key.clone(), source: src() }, false),
+            (StorageError::PermissionDenied { op, key: key.clone(), fix: CREDENTIALS_FIX, source: src() }, false),
+            (StorageError::Unauthenticated { op, key: key.clone(), source: src() }, false),
+            (StorageError::Timeout { op, key: key.clone(), after: Duration::from_secs(1) }, true),
+            (StorageError::Unavailable { op, key: key.clone(), source: src() }, true),
+            (StorageError::InvalidKey { op, key: key.clone(), reason: "r", source: None }, false),
+            (StorageError::Unsupported { op, key: key.clone(), source: src() }, false),
+            (StorageError::config("[s3] endpoint is wrong"), false),
+            (StorageError::Other { op, key: key.clone(), retryable: true, source: src() }, true),
+            (StorageError::Other { op, key: key.clone(), retryable: false, source: src() }, false),
+        ];
+        for (e, retryable) in cases {
+            assert_eq!(e.is_retryable(), retryable, "{e:?}");
+            let text = e.to_string();
+            assert!(!text.contains('\n'), "{text}");
+            if !matches!(e, StorageError::Config { .. }) {
+                assert!(text.starts_with("get ") && text.contains("wal/x"), "operation and key: {text}");
+            }
+        }
+        let e = StorageError::PermissionDenied { op, key, fix: CREDENTIALS_FIX, source: src() };
+        assert!(e.is_access_denied());
+        assert_eq!(std::error::Error::source(&e).map(|s| s.to_string()).as_deref(), Some("boom"));
+        assert!(e.to_string().starts_with("get wal/x: permission denied (boom): check the credentials / access key"));
+    }
+
+    #[test]
+    fn the_cause_is_the_innermost_error_on_one_short_line() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer text")]
+        struct Outer(#[source] std::io::Error);
+        let inner = std::io::Error::other(format!("line one\n  line two {}", "x".repeat(500)));
+        let c = cause(&Some(Box::new(Outer(inner))));
+        assert!(c.starts_with(" (line one line two xxx") && c.ends_with("…)"), "{c}");
+        assert!(c.chars().count() < 210, "{c}");
+        assert_eq!(cause(&None), "");
+    }
+
+    #[test]
     fn keys_are_checked() {
         for bad in ["", "/a", "a//b", "a/../b", "a/./b", "a/", "a/.tmp.x"] {
             let e = check_key("put", bad).unwrap_err();

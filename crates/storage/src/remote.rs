@@ -1,6 +1,7 @@
 //! Object stores reached over HTTP (S3 and compatibles, GCS, Azure) and the in-memory store, all
 //! through `object_store`. Its client retries transient failures with exponential backoff until
 //! the configured retry time has passed; [`crate::Bounded`] adds a hard deadline on top.
+//! Its errors are mapped to [`StorageError`] by their type, never by their text.
 
 use crate::{BlobStore, ByteStream, ObjectInfo, ObjectWriter, PutMode, Result, StorageError, check_key};
 use async_trait::async_trait;
