@@ -220,6 +220,16 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// The environment variables whose names start with `prefix`, as `(lower-case name, value)`: the
+/// `GOOGLE_*` and `AZURE_*` settings of `gs://` and `az://` repositories (object_store's names).
+fn env_with_prefix(prefix: &str) -> Vec<(String, Secret)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, v)| k.starts_with(prefix) && !v.is_empty())
+        .map(|(k, v)| (k.to_ascii_lowercase(), Secret::new(v)))
+        .collect()
+}
+
 /// The default state directory: `$XDG_STATE_HOME/walnut`, else `~/.local/state/walnut` (the home
 /// from `$HOME`, else the user's entry in /etc/passwd). Never a shared directory such as /tmp:
 /// with no home at all it is empty, and upload-ahead and prefetch stay off until `state_dir` is set.
@@ -284,8 +294,18 @@ impl Config {
         };
         settings.validate().map_err(|e| anyhow::anyhow!("[settings] {e}"))?;
         let d = StorageOptions::default();
+        // What object_store's `from_env` used to read for gs:// and az:// (later entries win).
+        let gcs = env("SERVICE_ACCOUNT")
+            .map(|v| ("google_service_account".to_string(), Secret::new(v)))
+            .into_iter()
+            .chain(env_with_prefix("GOOGLE_"))
+            .collect();
+        let mut azure = env_with_prefix("AZURE_");
+        azure.extend(env("IDENTITY_ENDPOINT").map(|v| ("azure_msi_endpoint".to_string(), Secret::new(v))));
         let storage = StorageOptions {
             s3,
+            gcs,
+            azure,
             request_timeout: file.storage.request_timeout.map(|d| d.0).unwrap_or(d.request_timeout),
             retry_time: file.storage.retry_time.map(|d| d.0).unwrap_or(d.retry_time),
             deadline: file.storage.deadline.map(|d| d.0).unwrap_or(d.deadline),

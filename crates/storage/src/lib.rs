@@ -7,8 +7,14 @@
 //! - [`remote::RemoteStore`] backs `s3://`, `gs://`, `az://` and `memory://` over `object_store`,
 //!   whose HTTP client retries transient failures with backoff inside a bounded time.
 //! - [`Bounded`] wraps any store so that every operation has a hard deadline: nothing hangs.
-//! - [`conformance`] is the one suite every backend must pass.
+//! - `conformance` (with the `testing` feature) is the one suite every backend must pass, one
+//!   function per behaviour.
+//! - [`StorageError`] says what went wrong by kind, whether a retry can help, and keeps the
+//!   underlying error as its source.
+//! - [`open`] builds a store from a repository URL and explicit [`StorageOptions`]; this crate
+//!   reads no environment variables.
 
+#[cfg(feature = "testing")]
 pub mod conformance;
 pub mod local;
 pub mod remote;
@@ -59,27 +65,154 @@ pub struct ObjectInfo {
     pub last_modified: chrono::DateTime<chrono::Utc>,
 }
 
+/// The underlying error a [`StorageError`] keeps as its [`source`](std::error::Error::source).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a remote store answers when the credentials are wrong or may not do an operation.
+pub(crate) const CREDENTIALS_FIX: &str = "check the credentials / access key ([s3] access_key_id and \
+    secret_access_key, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and that they may use this bucket";
+
+/// A storage failure, by kind. Each variant knows whether trying again later can help
+/// ([`StorageError::is_retryable`]) and keeps the error it came from as its `source`; the
+/// `Display` text is one line naming the operation and the key (never a secret).
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("{key}: not found")]
-    NotFound { key: String },
-    #[error("{key}: already exists")]
-    AlreadyExists { key: String },
+    /// The object does not exist.
+    #[error("{op} {key}: not found")]
+    NotFound {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A create-only put found the key taken.
+    #[error("{op} {key}: already exists")]
+    AlreadyExists {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The store knows who is asking and refuses: wrong secret (S3 answers 403 to a bad
+    /// signature), missing permission, or a local directory walnut may not write.
+    #[error("{op} {key}: permission denied{}: {fix}", cause(.source))]
+    PermissionDenied {
+        op: &'static str,
+        key: String,
+        /// What to check, for the person reading the message.
+        fix: &'static str,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The store does not accept the credentials at all (HTTP 401).
+    #[error("{op} {key}: not authenticated{}: {}", cause(.source), CREDENTIALS_FIX)]
+    Unauthenticated {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The operation did not finish within walnut's deadline.
     #[error("{op} {key}: gave up after {after:?} (storage unreachable or too slow)")]
     Timeout { op: &'static str, key: String, after: Duration },
-    #[error("{op} {key}: {message}")]
-    Other { op: &'static str, key: String, message: String, retryable: bool },
-    #[error("invalid repository URL: {0}")]
-    Config(String),
+    /// The store could not be reached (connection refused or reset, DNS, request timeout), after
+    /// the client's own retries.
+    #[error("{op} {key}: storage unreachable{}", cause(.source))]
+    Unavailable {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A key walnut refuses before it reaches any backend (`..`, a leading `/`, empty segments).
+    #[error("{op} {key:?}: invalid object key: {reason}")]
+    InvalidKey {
+        op: &'static str,
+        key: String,
+        reason: &'static str,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The backend cannot do this operation at all.
+    #[error("{op} {key}: not supported by this storage{}", cause(.source))]
+    Unsupported {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The repository URL or a storage setting is unusable; the message names the setting and
+    /// the fix.
+    #[error("{message}{}", cause(.source))]
+    Config {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// Anything else, with whether a retry may help.
+    #[error("{op} {key}: storage error{}", cause(.source))]
+    Other {
+        op: &'static str,
+        key: String,
+        retryable: bool,
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+/// ` (root cause)` for a message: the innermost error of the chain, on one line and short, or
+/// nothing. The whole chain stays reachable through `source()`.
+fn cause(source: &Option<BoxError>) -> String {
+    const MAX: usize = 200;
+    let Some(top) = source else { return String::new() };
+    let mut e: &(dyn std::error::Error + 'static) = top.as_ref();
+    while let Some(next) = e.source() {
+        e = next;
+    }
+    let text = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.is_empty() {
+        return String::new();
+    }
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!(" ({}…)", &text[..cut]),
+        None => format!(" ({text})"),
+    }
 }
 
 impl StorageError {
+    /// A [`StorageError::Config`] without an underlying error.
+    pub fn config(message: impl Into<String>) -> StorageError {
+        StorageError::Config { message: message.into(), source: None }
+    }
+
     pub fn is_not_found(&self) -> bool {
         matches!(self, StorageError::NotFound { .. })
     }
-    /// Whether trying again later could help (network trouble, throttling, timeouts).
+
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, StorageError::AlreadyExists { .. })
+    }
+
+    /// The credentials are refused (wrong, or without the permission needed).
+    pub fn is_access_denied(&self) -> bool {
+        matches!(self, StorageError::PermissionDenied { .. } | StorageError::Unauthenticated { .. })
+    }
+
+    /// Whether trying again later could help (network trouble, throttling, server errors,
+    /// timeouts). Missing objects, taken keys, refused credentials, invalid keys, settings and
+    /// unsupported operations do not heal by themselves.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StorageError::Timeout { .. } | StorageError::Other { retryable: true, .. })
+        match self {
+            StorageError::Timeout { .. } | StorageError::Unavailable { .. } => true,
+            StorageError::Other { retryable, .. } => *retryable,
+            StorageError::NotFound { .. }
+            | StorageError::AlreadyExists { .. }
+            | StorageError::PermissionDenied { .. }
+            | StorageError::Unauthenticated { .. }
+            | StorageError::InvalidKey { .. }
+            | StorageError::Unsupported { .. }
+            | StorageError::Config { .. } => false,
+        }
     }
 }
 
@@ -155,14 +288,21 @@ impl ObjectWriter for BoundedWriter {
     }
 }
 
-pub(crate) fn check_key(key: &str) -> Result<()> {
-    if key.is_empty()
-        || key.starts_with('/')
-        || key.split('/').any(|s| s.is_empty() || s == "." || s == ".." || s.starts_with(".tmp."))
-    {
-        return Err(StorageError::Config(format!("invalid object key {key:?}")));
-    }
-    Ok(())
+/// Refuses keys that are not `/`-separated relative paths of plain names (`op` names the
+/// operation for the message).
+pub(crate) fn check_key(op: &'static str, key: &str) -> Result<()> {
+    let reason = if key.is_empty() {
+        "empty"
+    } else if key.starts_with('/') {
+        "keys are relative: no leading '/'"
+    } else if key.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        "empty, '.' or '..' path segment"
+    } else if key.split('/').any(|s| s.starts_with(".tmp.")) {
+        "names starting with '.tmp.' are reserved for temporary files"
+    } else {
+        return Ok(());
+    };
+    Err(StorageError::InvalidKey { op, key: key.to_string(), reason, source: None })
 }
 
 /// How many single-operation deadlines a whole (paged) listing may take.
@@ -262,10 +402,56 @@ mod tests {
         assert!(!format!("{:?}", Some(s)).contains("hunter2"));
     }
     #[test]
-    fn keys_are_checked() {
-        for bad in ["", "/a", "a//b", "a/../b", "a/", "a/.tmp.x"] {
-            assert!(check_key(bad).is_err(), "{bad}");
+    fn every_kind_says_whether_a_retry_helps() {
+        let src = || Some(Box::new(std::io::Error::other("boom")) as BoxError);
+        let (op, key) = ("get", "wal/x".to_string());
+        let cases = [
+            (StorageError::NotFound { op, key: key.clone(), source: src() }, false),
+            (StorageError::AlreadyExists { op, key: key.clone(), source: src() }, false),
+            (StorageError::PermissionDenied { op, key: key.clone(), fix: CREDENTIALS_FIX, source: src() }, false),
+            (StorageError::Unauthenticated { op, key: key.clone(), source: src() }, false),
+            (StorageError::Timeout { op, key: key.clone(), after: Duration::from_secs(1) }, true),
+            (StorageError::Unavailable { op, key: key.clone(), source: src() }, true),
+            (StorageError::InvalidKey { op, key: key.clone(), reason: "r", source: None }, false),
+            (StorageError::Unsupported { op, key: key.clone(), source: src() }, false),
+            (StorageError::config("[s3] endpoint is wrong"), false),
+            (StorageError::Other { op, key: key.clone(), retryable: true, source: src() }, true),
+            (StorageError::Other { op, key: key.clone(), retryable: false, source: src() }, false),
+        ];
+        for (e, retryable) in cases {
+            assert_eq!(e.is_retryable(), retryable, "{e:?}");
+            let text = e.to_string();
+            assert!(!text.contains('\n'), "{text}");
+            if !matches!(e, StorageError::Config { .. }) {
+                assert!(text.starts_with("get ") && text.contains("wal/x"), "operation and key: {text}");
+            }
         }
-        assert!(check_key("wal/00000001/000000010000000000000001").is_ok());
+        let e = StorageError::PermissionDenied { op, key, fix: CREDENTIALS_FIX, source: src() };
+        assert!(e.is_access_denied());
+        assert_eq!(std::error::Error::source(&e).map(|s| s.to_string()).as_deref(), Some("boom"));
+        assert!(e.to_string().starts_with("get wal/x: permission denied (boom): check the credentials / access key"));
+    }
+
+    #[test]
+    fn the_cause_is_the_innermost_error_on_one_short_line() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer text")]
+        struct Outer(#[source] std::io::Error);
+        let inner = std::io::Error::other(format!("line one\n  line two {}", "x".repeat(500)));
+        let c = cause(&Some(Box::new(Outer(inner))));
+        assert!(c.starts_with(" (line one line two xxx") && c.ends_with("…)"), "{c}");
+        assert!(c.chars().count() < 210, "{c}");
+        assert_eq!(cause(&None), "");
+    }
+
+    #[test]
+    fn keys_are_checked() {
+        for bad in ["", "/a", "a//b", "a/../b", "a/./b", "a/", "a/.tmp.x"] {
+            let e = check_key("put", bad).unwrap_err();
+            assert!(matches!(e, StorageError::InvalidKey { .. }), "{bad}: {e:?}");
+            assert!(!e.is_retryable(), "{bad}");
+            assert!(e.to_string().starts_with(&format!("put {bad:?}: invalid object key")), "{e}");
+        }
+        assert!(check_key("get", "wal/00000001/000000010000000000000001").is_ok());
     }
 }

@@ -27,10 +27,29 @@ fn hand_over(path: &Path, owner: Option<(u32, u32)>) {
 }
 
 fn io_err(op: &'static str, key: &str, e: std::io::Error) -> StorageError {
-    match e.kind() {
-        ErrorKind::NotFound => StorageError::NotFound { key: key.to_string() },
-        ErrorKind::AlreadyExists => StorageError::AlreadyExists { key: key.to_string() },
-        _ => StorageError::Other { op, key: key.to_string(), message: e.to_string(), retryable: false },
+    let key = key.to_string();
+    let kind = e.kind();
+    let source = Some(Box::new(e) as crate::BoxError);
+    match kind {
+        ErrorKind::NotFound => StorageError::NotFound { op, key, source },
+        ErrorKind::AlreadyExists => StorageError::AlreadyExists { op, key, source },
+        ErrorKind::PermissionDenied => StorageError::PermissionDenied {
+            op,
+            key,
+            fix: "check the owner and mode of the repository directory (walnut runs as the user that runs \
+                  archive_command, usually postgres)",
+            source,
+        },
+        ErrorKind::Unsupported => StorageError::Unsupported { op, key, source },
+        // A full disk or quota can be freed, an interrupted call can be made again; anything
+        // else (I/O errors, a file where a directory should be) needs a person.
+        ErrorKind::StorageFull
+        | ErrorKind::QuotaExceeded
+        | ErrorKind::Interrupted
+        | ErrorKind::TimedOut
+        | ErrorKind::WouldBlock
+        | ErrorKind::ResourceBusy => StorageError::Other { op, key, retryable: true, source },
+        _ => StorageError::Other { op, key, retryable: false, source },
     }
 }
 
@@ -84,8 +103,8 @@ impl LocalStore {
         Ok(LocalStore { root, owner })
     }
 
-    fn path(&self, key: &str) -> Result<PathBuf> {
-        check_key(key)?;
+    fn path(&self, op: &'static str, key: &str) -> Result<PathBuf> {
+        check_key(op, key)?;
         Ok(self.root.join(key))
     }
 
@@ -154,19 +173,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[async_trait]
 impl BlobStore for LocalStore {
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<()> {
-        let path = self.path(key)?;
+        let path = self.path("put", key)?;
         let (k, owner) = (key.to_string(), self.owner);
         blocking(move || LocalStore::put_blocking(&path, &data, mode, owner).map_err(|e| io_err("put", &k, e))).await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {
-        let path = self.path(key)?;
+        let path = self.path("get", key)?;
         let k = key.to_string();
         blocking(move || fs::read(&path).map(Bytes::from).map_err(|e| io_err("get", &k, e))).await
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        let path = self.path(key)?;
+        let path = self.path("head", key)?;
         let k = key.to_string();
         blocking(move || match fs::metadata(&path) {
             Ok(m) => Ok(Some(ObjectInfo {
@@ -182,7 +201,7 @@ impl BlobStore for LocalStore {
 
     async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
         if !dir.is_empty() {
-            check_key(dir)?;
+            check_key("list", dir)?;
         }
         let root = self.root.clone();
         let d = dir.to_string();
@@ -190,7 +209,7 @@ impl BlobStore for LocalStore {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        let path = self.path(key)?;
+        let path = self.path("delete", key)?;
         let k = key.to_string();
         blocking(move || {
             match fs::remove_file(&path) {
@@ -204,7 +223,7 @@ impl BlobStore for LocalStore {
     }
 
     async fn put_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
-        let path = self.path(key)?;
+        let path = self.path("put", key)?;
         let (k, owner) = (key.to_string(), self.owner);
         blocking(move || {
             let dir = path.parent().expect("keys have a parent").to_path_buf();
@@ -220,7 +239,7 @@ impl BlobStore for LocalStore {
 
     async fn get_stream(&self, key: &str) -> Result<ByteStream> {
         use futures::StreamExt;
-        let path = self.path(key)?;
+        let path = self.path("get", key)?;
         let k = key.to_string();
         let file = tokio::fs::File::open(&path).await.map_err(|e| io_err("get", &k, e))?;
         let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
@@ -229,7 +248,7 @@ impl BlobStore for LocalStore {
 
     async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
         use std::io::{Read, Seek, SeekFrom};
-        let path = self.path(key)?;
+        let path = self.path("get", key)?;
         let k = key.to_string();
         blocking(move || {
             let mut f = File::open(&path).map_err(|e| io_err("get", &k, e))?;

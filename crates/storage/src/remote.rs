@@ -1,6 +1,7 @@
 //! Object stores reached over HTTP (S3 and compatibles, GCS, Azure) and the in-memory store, all
 //! through `object_store`. Its client retries transient failures with exponential backoff until
 //! the configured retry time has passed; [`crate::Bounded`] adds a hard deadline on top.
+//! Its errors are mapped to [`StorageError`] by their type, never by their text.
 
 use crate::{BlobStore, ByteStream, ObjectInfo, ObjectWriter, PutMode, Result, StorageError, check_key};
 use async_trait::async_trait;
@@ -18,23 +19,61 @@ pub struct RemoteStore {
     description: String,
 }
 
+/// Maps an `object_store` error by its kind (never by its text). The HTTP status codes the
+/// client already typed (404, 409/412, 401, 403) become walnut's variants; a `Generic` error is
+/// `Unavailable` when its chain holds a transport failure (connection, request, timeout), and
+/// otherwise a server answer the client does not type (5xx after the client's retries, a body
+/// it could not parse), which may heal.
 fn map_err(op: &'static str, key: &str, e: object_store::Error) -> StorageError {
     use object_store::Error as E;
+    let key = key.to_string();
     match e {
-        E::NotFound { .. } => StorageError::NotFound { key: key.to_string() },
-        E::AlreadyExists { .. } | E::Precondition { .. } => StorageError::AlreadyExists { key: key.to_string() },
-        E::NotSupported { .. } | E::NotImplemented { .. } | E::InvalidPath { .. } => {
-            StorageError::Other { op, key: key.to_string(), message: e.to_string(), retryable: false }
+        E::NotFound { .. } => StorageError::NotFound { op, key, source: Some(Box::new(e)) },
+        // S3 answers a create-only put of a taken key with 412 Precondition Failed, others 409.
+        E::AlreadyExists { .. } | E::Precondition { .. } => {
+            StorageError::AlreadyExists { op, key, source: Some(Box::new(e)) }
         }
-        other => {
-            let message = other.to_string();
-            // Credentials and permissions do not heal by retrying; everything else might.
-            let permanent = ["403", "401", "Forbidden", "Unauthorized", "InvalidAccessKeyId", "SignatureDoesNotMatch"]
-                .iter()
-                .any(|m| message.contains(m));
-            StorageError::Other { op, key: key.to_string(), message, retryable: !permanent }
+        E::PermissionDenied { .. } => {
+            StorageError::PermissionDenied { op, key, fix: crate::CREDENTIALS_FIX, source: Some(Box::new(e)) }
         }
+        E::Unauthenticated { .. } => StorageError::Unauthenticated { op, key, source: Some(Box::new(e)) },
+        E::NotSupported { .. } | E::NotImplemented { .. } => {
+            StorageError::Unsupported { op, key, source: Some(Box::new(e)) }
+        }
+        E::InvalidPath { .. } => StorageError::InvalidKey {
+            op,
+            key,
+            reason: "refused by the object store client",
+            source: Some(Box::new(e)),
+        },
+        E::UnknownConfigurationKey { .. } => {
+            StorageError::Config { message: format!("{op} {key}: unusable storage setting"), source: Some(Box::new(e)) }
+        }
+        // walnut never sends conditional reads, so this is a protocol surprise, not a state.
+        E::NotModified { .. } => StorageError::Other { op, key, retryable: false, source: Some(Box::new(e)) },
+        _ => match transport_failure(&e) {
+            Some(true) => StorageError::Unavailable { op, key, source: Some(Box::new(e)) },
+            Some(false) | None => StorageError::Other { op, key, retryable: true, source: Some(Box::new(e)) },
+        },
     }
+}
+
+/// Whether `e`'s chain holds an HTTP transport error: `Some(true)` when the server was not
+/// reached or did not answer in time, `Some(false)` for a broken or undecodable answer, `None`
+/// when the server answered (with a status the client did not type).
+fn transport_failure(e: &(dyn std::error::Error + 'static)) -> Option<bool> {
+    use object_store::client::{HttpError, HttpErrorKind};
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(h) = err.downcast_ref::<HttpError>() {
+            return Some(matches!(
+                h.kind(),
+                HttpErrorKind::Connect | HttpErrorKind::Request | HttpErrorKind::Timeout | HttpErrorKind::Interrupted
+            ));
+        }
+        next = err.source();
+    }
+    None
 }
 
 impl RemoteStore {
@@ -47,9 +86,35 @@ impl RemoteStore {
         RemoteStore::new(Arc::new(object_store::memory::InMemory::new()), "", "memory://".into())
     }
 
-    fn path(&self, key: &str) -> Result<Path> {
-        check_key(key)?;
+    fn path(&self, op: &'static str, key: &str) -> Result<Path> {
+        check_key(op, key)?;
         Ok(if self.prefix.is_empty() { Path::from(key) } else { Path::from(format!("{}/{key}", self.prefix)) })
+    }
+
+    /// The error of a failed listing. `object_store` does not type the status of a failed list
+    /// request (S3, GCS and Azure all report it as `Generic`), so when the server answered, one
+    /// HEAD request below the listed directory, whose status *is* typed, tells refused
+    /// credentials (permanent) from a server error (may heal); the list error stays the source.
+    async fn list_error(&self, dir: &str, full: Option<&Path>, e: object_store::Error) -> StorageError {
+        let mapped = map_err("list", dir, e);
+        let StorageError::Other { source: Some(source), .. } = mapped else { return mapped };
+        if transport_failure(source.as_ref()).is_some() {
+            return StorageError::Other { op: "list", key: dir.to_string(), retryable: true, source: Some(source) };
+        }
+        let probe = match full {
+            Some(p) => p.clone().join(".walnut-access-probe"),
+            None => Path::from(".walnut-access-probe"),
+        };
+        let key = dir.to_string();
+        match self.inner.head(&probe).await {
+            Err(object_store::Error::PermissionDenied { .. }) => {
+                StorageError::PermissionDenied { op: "list", key, fix: crate::CREDENTIALS_FIX, source: Some(source) }
+            }
+            Err(object_store::Error::Unauthenticated { .. }) => {
+                StorageError::Unauthenticated { op: "list", key, source: Some(source) }
+            }
+            _ => StorageError::Other { op: "list", key, retryable: true, source: Some(source) },
+        }
     }
 
     fn relative(&self, location: &Path) -> String {
@@ -65,7 +130,7 @@ impl RemoteStore {
 #[async_trait]
 impl BlobStore for RemoteStore {
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<()> {
-        let path = self.path(key)?;
+        let path = self.path("put", key)?;
         let mode = match mode {
             PutMode::Create => object_store::PutMode::Create,
             PutMode::Overwrite => object_store::PutMode::Overwrite,
@@ -78,13 +143,13 @@ impl BlobStore for RemoteStore {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {
-        let path = self.path(key)?;
+        let path = self.path("get", key)?;
         let r = self.inner.get(&path).await.map_err(|e| map_err("get", key, e))?;
         r.bytes().await.map_err(|e| map_err("get", key, e))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        let path = self.path(key)?;
+        let path = self.path("head", key)?;
         match self.inner.head(&path).await {
             Ok(m) => Ok(Some(ObjectInfo { key: key.to_string(), size: m.size, last_modified: m.last_modified })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -95,11 +160,14 @@ impl BlobStore for RemoteStore {
     async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
         let full = match (self.prefix.is_empty(), dir.is_empty()) {
             (true, true) => None,
-            (true, false) => Some(self.path(dir)?),
+            (true, false) => Some(self.path("list", dir)?),
             (false, true) => Some(Path::from(self.prefix.as_str())),
-            (false, false) => Some(self.path(dir)?),
+            (false, false) => Some(self.path("list", dir)?),
         };
-        let metas: Vec<_> = self.inner.list(full.as_ref()).try_collect().await.map_err(|e| map_err("list", dir, e))?;
+        let metas: Vec<_> = match self.inner.list(full.as_ref()).try_collect().await {
+            Ok(m) => m,
+            Err(e) => return Err(self.list_error(dir, full.as_ref(), e).await),
+        };
         Ok(metas
             .into_iter()
             .map(|m| ObjectInfo { key: self.relative(&m.location), size: m.size, last_modified: m.last_modified })
@@ -107,7 +175,7 @@ impl BlobStore for RemoteStore {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        let path = self.path(key)?;
+        let path = self.path("delete", key)?;
         match self.inner.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(map_err("delete", key, e)),
@@ -115,7 +183,7 @@ impl BlobStore for RemoteStore {
     }
 
     async fn put_writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
-        let path = self.path(key)?;
+        let path = self.path("start upload", key)?;
         let upload = self.inner.put_multipart(&path).await.map_err(|e| map_err("start upload", key, e))?;
         Ok(Box::new(RemoteWriter {
             inner: object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE),
@@ -125,14 +193,14 @@ impl BlobStore for RemoteStore {
 
     async fn get_stream(&self, key: &str) -> Result<ByteStream> {
         use futures::StreamExt;
-        let path = self.path(key)?;
+        let path = self.path("get", key)?;
         let r = self.inner.get(&path).await.map_err(|e| map_err("get", key, e))?;
         let k = key.to_string();
         Ok(r.into_stream().map(move |c| c.map_err(|e| map_err("get", &k, e))).boxed())
     }
 
     async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
-        let path = self.path(key)?;
+        let path = self.path("get", key)?;
         let size = match self.inner.head(&path).await {
             Ok(m) => m.size,
             Err(e) => return Err(map_err("get", key, e)),

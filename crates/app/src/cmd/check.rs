@@ -181,7 +181,12 @@ pub async fn run(ctx: &Ctx) -> Result<()> {
             "repository reachable and writable",
             false,
             e.to_string(),
-            "set repo in the config, WALNUT_REPO or --repo",
+            // A storage error names the setting and its fix; otherwise no repository is set.
+            if e.downcast_ref::<walnut_storage::StorageError>().is_some() {
+                "correct the setting named above in the config file (or its environment variable)"
+            } else {
+                "set repo in the config, WALNUT_REPO or --repo"
+            },
         ),
     }
     let failed = checks.iter().filter(|c| !c.ok).count();
