@@ -23,13 +23,13 @@ use walnut_pg::{SegNo, TimelineId, WalFileName, WalSegSize};
 pub enum ArchiveError {
     #[error("{0} is empty: nothing archived yet")]
     Empty(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Repo(#[from] RepoError),
-    #[error("{0}")]
+    #[error(transparent)]
     Wal(#[from] WalError),
-    #[error("{0}")]
+    #[error(transparent)]
     Backup(#[from] backup::BackupError),
-    #[error("{0}")]
+    #[error(transparent)]
     Restore(#[from] RestoreError),
 }
 

@@ -21,11 +21,11 @@ const DELETE_CONCURRENCY: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {
-    #[error("{0}")]
+    #[error(transparent)]
     Backup(#[from] BackupError),
-    #[error("{0}")]
+    #[error(transparent)]
     Repo(#[from] RepoError),
-    #[error("{0}")]
+    #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("backup {id}: the manifest's {what} is unreadable")]
     BadManifest { id: String, what: &'static str },

@@ -103,7 +103,7 @@ pub enum RepoError {
     Uninitialised,
     #[error("{key}: {source}")]
     Corrupt { key: String, source: EnvelopeError },
-    #[error("{0}")]
+    #[error(transparent)]
     Storage(#[from] StorageError),
 }
 

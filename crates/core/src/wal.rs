@@ -27,7 +27,7 @@ use walnut_storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
-    #[error("{0}")]
+    #[error(transparent)]
     Name(#[from] walnut_pg::names::NameError),
     #[error("refusing to archive {0}")]
     InvalidSegment(#[from] SegmentError),
@@ -38,9 +38,9 @@ pub enum WalError {
     Conflict { name: String, stored: String, ours: String },
     #[error("refusing to archive {name}: {reason}; the file is corrupt (it was not archived)")]
     CorruptWal { name: String, reason: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Repo(#[from] RepoError),
-    #[error("{0}")]
+    #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },

@@ -46,9 +46,9 @@ use source::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("{0}")]
+    #[error(transparent)]
     Repo(#[from] RepoError),
-    #[error("{0}")]
+    #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("PostgreSQL: {0}")]
     Postgres(String),

@@ -32,13 +32,13 @@ pub enum RestoreError {
     Invalid(String),
     #[error("{0} is empty: nothing to restore")]
     Empty(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Plan(#[from] PlanError),
-    #[error("{0}")]
+    #[error(transparent)]
     Backup(#[from] BackupError),
-    #[error("{0}")]
+    #[error(transparent)]
     Repo(#[from] RepoError),
-    #[error("{0}")]
+    #[error(transparent)]
     Wal(#[from] WalError),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
