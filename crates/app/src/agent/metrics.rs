@@ -1,0 +1,136 @@
+//! Health and Prometheus metrics: what the agent did, and what PostgreSQL's archiver says.
+
+use super::*;
+
+pub(super) struct Archiver {
+    archived: i64,
+    failed: i64,
+    failing: bool,
+    lag_seconds: f64,
+}
+
+pub(super) async fn archiver(ctx: &Ctx) -> Result<Archiver> {
+    let client = pgserver::connect(&pgserver::pg_config(ctx.config.pg_url.as_deref())?).await?;
+    let r = client
+        .query_one(
+            "SELECT archived_count, failed_count, \
+             coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false), \
+             coalesce(extract(epoch FROM now() - last_archived_time)::float8, -1) FROM pg_stat_archiver",
+            &[],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", walnut_core::backup::pg_error(&e)))?;
+    Ok(Archiver { archived: r.get(0), failed: r.get(1), failing: r.get(2), lag_seconds: r.get(3) })
+}
+
+pub(super) async fn health(State(a): State<Arc<Agent>>) -> Response {
+    let mut reasons = Vec::new();
+    match archiver(&a.ctx).await {
+        Ok(ar) if ar.failing => reasons.push("archiving is failing (pg_stat_archiver)".to_string()),
+        Ok(_) => {}
+        Err(e) => reasons.push(format!("PostgreSQL is down or unreachable: {e:#}")),
+    }
+    if let Err(e) = a.repo.store().list("backups").await {
+        reasons.push(format!("repository unreachable: {e}"));
+    }
+    let freq = a.settings.read().await.full_backup_frequency;
+    let last = a.metrics.lock().await.last_backup_end;
+    let stale = last.is_none_or(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default() > freq * 2);
+    if stale {
+        reasons.push("no backup within twice full_backup_frequency".into());
+    }
+    let body = serde_json::json!({
+        "healthy": reasons.is_empty(),
+        "reasons": reasons,
+        "next_scheduled_backup": a.next_due().await.to_rfc3339(),
+        "last_backup": last.map(|t| t.to_rfc3339()),
+        "last_error": a.metrics.lock().await.last_error,
+    });
+    let status = if reasons.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+pub(super) async fn metrics(State(a): State<Arc<Agent>>) -> Response {
+    const GAUGE: &str = "gauge";
+    const COUNTER: &str = "counter";
+    // (name, help, type, value), in exposition order.
+    let mut samples: Vec<(&str, &str, &str, String)> = Vec::new();
+    let m = a.metrics.lock().await;
+    if let Some(t) = m.last_backup_end {
+        let age = (chrono::Utc::now() - t).num_seconds();
+        samples.push((
+            "walnut_last_backup_timestamp_seconds",
+            "End of the last successful backup.",
+            GAUGE,
+            t.timestamp().to_string(),
+        ));
+        samples.push(("walnut_last_backup_age_seconds", "Age of the last successful backup.", GAUGE, age.to_string()));
+    }
+    samples.extend([
+        (
+            "walnut_last_backup_duration_seconds",
+            "Duration of the last successful backup.",
+            GAUGE,
+            format!("{:.3}", m.last_backup_duration),
+        ),
+        (
+            "walnut_last_backup_bytes",
+            "Data size of the last successful backup.",
+            GAUGE,
+            m.last_backup_bytes.to_string(),
+        ),
+        (
+            "walnut_scheduled_backup_failures_total",
+            "Failed scheduled backups.",
+            COUNTER,
+            m.scheduled_failures.to_string(),
+        ),
+        (
+            "walnut_retention_deletions_total",
+            "Backups deleted by retention.",
+            COUNTER,
+            m.retention_deletions.to_string(),
+        ),
+        (
+            "walnut_retention_runs_total",
+            "Completed retention runs (after each scheduled backup and every retention_interval).",
+            COUNTER,
+            m.retention_runs.to_string(),
+        ),
+        ("walnut_retention_failures_total", "Failed retention runs.", COUNTER, m.retention_failures.to_string()),
+    ]);
+    drop(m);
+    if let Ok(ar) = archiver(&a.ctx).await {
+        samples.push((
+            "walnut_wal_archived_total",
+            "WAL files archived (pg_stat_archiver).",
+            COUNTER,
+            ar.archived.to_string(),
+        ));
+        samples.push((
+            "walnut_wal_failed_total",
+            "Failed archive attempts (pg_stat_archiver).",
+            COUNTER,
+            ar.failed.to_string(),
+        ));
+        if ar.lag_seconds >= 0.0 {
+            samples.push((
+                "walnut_archive_lag_seconds",
+                "Seconds since the last archived WAL file.",
+                GAUGE,
+                format!("{:.1}", ar.lag_seconds),
+            ));
+        }
+    }
+    if let Some(pgdata) = &a.ctx.config.pgdata
+        && let Ok(rd) = std::fs::read_dir(pgdata.join("pg_wal/archive_status"))
+    {
+        let ready = rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".ready")).count();
+        samples.push(("walnut_ready_backlog", "WAL files waiting to be archived.", GAUGE, ready.to_string()));
+    }
+    let out: String = samples
+        .iter()
+        .map(|(name, help, kind, value)| format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"))
+        .collect();
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,356 @@
+//! `walnut agent`: scheduled full backups, retention, the HTTP admin API and metrics.
+//!
+//! Shape: one scheduler task that sleeps until the next backup or retention deadline (or until
+//! settings change), and an axum server. A backup runs under one lock, so two backups of a
+//! cluster never run at once (the API answers 409 while one runs).
+//!
+//! Shutdown (SIGTERM/SIGINT): no new backup starts and the API stops accepting connections; a
+//! running backup gets `[agent] shutdown_timeout` to finish, then it is abandoned and marked
+//! FAILED (a second signal abandons it at once). It is never left looking DONE.
+
+use crate::config::{Settings, parse_duration};
+use crate::ctx::Ctx;
+use crate::pgserver;
+use anyhow::Result;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, Notify, RwLock};
+use tokio_util::sync::CancellationToken;
+use walnut_core::backup::{self, Status};
+use walnut_core::schedule::{self, ScheduleState};
+
+mod api;
+mod metrics;
+
+pub use api::is_loopback;
+use api::*;
+use metrics::*;
+
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Default)]
+struct Metrics {
+    last_backup_end: Option<chrono::DateTime<chrono::Utc>>,
+    last_backup_duration: f64,
+    last_backup_bytes: u64,
+    scheduled_failures: u64,
+    retention_deletions: u64,
+    retention_runs: u64,
+    retention_failures: u64,
+    last_error: Option<String>,
+}
+
+pub struct Agent {
+    ctx: Ctx,
+    repo: walnut_core::Repository,
+    settings: RwLock<Settings>,
+    settings_path: std::path::PathBuf,
+    backup_lock: Mutex<()>,
+    metrics: Mutex<Metrics>,
+    schedule: Mutex<ScheduleState>,
+    wake: Notify,
+    token: Option<String>,
+    /// Cancelled when a shutdown is requested: nothing new starts.
+    stop: CancellationToken,
+    /// Cancelled when running backups must be abandoned.
+    abandon: CancellationToken,
+    /// Backups started through the API: tasks of the agent's own, so a client that goes away
+    /// does not cancel them half-way; a shutdown waits for them.
+    tasks: tokio_util::task::TaskTracker,
+}
+
+fn err(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Agent {
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else { return true };
+        let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+    }
+
+    async fn next_due(&self) -> chrono::DateTime<chrono::Utc> {
+        let freq = self.settings.read().await.full_backup_frequency;
+        schedule::next_due(&*self.schedule.lock().await, freq, chrono::Utc::now())
+    }
+
+    /// Reads the anchor from the repository: the newest DONE scheduled backup.
+    async fn refresh_anchor(&self) -> Result<()> {
+        let list = backup::list(&self.repo).await?;
+        self.schedule.lock().await.last_scheduled = schedule_anchor(&list);
+        if self.metrics.lock().await.last_backup_end.is_none() {
+            let newest = list
+                .iter()
+                .filter_map(|b| b.manifest.as_ref())
+                .filter_map(|m| chrono::DateTime::parse_from_rfc3339(&m.end_time).ok())
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .max();
+            self.metrics.lock().await.last_backup_end = newest;
+        }
+        Ok(())
+    }
+
+    /// Takes a backup under the lock (None if one is running and `wait` is false).
+    async fn take_backup(&self, name: Option<String>, scheduled: bool, wait: bool) -> Option<Result<backup::Manifest>> {
+        let _guard = if wait {
+            self.backup_lock.lock().await
+        } else {
+            match self.backup_lock.try_lock() {
+                Ok(g) => g,
+                Err(_) => return None,
+            }
+        };
+        let t = Instant::now();
+        let r = async {
+            let mut opts = self.ctx.push_options(None, name, scheduled)?;
+            opts.cancel = self.abandon.clone();
+            let progress = Arc::new(backup::Progress::default());
+            Ok(backup::push(&self.repo, &opts, progress).await?)
+        }
+        .await;
+        let mut m = self.metrics.lock().await;
+        match &r {
+            Ok(man) => {
+                m.last_backup_end = Some(chrono::Utc::now());
+                m.last_backup_duration = t.elapsed().as_secs_f64();
+                m.last_backup_bytes = man.data_bytes;
+                m.last_error = None;
+                tracing::info!("backup {} DONE ({} bytes, {:.1}s)", man.id, man.data_bytes, m.last_backup_duration);
+            }
+            Err(e) => {
+                m.last_error = Some(format!("{e:#}"));
+                tracing::error!("backup failed: {e:#}");
+            }
+        }
+        Some(r)
+    }
+
+    async fn retention(&self) {
+        let s = self.settings.read().await.clone();
+        let rule = walnut_core::retention::Rule::Policy(walnut_core::retention::Policy {
+            recovery_window: s.recovery_window,
+            minimum_redundancy: s.minimum_redundancy,
+        });
+        let run = async {
+            let outcome = walnut_core::prune::decide(&self.repo, &rule, chrono::Utc::now()).await?;
+            walnut_core::prune::execute(&self.repo, &outcome).await
+        };
+        match run.await {
+            Ok((backups, _wal)) => {
+                let mut m = self.metrics.lock().await;
+                m.retention_deletions += backups as u64;
+                m.retention_runs += 1;
+            }
+            Err(e) => {
+                self.metrics.lock().await.retention_failures += 1;
+                tracing::warn!("retention: {e:#}");
+            }
+        }
+        // Keep the WAL summary index current, so that wal-show, wal-verify and restore planning
+        // (often on another host, in a hurry) read a few index objects, not one per segment.
+        if let Err(e) = walnut_core::wal::inventory(&self.repo, true).await {
+            tracing::warn!("update the WAL summary index: {e}");
+        }
+    }
+}
+
+/// The schedule's anchor: the *start* of the newest DONE scheduled backup. Anchored on starts, a
+/// backup that takes 9 hours with a 24 h frequency still starts every 24 h (anchored on its end,
+/// it would start every 33 h).
+fn schedule_anchor(list: &[backup::BackupInfo]) -> Option<chrono::DateTime<chrono::Utc>> {
+    list.iter()
+        .filter(|b| b.status == Status::Done)
+        .filter_map(|b| b.manifest.as_ref())
+        .filter(|m| m.scheduled)
+        .filter_map(|m| chrono::DateTime::parse_from_rfc3339(&m.start_time).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .max()
+}
+
+async fn scheduler(agent: Arc<Agent>) {
+    let interval = agent.ctx.config.agent_retention_interval;
+    let mut next_retention = tokio::time::Instant::now() + interval;
+    loop {
+        if let Err(e) = agent.refresh_anchor().await {
+            tracing::warn!("read the repository: {e:#}");
+        }
+        let due = agent.next_due().await;
+        let backup_at = tokio::time::Instant::now() + (due - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = tokio::time::sleep_until(backup_at.min(next_retention)) => {}
+            _ = agent.wake.notified() => continue,
+            _ = agent.stop.cancelled() => return,
+        }
+        if tokio::time::Instant::now() < backup_at {
+            agent.retention().await;
+            next_retention = tokio::time::Instant::now() + interval;
+            continue;
+        }
+        // Not raced against `stop`: a shutdown lets the backup finish or abandons it (see `run`).
+        match agent.take_backup(None, true, true).await {
+            Some(Ok(m)) => {
+                let mut s = agent.schedule.lock().await;
+                s.failures = 0;
+                s.last_failure = None;
+                // The new anchor, at once (the repository says the same on the next refresh).
+                s.last_scheduled = m.started().or(s.last_scheduled);
+                drop(s);
+                agent.retention().await;
+                next_retention = tokio::time::Instant::now() + interval;
+            }
+            Some(Err(_)) => {
+                let mut s = agent.schedule.lock().await;
+                s.failures += 1;
+                s.last_failure = Some(chrono::Utc::now());
+                agent.metrics.lock().await.scheduled_failures += 1;
+            }
+            None => {}
+        }
+        if agent.stop.is_cancelled() {
+            return;
+        }
+    }
+}
+
+impl Agent {
+    /// The agent's state, from the configuration and the API token (if any).
+    pub fn new(ctx: Ctx, token: Option<String>) -> Result<Arc<Agent>> {
+        let repo = ctx.repository()?;
+        let settings_path = ctx.config.state_dir.join("agent").join("settings.json");
+        let settings = load_persisted(&settings_path, &ctx.config.settings);
+        Ok(Arc::new(Agent {
+            repo,
+            settings: RwLock::new(settings),
+            settings_path,
+            backup_lock: Mutex::new(()),
+            metrics: Mutex::new(Metrics::default()),
+            schedule: Mutex::new(ScheduleState::default()),
+            wake: Notify::new(),
+            token,
+            stop: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            ctx,
+        }))
+    }
+
+    /// Asks the agent to stop: the API closes, no backup starts, a running one may finish.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Abandons running backups (they are marked FAILED).
+    pub fn abandon(&self) {
+        self.abandon.cancel();
+    }
+}
+
+/// The HTTP API over an agent state.
+pub fn router(state: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/settings", get(settings_get).patch(settings_patch))
+        .route("/v1/backups", get(backups_get).post(backups_post))
+        .route("/v1/backups/{reference}", get(backup_get))
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            err(StatusCode::NOT_FOUND, "no such endpoint: see GET /v1/health, /v1/settings, /v1/backups, /metrics")
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY + 1))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Runs the agent: the scheduler and the API on `listener`, until [`Agent::stop`]; then waits
+/// for running backups (finished, or abandoned by [`Agent::abandon`]) and returns.
+pub async fn serve(state: Arc<Agent>, listener: tokio::net::TcpListener) -> Result<()> {
+    tracing::info!("walnut agent listening on http://{}", listener.local_addr()?);
+    let sched = tokio::spawn(scheduler(state.clone()));
+    let grace = state.ctx.config.agent_shutdown_timeout;
+    let stopping = state.stop.clone();
+    axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(async move { stopping.cancelled().await })
+        .await?;
+    // The server is closed; the scheduler returns once a running backup is DONE or abandoned.
+    if tokio::time::timeout(grace + Duration::from_secs(30), sched).await.is_err() {
+        tracing::error!("the scheduler did not stop in time");
+    }
+    // Backups started through the API whose clients went away: DONE or abandoned (FAILED) too.
+    state.tasks.close();
+    if tokio::time::timeout(grace + Duration::from_secs(30), state.tasks.wait()).await.is_err() {
+        tracing::error!("a backup started through the API did not stop in time");
+    }
+    if let Some(e) = &state.metrics.lock().await.last_error {
+        tracing::info!("stopped; last backup error: {e}");
+    } else {
+        tracing::info!("stopped");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for ok in ["127.0.0.1", "127.0.0.1:5500", "localhost", "LOCALHOST:80", "[::1]", "[::1]:5500", "127.1.2.3:9"] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in ["", "evil.example", "evil.example:5500", "10.0.0.1:5500", "127.0.0.1.evil.example", "[::2]:80"] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
+    }
+
+    fn info(id: &str, scheduled: bool, start: &str, end: &str) -> backup::BackupInfo {
+        backup::BackupInfo {
+            id: id.into(),
+            status: Status::Done,
+            error: None,
+            manifest: Some(backup::ManifestSummary {
+                name: None,
+                scheduled,
+                timeline: 1,
+                start_lsn: "0/2000028".into(),
+                end_lsn: "0/2000100".into(),
+                start_wal: "000000010000000000000002".into(),
+                end_wal: "000000010000000000000002".into(),
+                start_time: start.into(),
+                end_time: end.into(),
+                data_bytes: 1,
+                stored_bytes: 1,
+                files: 1,
+                pg_version_num: 150000,
+            }),
+        }
+    }
+
+    /// A 9-hour scheduled backup with a 24 h frequency: the next one is due 24 h after the
+    /// last one *started* (on its end, it would be 33 h).
+    #[test]
+    fn the_schedule_is_anchored_on_starts() {
+        let list = [
+            info("A", true, "2026-01-01T00:00:00Z", "2026-01-01T09:00:00Z"),
+            info("B", false, "2026-01-01T12:00:00Z", "2026-01-01T12:10:00Z"),
+        ];
+        let anchor = schedule_anchor(&list).unwrap();
+        assert_eq!(anchor.to_rfc3339(), "2026-01-01T00:00:00+00:00");
+        let state = ScheduleState { last_scheduled: Some(anchor), ..Default::default() };
+        let due = schedule::next_due(&state, Duration::from_secs(24 * 3600), anchor);
+        assert_eq!(due.to_rfc3339(), "2026-01-02T00:00:00+00:00");
+    }
+}
