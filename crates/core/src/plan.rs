@@ -231,13 +231,37 @@ pub(crate) fn contiguous(
     (last, gap)
 }
 
-pub fn plan(
-    backups: &[BackupPoint],
-    inv: &WalInventory,
+/// What the first step settled: the timeline to recover along, and the backups usable on it.
+struct Walk<'a> {
+    inv: &'a WalInventory,
+    seg: WalSegSize,
+    target_tli: TimelineId,
+    /// The timelines from the oldest ancestor to `target_tli`, each with where it begins.
+    path: Vec<(TimelineId, Lsn)>,
+    /// Backups on the path, by consistency point.
+    on_path: Vec<&'a BackupPoint>,
+    /// `--backup REF`.
+    forced: Option<&'a BackupPoint>,
+    /// A `--target-name` that names a backup.
+    named_backup: Option<&'a BackupPoint>,
+    /// The restorable range, from the oldest usable backup.
+    range: Range,
+}
+
+impl Walk<'_> {
+    fn unreachable(&self, reason: String) -> PlanError {
+        PlanError::Unreachable { reason, range: Box::new(self.range.clone()) }
+    }
+}
+
+/// Step 1: the timeline (latest descendant, current, or a given one), the backups on its
+/// history, and the restorable range.
+fn choose_timeline<'a>(
+    backups: &'a [BackupPoint],
+    inv: &'a WalInventory,
     seg: WalSegSize,
     req: &Request,
-    now: DateTime<Utc>,
-) -> Result<Plan, PlanError> {
+) -> Result<Walk<'a>, PlanError> {
     if backups.is_empty() {
         return Err(PlanError::NoBackups);
     }
@@ -308,11 +332,15 @@ pub fn plan(
         }
     };
     let range = range_from(oldest);
-    let unreachable = |reason: String| PlanError::Unreachable { reason, range: Box::new(range.clone()) };
 
-    let mut notes = Vec::new();
-    // Choose the backup.
-    let chosen: &BackupPoint = if let Some(b) = forced.or(named_backup) {
+    Ok(Walk { inv, seg, target_tli, path, on_path, forced, named_backup, range })
+}
+
+/// Step 2: the backup: the one forced or named, else the newest consistent before the target.
+fn choose_backup<'a>(w: &Walk<'a>, req: &Request) -> Result<&'a BackupPoint, PlanError> {
+    let (inv, on_path, target_tli) = (w.inv, &w.on_path, w.target_tli);
+    let unreachable = |reason: String| w.unreachable(reason);
+    let chosen: &BackupPoint = if let Some(b) = w.forced.or(w.named_backup) {
         if !on_path.iter().any(|x| x.id == b.id) {
             return Err(unreachable(format!("backup {} is not on the history of timeline {}", b.id, target_tli.0)));
         }
@@ -367,26 +395,36 @@ pub fn plan(
             _ => on_path.last().expect("non-empty"),
         }
     };
+    Ok(chosen)
+}
+
+/// Step 3: the WAL from the backup to the target is archived on the path, and the target is
+/// inside the archived range; what PostgreSQL is told.
+fn check_target(w: &Walk<'_>, chosen: &BackupPoint, req: &Request, now: DateTime<Utc>) -> Result<Plan, PlanError> {
+    let (inv, seg, path, target_tli, named_backup) = (w.inv, w.seg, &w.path, w.target_tli, w.named_backup);
+    let unreachable = |reason: String| w.unreachable(reason);
+    let range = w.range.clone();
+    let mut notes = Vec::new();
     let start_seg = seg.segno(chosen.start);
     let end_seg = seg.segno(Lsn(chosen.end.0.saturating_sub(1).max(chosen.start.0)));
-    let (last, gap) = contiguous(inv, &path, start_seg, seg);
+    let (last, gap) = contiguous(inv, path, start_seg, seg);
     let Some((last_seg, last_time)) = last.filter(|(s, _)| *s >= end_seg) else {
         return Err(unreachable(format!(
             "the WAL backup {} needs to become consistent ({} on timeline {}) is missing from the archive",
             chosen.id,
-            walnut_pg::names::SegName::new(tli_for(&path, end_seg, seg), end_seg, seg),
-            tli_for(&path, end_seg, seg).0
+            walnut_pg::names::SegName::new(tli_for(path, end_seg, seg), end_seg, seg),
+            tli_for(path, end_seg, seg).0
         )));
     };
     let archive_end_lsn = seg.start_lsn(SegNo(last_seg.0 + 1));
-    let sums = inv.summaries_on(&path, start_seg, last_seg, seg);
+    let sums = inv.summaries_on(path, start_seg, last_seg, seg);
     // The last archived commit decides the idle case exactly when summaries exist.
     let last_time = if sums.is_empty() {
         last_time
     } else {
         sums.iter().filter_map(|x| x.last_commit).max().unwrap_or(chrono::DateTime::<Utc>::MIN_UTC)
     };
-    let missing_name = |s: SegNo| walnut_pg::names::SegName::new(tli_for(&path, s, seg), s, seg).to_string();
+    let missing_name = |s: SegNo| walnut_pg::names::SegName::new(tli_for(path, s, seg), s, seg).to_string();
 
     let recovery_target = match &req.target {
         Target::Latest => {
@@ -476,7 +514,7 @@ pub fn plan(
                 }
                 // Pin the end: the last whole record of the last archived segment (summaries
                 // record it). Without one, only the unpinned end of the archive is possible.
-                let last_summary = inv.summary(tli_for(&path, last_seg, seg), last_seg);
+                let last_summary = inv.summary(tli_for(path, last_seg, seg), last_seg);
                 let pin = last_summary
                     .and_then(|_| sums.iter().filter_map(|x| x.last_record.as_deref()?.parse::<Lsn>().ok()).max());
                 notes.push(format!(
@@ -520,178 +558,18 @@ pub fn plan(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use chrono::TimeZone;
-
-    const SEG: WalSegSize = WalSegSize::DEFAULT;
-
-    fn t(min: i64) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap() + chrono::Duration::minutes(min)
-    }
-    fn seg_lsn(s: u64) -> Lsn {
-        SEG.start_lsn(SegNo(s))
-    }
-    fn backup(id: &str, tli: u32, start_seg: u64, end_time: i64) -> BackupPoint {
-        BackupPoint {
-            id: id.into(),
-            name: Some(format!("name-{id}")),
-            tli: TimelineId(tli),
-            start: Lsn(seg_lsn(start_seg).0 + 0x28),
-            end: Lsn(seg_lsn(start_seg).0 + 0x100),
-            end_time: t(end_time),
-        }
-    }
-    /// Segments `from..=to` on `tli`, segment s stored at minute s.
-    fn inv(ranges: &[(u32, u64, u64)]) -> WalInventory {
-        let mut i = WalInventory::default();
-        for &(tli, from, to) in ranges {
-            let m = i.segments.entry(TimelineId(tli)).or_default();
-            for s in from..=to {
-                m.insert(SegNo(s), t(s as i64));
-            }
-        }
-        i
-    }
-    fn req(target: Target) -> Request {
-        Request { target, backup: None, timeline: TimelineChoice::Latest }
-    }
-
-    #[test]
-    fn picks_the_newest_backup_before_a_time_target() {
-        let b = [backup("A", 1, 2, 2), backup("B", 1, 5, 5)];
-        let i = inv(&[(1, 2, 10)]);
-        let p = plan(&b, &i, SEG, &req(Target::Time(t(4))), t(100)).unwrap();
-        assert_eq!(p.backup_id, "A");
-        assert_eq!(p.recovery_target, RecoveryTarget::Time(t(4)));
-        let p = plan(&b, &i, SEG, &req(Target::Time(t(7))), t(100)).unwrap();
-        assert_eq!(p.backup_id, "B");
-        let p = plan(&b, &i, SEG, &req(Target::Latest), t(100)).unwrap();
-        assert_eq!((p.backup_id.as_str(), p.recovery_target.clone()), ("B", RecoveryTarget::EndOfArchive));
-        assert_eq!(p.segments, 6);
-    }
-
-    #[test]
-    fn refuses_targets_before_the_oldest_backup_with_the_range() {
-        let b = [backup("A", 1, 2, 2)];
-        let i = inv(&[(1, 2, 10)]);
-        let e = plan(&b, &i, SEG, &req(Target::Time(t(1))), t(100)).unwrap_err();
-        let msg = e.to_string();
-        assert!(
-            msg.contains("before the oldest backup") && msg.contains("earliest:") && msg.contains("latest:"),
-            "{msg}"
-        );
-        let e = plan(&b, &i, SEG, &req(Target::Lsn("0/1000000".into())), t(100)).unwrap_err();
-        assert!(e.to_string().contains("before the oldest backup"), "{e}");
-    }
-
-    #[test]
-    fn time_after_the_archive_is_the_end_of_the_archive_unless_there_is_a_gap() {
-        let b = [backup("A", 1, 2, 2)];
-        let p = plan(&b, &inv(&[(1, 2, 10)]), SEG, &req(Target::Time(t(50))), t(100)).unwrap();
-        assert_eq!(p.recovery_target, RecoveryTarget::EndOfArchive, "no summaries: nothing to pin to");
-        assert!(p.notes[0].contains("end of the archive") && p.notes[0].contains("would be replayed"), "{:?}", p.notes);
-        // With summaries, the last commit decides: a target after it is the end of the archive.
-        let mut with = inv(&[(1, 2, 10)]);
-        let mut sum = crate::summary::SegmentSummary {
-            last_commit: Some(t(4)),
-            xid_min: Some(700),
-            xid_max: Some(800),
-            ..Default::default()
-        };
-        sum.restore_points.push(crate::summary::RestorePoint {
-            name: "rp".into(),
-            time: Some(t(3)),
-            lsn: Lsn(seg_lsn(3).0 + 0x50).to_string(),
-        });
-        with.summaries.entry(TimelineId(1)).or_default().insert(SegNo(3), sum);
-        // Summaries without the last segment's: not pinned.
-        let p = plan(&b, &with, SEG, &req(Target::Time(t(6))), t(100)).unwrap();
-        assert_eq!(p.recovery_target, RecoveryTarget::EndOfArchive);
-        // With it: pinned to the last record archived now, so later WAL is not replayed.
-        let mut pinned = with.clone();
-        let last = crate::summary::SegmentSummary {
-            last_record: Some(Lsn(seg_lsn(10).0 + 0x1234).to_string()),
-            ..Default::default()
-        };
-        pinned.summaries.entry(TimelineId(1)).or_default().insert(SegNo(10), last);
-        let p = plan(&b, &pinned, SEG, &req(Target::Time(t(6))), t(100)).unwrap();
-        assert_eq!(p.recovery_target, RecoveryTarget::PinnedEnd(Lsn(seg_lsn(10).0 + 0x1234).to_string()));
-        assert!(p.notes[0].contains("not replayed"), "{:?}", p.notes);
-        assert_eq!(p.last_segment_lsn, seg_lsn(10).to_string());
-        let p = plan(&b, &with, SEG, &req(Target::Time(t(3))), t(100)).unwrap();
-        assert_eq!(p.recovery_target, RecoveryTarget::Time(t(3)));
-        let p = plan(&b, &with, SEG, &req(Target::Name("rp".into())), t(100)).unwrap();
-        assert_eq!(p.recovery_target, RecoveryTarget::Name("rp".into()));
-        let e = plan(&b, &with, SEG, &req(Target::Name("nope".into())), t(100)).unwrap_err().to_string();
-        assert!(e.contains("rp"), "lists known restore points: {e}");
-        assert!(plan(&b, &with, SEG, &req(Target::Xid(750)), t(100)).is_ok());
-        let e = plan(&b, &with, SEG, &req(Target::Xid(9000)), t(100)).unwrap_err().to_string();
-        assert!(e.contains("700 to 800"), "{e}");
-        let gappy = inv(&[(1, 2, 6), (1, 8, 10)]);
-        let e = plan(&b, &gappy, SEG, &req(Target::Time(t(9))), t(100)).unwrap_err().to_string();
-        assert!(e.contains("beyond a gap") && e.contains("000000010000000000000007"), "{e}");
-        let e = plan(&b, &gappy, SEG, &req(Target::Lsn(seg_lsn(9).to_string())), t(100)).unwrap_err().to_string();
-        assert!(e.contains("beyond a gap"), "{e}");
-        // Inside the contiguous part is fine.
-        assert!(plan(&b, &gappy, SEG, &req(Target::Time(t(5))), t(100)).is_ok());
-        let p = plan(&b, &gappy, SEG, &req(Target::Latest), t(100)).unwrap();
-        assert!(p.notes[0].contains("gap"));
-    }
-
-    #[test]
-    fn missing_wal_for_consistency_is_refused() {
-        let b = [backup("A", 1, 2, 2)];
-        let e = plan(&b, &inv(&[(1, 3, 10)]), SEG, &req(Target::Latest), t(100)).unwrap_err().to_string();
-        assert!(e.contains("missing"), "{e}");
-    }
-
-    #[test]
-    fn names_of_backups_restore_to_their_consistency_point() {
-        let b = [backup("A", 1, 2, 2), backup("B", 1, 5, 5)];
-        let i = inv(&[(1, 2, 10)]);
-        let p = plan(&b, &i, SEG, &req(Target::Name("name-A".into())), t(100)).unwrap();
-        assert_eq!((p.backup_id.as_str(), p.recovery_target.clone()), ("A", RecoveryTarget::Immediate));
-        let p = plan(&b, &i, SEG, &req(Target::Name("B".into())), t(100)).unwrap();
-        assert_eq!(p.backup_id, "B");
-        let p = plan(&b, &i, SEG, &req(Target::Name("some-restore-point".into())), t(100)).unwrap();
-        assert_eq!(p.recovery_target, RecoveryTarget::Name("some-restore-point".into()));
-    }
-
-    #[test]
-    fn follows_timelines_through_history_files() {
-        // Timeline 2 branched from 1 in segment 6; timeline 1 continued to 9 (a fork that was abandoned).
-        let b = [backup("A", 1, 2, 2)];
-        let mut i = inv(&[(1, 2, 9), (2, 6, 12)]);
-        i.histories
-            .insert(TimelineId(2), vec![HistoryEntry { tli: TimelineId(1), switchpoint: Lsn(seg_lsn(6).0 + 0x500) }]);
-        let p = plan(&b, &i, SEG, &req(Target::Latest), t(100)).unwrap();
-        assert_eq!((p.target_timeline, p.segments), (2, 11), "segments 2..=12, switching timeline at 6");
-        let p =
-            plan(&b, &i, SEG, &Request { timeline: TimelineChoice::Current, ..req(Target::Latest) }, t(100)).unwrap();
-        assert_eq!((p.target_timeline, p.segments), (1, 8));
-        // A backup taken on timeline 2 is usable for timeline 2 but not for timeline 1.
-        let b2 = [backup("A", 1, 2, 2), backup("C", 2, 10, 10)];
-        let p = plan(&b2, &i, SEG, &req(Target::Latest), t(100)).unwrap();
-        assert_eq!(p.backup_id, "C");
-        let p =
-            plan(&b2, &i, SEG, &Request { timeline: TimelineChoice::Id(TimelineId(1)), ..req(Target::Latest) }, t(100))
-                .unwrap();
-        assert_eq!(p.backup_id, "A");
-    }
-
-    #[test]
-    fn forced_backup_and_errors() {
-        let b = [backup("A", 1, 2, 2), backup("B", 1, 5, 5)];
-        let i = inv(&[(1, 2, 10)]);
-        let p = plan(&b, &i, SEG, &Request { backup: Some("A".into()), ..req(Target::Latest) }, t(100)).unwrap();
-        assert_eq!(p.backup_id, "A");
-        assert!(matches!(
-            plan(&b, &i, SEG, &Request { backup: Some("Z".into()), ..req(Target::Latest) }, t(100)),
-            Err(PlanError::UnknownBackup(_))
-        ));
-        assert!(matches!(plan(&[], &i, SEG, &req(Target::Latest), t(100)), Err(PlanError::NoBackups)));
-        assert!(plan(&b, &i, SEG, &req(Target::Time(t(200))), t(100)).unwrap_err().to_string().contains("future"));
-    }
+pub fn plan(
+    backups: &[BackupPoint],
+    inv: &WalInventory,
+    seg: WalSegSize,
+    req: &Request,
+    now: DateTime<Utc>,
+) -> Result<Plan, PlanError> {
+    let walk = choose_timeline(backups, inv, seg, req)?;
+    let chosen = choose_backup(&walk, req)?;
+    check_target(&walk, chosen, req, now)
 }
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;
