@@ -20,6 +20,7 @@ pub mod retention;
 pub mod schedule;
 pub mod state;
 pub mod summary;
+pub mod timefmt;
 pub mod wal;
 pub mod walindex;
 

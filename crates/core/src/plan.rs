@@ -90,7 +90,7 @@ pub enum Target {
     Latest,
     Time(DateTime<Utc>),
     Name(String),
-    Lsn(String),
+    Lsn(Lsn),
     Xid(u32),
     Immediate,
 }
@@ -117,10 +117,10 @@ pub enum RecoveryTarget {
     EndOfArchive,
     /// The end of the archive as it was when the plan was made: replay up to and including the
     /// record that begins at this LSN (the last whole record archived then), nothing after it.
-    PinnedEnd(String),
+    PinnedEnd(Lsn),
     Time(DateTime<Utc>),
     Name(String),
-    Lsn(String),
+    Lsn(Lsn),
     Xid(u32),
     Immediate,
 }
@@ -128,10 +128,10 @@ pub enum RecoveryTarget {
 #[derive(Debug, Clone, Serialize)]
 pub struct Range {
     pub earliest_time: DateTime<Utc>,
-    pub earliest_lsn: String,
+    pub earliest_lsn: Lsn,
     pub latest_time: DateTime<Utc>,
-    pub latest_lsn: String,
-    pub timeline: u32,
+    pub latest_lsn: Lsn,
+    pub timeline: TimelineId,
 }
 
 impl std::fmt::Display for Range {
@@ -152,12 +152,12 @@ impl std::fmt::Display for Range {
 pub struct Plan {
     pub backup_id: String,
     pub backup_name: Option<String>,
-    pub backup_timeline: u32,
-    pub backup_end_lsn: String,
-    pub target_timeline: u32,
+    pub backup_timeline: TimelineId,
+    pub backup_end_lsn: Lsn,
+    pub target_timeline: TimelineId,
     pub recovery_target: RecoveryTarget,
-    pub first_segment_lsn: String,
-    pub last_segment_lsn: String,
+    pub first_segment_lsn: Lsn,
+    pub last_segment_lsn: Lsn,
     pub segments: u64,
     pub restorable: Range,
     /// Things the operator should know (said on output).
@@ -323,13 +323,7 @@ fn choose_timeline<'a>(
             }
             None => (b.end, b.end_time),
         };
-        Range {
-            earliest_time: b.end_time,
-            earliest_lsn: b.end.to_string(),
-            latest_time,
-            latest_lsn: latest_lsn.to_string(),
-            timeline: target_tli.0,
-        }
+        Range { earliest_time: b.end_time, earliest_lsn: b.end, latest_time, latest_lsn, timeline: target_tli }
     };
     let range = range_from(oldest);
 
@@ -340,61 +334,60 @@ fn choose_timeline<'a>(
 fn choose_backup<'a>(w: &Walk<'a>, req: &Request) -> Result<&'a BackupPoint, PlanError> {
     let (inv, on_path, target_tli) = (w.inv, &w.on_path, w.target_tli);
     let unreachable = |reason: String| w.unreachable(reason);
-    let chosen: &BackupPoint = if let Some(b) = w.forced.or(w.named_backup) {
-        if !on_path.iter().any(|x| x.id == b.id) {
-            return Err(unreachable(format!("backup {} is not on the history of timeline {}", b.id, target_tli.0)));
-        }
-        b
-    } else {
-        match &req.target {
-            Target::Time(t) => *on_path.iter().rev().find(|b| b.end_time <= *t).ok_or_else(|| {
-                unreachable(format!(
-                    "{} is before the oldest backup's consistency point",
-                    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                ))
-            })?,
-            Target::Lsn(l) => {
-                let l: Lsn = l.parse().map_err(|e: walnut_pg::lsn::ParseError| PlanError::Invalid(e.to_string()))?;
-                *on_path
-                    .iter()
-                    .rev()
-                    .find(|b| b.end <= l)
-                    .ok_or_else(|| unreachable(format!("LSN {l} is before the oldest backup's consistency point")))?
+    let chosen: &BackupPoint =
+        if let Some(b) = w.forced.or(w.named_backup) {
+            if !on_path.iter().any(|x| x.id == b.id) {
+                return Err(unreachable(format!("backup {} is not on the history of timeline {}", b.id, target_tli.0)));
             }
-            Target::Name(n) => {
-                // A named restore point: the newest backup consistent before it.
-                let found = inv
-                    .summaries
-                    .values()
-                    .flat_map(|m| m.values())
-                    .flat_map(|x| x.restore_points.iter())
-                    .find(|rp| rp.name == *n)
-                    .and_then(|rp| rp.lsn.parse::<Lsn>().ok());
-                match found {
-                    Some(lsn) => *on_path.iter().rev().find(|b| b.end <= lsn).ok_or_else(|| {
-                        unreachable(format!(
-                            "restore point {n:?} (LSN {lsn}) is before the oldest backup's consistency point"
-                        ))
-                    })?,
-                    None if inv.summaries.is_empty() => on_path.last().expect("non-empty"),
-                    None => {
-                        let mut known: Vec<&str> = inv
-                            .summaries
-                            .values()
-                            .flat_map(|m| m.values())
-                            .flat_map(|x| x.restore_points.iter().map(|r| r.name.as_str()))
-                            .collect();
-                        known.dedup();
-                        return Err(PlanError::Invalid(format!(
-                            "no backup and no restore point is named {n:?} (restore points in the archive: {})",
-                            if known.is_empty() { "none".to_string() } else { known.join(", ") }
-                        )));
+            b
+        } else {
+            match &req.target {
+                Target::Time(t) => *on_path.iter().rev().find(|b| b.end_time <= *t).ok_or_else(|| {
+                    unreachable(format!(
+                        "{} is before the oldest backup's consistency point",
+                        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ))
+                })?,
+                Target::Lsn(l) => {
+                    let l = *l;
+                    *on_path.iter().rev().find(|b| b.end <= l).ok_or_else(|| {
+                        unreachable(format!("LSN {l} is before the oldest backup's consistency point"))
+                    })?
+                }
+                Target::Name(n) => {
+                    // A named restore point: the newest backup consistent before it.
+                    let found = inv
+                        .summaries
+                        .values()
+                        .flat_map(|m| m.values())
+                        .flat_map(|x| x.restore_points.iter())
+                        .find(|rp| rp.name == *n)
+                        .map(|rp| rp.lsn);
+                    match found {
+                        Some(lsn) => *on_path.iter().rev().find(|b| b.end <= lsn).ok_or_else(|| {
+                            unreachable(format!(
+                                "restore point {n:?} (LSN {lsn}) is before the oldest backup's consistency point"
+                            ))
+                        })?,
+                        None if inv.summaries.is_empty() => on_path.last().expect("non-empty"),
+                        None => {
+                            let mut known: Vec<&str> = inv
+                                .summaries
+                                .values()
+                                .flat_map(|m| m.values())
+                                .flat_map(|x| x.restore_points.iter().map(|r| r.name.as_str()))
+                                .collect();
+                            known.dedup();
+                            return Err(PlanError::Invalid(format!(
+                                "no backup and no restore point is named {n:?} (restore points in the archive: {})",
+                                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                            )));
+                        }
                     }
                 }
+                _ => on_path.last().expect("non-empty"),
             }
-            _ => on_path.last().expect("non-empty"),
-        }
-    };
+        };
     Ok(chosen)
 }
 
@@ -470,7 +463,7 @@ fn check_target(w: &Walk<'_>, chosen: &BackupPoint, req: &Request, now: DateTime
             RecoveryTarget::Xid(*x)
         }
         Target::Lsn(l) => {
-            let lsn: Lsn = l.parse().map_err(|e: walnut_pg::lsn::ParseError| PlanError::Invalid(e.to_string()))?;
+            let lsn = *l;
             if lsn > archive_end_lsn {
                 let why = if gap {
                     format!(
@@ -488,7 +481,7 @@ fn check_target(w: &Walk<'_>, chosen: &BackupPoint, req: &Request, now: DateTime
                     chosen.id, chosen.end
                 )));
             }
-            RecoveryTarget::Lsn(lsn.to_string())
+            RecoveryTarget::Lsn(lsn)
         }
         Target::Time(t) => {
             if *t < chosen.end_time {
@@ -515,8 +508,7 @@ fn check_target(w: &Walk<'_>, chosen: &BackupPoint, req: &Request, now: DateTime
                 // Pin the end: the last whole record of the last archived segment (summaries
                 // record it). Without one, only the unpinned end of the archive is possible.
                 let last_summary = inv.summary(tli_for(path, last_seg, seg), last_seg);
-                let pin = last_summary
-                    .and_then(|_| sums.iter().filter_map(|x| x.last_record.as_deref()?.parse::<Lsn>().ok()).max());
+                let pin = last_summary.and_then(|_| sums.iter().filter_map(|x| x.last_record).max());
                 notes.push(format!(
                     "{} is after the last archived transaction ({}): that is the end of the archive, so walnut recovers to it{}",
                     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -530,7 +522,7 @@ fn check_target(w: &Walk<'_>, chosen: &BackupPoint, req: &Request, now: DateTime
                     }
                 ));
                 match pin {
-                    Some(l) => RecoveryTarget::PinnedEnd(l.to_string()),
+                    Some(l) => RecoveryTarget::PinnedEnd(l),
                     None => RecoveryTarget::EndOfArchive,
                 }
             } else {
@@ -540,18 +532,18 @@ fn check_target(w: &Walk<'_>, chosen: &BackupPoint, req: &Request, now: DateTime
     };
     let segments_to = match &recovery_target {
         RecoveryTarget::Immediate => end_seg,
-        RecoveryTarget::Lsn(l) => seg.segno(l.parse().expect("checked")).max(end_seg).min(last_seg),
+        RecoveryTarget::Lsn(l) => seg.segno(*l).max(end_seg).min(last_seg),
         _ => last_seg,
     };
     Ok(Plan {
         backup_id: chosen.id.clone(),
         backup_name: chosen.name.clone(),
-        backup_timeline: chosen.tli.0,
-        backup_end_lsn: chosen.end.to_string(),
-        target_timeline: target_tli.0,
+        backup_timeline: chosen.tli,
+        backup_end_lsn: chosen.end,
+        target_timeline: target_tli,
         recovery_target,
-        first_segment_lsn: seg.start_lsn(start_seg).to_string(),
-        last_segment_lsn: seg.start_lsn(segments_to).to_string(),
+        first_segment_lsn: seg.start_lsn(start_seg),
+        last_segment_lsn: seg.start_lsn(segments_to),
         segments: segments_to.0 - start_seg.0 + 1,
         restorable: range,
         notes,

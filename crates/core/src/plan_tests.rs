@@ -57,7 +57,7 @@ fn refuses_targets_before_the_oldest_backup_with_the_range() {
     let e = plan(&b, &i, SEG, &req(Target::Time(t(1))), t(100)).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("before the oldest backup") && msg.contains("earliest:") && msg.contains("latest:"), "{msg}");
-    let e = plan(&b, &i, SEG, &req(Target::Lsn("0/1000000".into())), t(100)).unwrap_err();
+    let e = plan(&b, &i, SEG, &req(Target::Lsn(Lsn(0x1000000))), t(100)).unwrap_err();
     assert!(e.to_string().contains("before the oldest backup"), "{e}");
 }
 
@@ -78,7 +78,7 @@ fn time_after_the_archive_is_the_end_of_the_archive_unless_there_is_a_gap() {
     sum.restore_points.push(crate::summary::RestorePoint {
         name: "rp".into(),
         time: Some(t(3)),
-        lsn: Lsn(seg_lsn(3).0 + 0x50).to_string(),
+        lsn: Lsn(seg_lsn(3).0 + 0x50),
     });
     with.summaries.entry(TimelineId(1)).or_default().insert(SegNo(3), sum);
     // Summaries without the last segment's: not pinned.
@@ -86,15 +86,12 @@ fn time_after_the_archive_is_the_end_of_the_archive_unless_there_is_a_gap() {
     assert_eq!(p.recovery_target, RecoveryTarget::EndOfArchive);
     // With it: pinned to the last record archived now, so later WAL is not replayed.
     let mut pinned = with.clone();
-    let last = crate::summary::SegmentSummary {
-        last_record: Some(Lsn(seg_lsn(10).0 + 0x1234).to_string()),
-        ..Default::default()
-    };
+    let last = crate::summary::SegmentSummary { last_record: Some(Lsn(seg_lsn(10).0 + 0x1234)), ..Default::default() };
     pinned.summaries.entry(TimelineId(1)).or_default().insert(SegNo(10), last);
     let p = plan(&b, &pinned, SEG, &req(Target::Time(t(6))), t(100)).unwrap();
-    assert_eq!(p.recovery_target, RecoveryTarget::PinnedEnd(Lsn(seg_lsn(10).0 + 0x1234).to_string()));
+    assert_eq!(p.recovery_target, RecoveryTarget::PinnedEnd(Lsn(seg_lsn(10).0 + 0x1234)));
     assert!(p.notes[0].contains("not replayed"), "{:?}", p.notes);
-    assert_eq!(p.last_segment_lsn, seg_lsn(10).to_string());
+    assert_eq!(p.last_segment_lsn, seg_lsn(10));
     let p = plan(&b, &with, SEG, &req(Target::Time(t(3))), t(100)).unwrap();
     assert_eq!(p.recovery_target, RecoveryTarget::Time(t(3)));
     let p = plan(&b, &with, SEG, &req(Target::Name("rp".into())), t(100)).unwrap();
@@ -107,7 +104,7 @@ fn time_after_the_archive_is_the_end_of_the_archive_unless_there_is_a_gap() {
     let gappy = inv(&[(1, 2, 6), (1, 8, 10)]);
     let e = plan(&b, &gappy, SEG, &req(Target::Time(t(9))), t(100)).unwrap_err().to_string();
     assert!(e.contains("beyond a gap") && e.contains("000000010000000000000007"), "{e}");
-    let e = plan(&b, &gappy, SEG, &req(Target::Lsn(seg_lsn(9).to_string())), t(100)).unwrap_err().to_string();
+    let e = plan(&b, &gappy, SEG, &req(Target::Lsn(seg_lsn(9))), t(100)).unwrap_err().to_string();
     assert!(e.contains("beyond a gap"), "{e}");
     // Inside the contiguous part is fine.
     assert!(plan(&b, &gappy, SEG, &req(Target::Time(t(5))), t(100)).is_ok());
@@ -142,9 +139,9 @@ fn follows_timelines_through_history_files() {
     i.histories
         .insert(TimelineId(2), vec![HistoryEntry { tli: TimelineId(1), switchpoint: Lsn(seg_lsn(6).0 + 0x500) }]);
     let p = plan(&b, &i, SEG, &req(Target::Latest), t(100)).unwrap();
-    assert_eq!((p.target_timeline, p.segments), (2, 11), "segments 2..=12, switching timeline at 6");
+    assert_eq!((p.target_timeline.0, p.segments), (2, 11), "segments 2..=12, switching timeline at 6");
     let p = plan(&b, &i, SEG, &Request { timeline: TimelineChoice::Current, ..req(Target::Latest) }, t(100)).unwrap();
-    assert_eq!((p.target_timeline, p.segments), (1, 8));
+    assert_eq!((p.target_timeline.0, p.segments), (1, 8));
     // A backup taken on timeline 2 is usable for timeline 2 but not for timeline 1.
     let b2 = [backup("A", 1, 2, 2), backup("C", 2, 10, 10)];
     let p = plan(&b2, &i, SEG, &req(Target::Latest), t(100)).unwrap();

@@ -27,8 +27,6 @@ pub enum PruneError {
     Repo(#[from] RepoError),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("backup {id}: the manifest's {what} is unreadable")]
-    BadManifest { id: String, what: &'static str },
 }
 
 /// What a rule decides for this repository now: the backups (keep or delete, with reasons) and
@@ -57,14 +55,7 @@ pub async fn candidates(repo: &Repository) -> Result<Vec<Candidate>, PruneError>
             Status::Failed => State::Failed,
         };
         let (time, start) = match &b.manifest {
-            Some(m) => {
-                let time = DateTime::parse_from_rfc3339(&m.end_time)
-                    .map_err(|_| PruneError::BadManifest { id: b.id.clone(), what: "end time" })?
-                    .with_timezone(&Utc);
-                let start: Lsn =
-                    m.start_lsn.parse().map_err(|_| PruneError::BadManifest { id: b.id.clone(), what: "start LSN" })?;
-                (time, start)
-            }
+            Some(m) => (m.end_time, m.start_lsn),
             None => {
                 let t = repo
                     .store()

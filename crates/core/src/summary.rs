@@ -11,7 +11,7 @@ use walnut_pg::walrec::{self, End, Event, PgTimestamp, XactKind};
 pub struct RestorePoint {
     pub name: String,
     pub time: Option<DateTime<Utc>>,
-    pub lsn: String,
+    pub lsn: Lsn,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -27,11 +27,11 @@ pub struct SegmentSummary {
     pub checkpoints: u64,
     /// Timeline switches recorded here (end-of-recovery records): the new timeline.
     pub new_timelines: Vec<u32>,
-    pub end_of_valid_wal: String,
+    pub end_of_valid_wal: Lsn,
     /// Where the last whole record that begins in this segment begins (absent in summaries made
     /// before walnut recorded it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_record: Option<String>,
+    pub last_record: Option<Lsn>,
     /// How decoding ended: switch, continues, segment_end, zeros.
     pub end: String,
 }
@@ -52,8 +52,8 @@ pub fn summarize(seg: &[u8], start: Lsn) -> Result<SegmentSummary, String> {
     };
     let mut s = SegmentSummary {
         records: d.records,
-        end_of_valid_wal: d.end_of_valid.to_string(),
-        last_record: d.last_record.map(|l| l.to_string()),
+        end_of_valid_wal: d.end_of_valid,
+        last_record: d.last_record,
         end: end.into(),
         ..Default::default()
     };
@@ -76,7 +76,7 @@ pub fn summarize(seg: &[u8], start: Lsn) -> Result<SegmentSummary, String> {
                 }
             }
             Event::RestorePoint { name, time: t, lsn } => {
-                s.restore_points.push(RestorePoint { name, time: time(t), lsn: lsn.to_string() })
+                s.restore_points.push(RestorePoint { name, time: time(t), lsn })
             }
             Event::Checkpoint { .. } => s.checkpoints += 1,
             Event::EndOfRecovery { tli, .. } => s.new_timelines.push(tli),

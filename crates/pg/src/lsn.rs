@@ -7,8 +7,9 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
 
-/// A timeline ID (never 0 in a valid WAL file name).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A timeline ID (never 0 in a valid WAL file name). Serializes as its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct TimelineId(pub u32);
 
 /// A WAL segment number: the position divided by the segment size.
@@ -44,6 +45,20 @@ impl FromStr for Lsn {
         let hi = u32::from_str_radix(hi, 16).map_err(|_| err())?;
         let lo = u32::from_str_radix(lo, 16).map_err(|_| err())?;
         Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
+    }
+}
+
+/// Serializes as PostgreSQL's own text (`16/B374D848`), so stored JSON reads as PostgreSQL does.
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -93,6 +108,15 @@ impl fmt::Display for WalSegSize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lsn_serializes_as_postgres_text() {
+        let l = Lsn(0x16_B374_D848);
+        assert_eq!(serde_json::to_string(&l).unwrap(), "\"16/B374D848\"");
+        assert_eq!(serde_json::from_str::<Lsn>("\"16/B374D848\"").unwrap(), l);
+        assert!(serde_json::from_str::<Lsn>("\"16/ZZ\"").is_err());
+        assert_eq!(serde_json::to_string(&TimelineId(3)).unwrap(), "3");
+    }
 
     #[test]
     fn lsn_round_trips_in_postgres_text() {

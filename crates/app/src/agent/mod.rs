@@ -93,12 +93,7 @@ impl Agent {
         let list = backup::list(&self.repo).await?;
         self.schedule.lock().await.last_scheduled = schedule_anchor(&list);
         if self.metrics.lock().await.last_backup_end.is_none() {
-            let newest = list
-                .iter()
-                .filter_map(|b| b.manifest.as_ref())
-                .filter_map(|m| chrono::DateTime::parse_from_rfc3339(&m.end_time).ok())
-                .map(|t| t.with_timezone(&chrono::Utc))
-                .max();
+            let newest = list.iter().filter_map(|b| b.manifest.as_ref()).map(|m| m.end_time).max();
             self.metrics.lock().await.last_backup_end = newest;
         }
         Ok(())
@@ -176,8 +171,7 @@ fn schedule_anchor(list: &[backup::BackupInfo]) -> Option<chrono::DateTime<chron
         .filter(|b| b.status == Status::Done)
         .filter_map(|b| b.manifest.as_ref())
         .filter(|m| m.scheduled)
-        .filter_map(|m| chrono::DateTime::parse_from_rfc3339(&m.start_time).ok())
-        .map(|t| t.with_timezone(&chrono::Utc))
+        .map(|m| m.start_time)
         .max()
 }
 
@@ -207,7 +201,7 @@ async fn scheduler(agent: Arc<Agent>) {
                 s.failures = 0;
                 s.last_failure = None;
                 // The new anchor, at once (the repository says the same on the next refresh).
-                s.last_scheduled = m.started().or(s.last_scheduled);
+                s.last_scheduled = Some(m.start_time);
                 drop(s);
                 agent.retention().await;
                 next_retention = tokio::time::Instant::now() + interval;
@@ -324,13 +318,13 @@ mod tests {
             manifest: Some(backup::ManifestSummary {
                 name: None,
                 scheduled,
-                timeline: 1,
-                start_lsn: "0/2000028".into(),
-                end_lsn: "0/2000100".into(),
+                timeline: walnut_pg::TimelineId(1),
+                start_lsn: walnut_pg::Lsn(0x2000028),
+                end_lsn: walnut_pg::Lsn(0x2000100),
                 start_wal: "000000010000000000000002".into(),
                 end_wal: "000000010000000000000002".into(),
-                start_time: start.into(),
-                end_time: end.into(),
+                start_time: chrono::DateTime::parse_from_rfc3339(start).unwrap().into(),
+                end_time: chrono::DateTime::parse_from_rfc3339(end).unwrap().into(),
                 data_bytes: 1,
                 stored_bytes: 1,
                 files: 1,

@@ -64,20 +64,15 @@ pub async fn list(ctx: &Ctx, detail: bool) -> Result<()> {
             b.id.clone(),
             m.and_then(|m| m.name.clone()).unwrap_or_else(|| "-".into()),
             b.status.to_string(),
-            m.map(|m| m.end_time.clone()).unwrap_or_else(|| "-".into()),
+            m.map(|m| m.end_time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)).unwrap_or_else(|| "-".into()),
             m.map(|m| m.start_wal.clone()).unwrap_or_else(|| "-".into()),
         ];
         if detail {
-            let dur = m
-                .and_then(|m| {
-                    let s = chrono::DateTime::parse_from_rfc3339(&m.start_time).ok()?;
-                    let e = chrono::DateTime::parse_from_rfc3339(&m.end_time).ok()?;
-                    Some(format!("{}s", (e - s).num_seconds()))
-                })
-                .unwrap_or_else(|| "-".into());
+            let dur =
+                m.map(|m| format!("{}s", (m.end_time - m.start_time).num_seconds())).unwrap_or_else(|| "-".into());
             row.extend([
-                m.map(|m| m.start_lsn.clone()).unwrap_or_else(|| "-".into()),
-                m.map(|m| m.end_lsn.clone()).unwrap_or_else(|| "-".into()),
+                m.map(|m| m.start_lsn.to_string()).unwrap_or_else(|| "-".into()),
+                m.map(|m| m.end_lsn.to_string()).unwrap_or_else(|| "-".into()),
                 m.map(|m| m.timeline.to_string()).unwrap_or_else(|| "-".into()),
                 m.map(|m| output::bytes(m.data_bytes)).unwrap_or_else(|| "-".into()),
                 m.map(|m| output::bytes(m.stored_bytes)).unwrap_or_else(|| "-".into()),

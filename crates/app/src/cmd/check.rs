@@ -143,9 +143,7 @@ pub async fn run(ctx: &Ctx) -> Result<()> {
                             let limit = ctx.config.settings.full_backup_frequency * 2;
                             match newest.and_then(|b| b.manifest.as_ref()) {
                                 Some(m) => {
-                                    let age = chrono::DateTime::parse_from_rfc3339(&m.end_time)
-                                        .map(|t| chrono::Utc::now() - t.with_timezone(&chrono::Utc))
-                                        .unwrap_or(chrono::Duration::MAX);
+                                    let age = chrono::Utc::now() - m.end_time;
                                     let ok = age.to_std().map(|a| a <= limit).unwrap_or(false);
                                     add(
                                         &mut checks,

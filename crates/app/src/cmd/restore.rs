@@ -81,8 +81,7 @@ fn request(a: &RestoreArgs) -> Result<Request> {
     } else if let Some(n) = &a.target_name {
         Target::Name(n.clone())
     } else if let Some(l) = &a.target_lsn {
-        let lsn: walnut_pg::Lsn = l.parse()?;
-        Target::Lsn(lsn.to_string())
+        Target::Lsn(l.parse()?)
     } else if let Some(x) = a.target_xid {
         Target::Xid(x)
     } else if a.target_immediate {
@@ -283,8 +282,8 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
     let deadline = Instant::now() + Duration::from_secs(3600);
     let mut last_report = Instant::now() - Duration::from_secs(10);
     let target_lsn = match &p.recovery_target {
-        RecoveryTarget::Lsn(l) | RecoveryTarget::PinnedEnd(l) => l.clone(),
-        _ => p.restorable.latest_lsn.clone(),
+        RecoveryTarget::Lsn(l) | RecoveryTarget::PinnedEnd(l) => *l,
+        _ => p.restorable.latest_lsn,
     };
     loop {
         if Instant::now() > deadline {

@@ -43,7 +43,7 @@ pub async fn delete(ctx: &Ctx, what: &DeleteWhat) -> Result<()> {
                 Ok(t) => t,
                 Err(_) => {
                     let m = backup::resolve(&repo, reference).await?;
-                    chrono::DateTime::parse_from_rfc3339(&m.end_time)?.with_timezone(&chrono::Utc)
+                    m.end_time
                 }
             };
             (Rule::Before(t), *confirm)

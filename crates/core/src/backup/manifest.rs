@@ -52,14 +52,16 @@ pub struct Manifest {
     pub pg_version_num: u32,
     pub pg_major: PgMajor,
     pub wal_segment_size: u64,
-    pub timeline: u32,
-    pub start_lsn: String,
+    pub timeline: TimelineId,
+    pub start_lsn: Lsn,
     /// The consistency point: recovery must replay at least to here.
-    pub end_lsn: String,
+    pub end_lsn: Lsn,
     pub start_wal: String,
     pub end_wal: String,
-    pub start_time: String,
-    pub end_time: String,
+    #[serde(with = "crate::timefmt")]
+    pub start_time: chrono::DateTime<chrono::Utc>,
+    #[serde(with = "crate::timefmt")]
+    pub end_time: chrono::DateTime<chrono::Utc>,
     pub label: String,
     pub backup_label: String,
     pub tablespace_map: String,
@@ -72,24 +74,6 @@ pub struct Manifest {
     /// Room for incremental backups: the backup this one builds on.
     #[serde(default)]
     pub parent: Option<String>,
-}
-
-impl Manifest {
-    pub fn start(&self) -> Lsn {
-        self.start_lsn.parse().unwrap_or_default()
-    }
-    pub fn end(&self) -> Lsn {
-        self.end_lsn.parse().unwrap_or_default()
-    }
-    pub fn tli(&self) -> TimelineId {
-        TimelineId(self.timeline)
-    }
-    pub fn started(&self) -> Option<chrono::DateTime<chrono::Utc>> {
-        chrono::DateTime::parse_from_rfc3339(&self.start_time).ok().map(|t| t.with_timezone(&chrono::Utc))
-    }
-    pub fn end_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
-        chrono::DateTime::parse_from_rfc3339(&self.end_time).ok().map(|t| t.with_timezone(&chrono::Utc))
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,13 +110,15 @@ pub struct BackupInfo {
 pub struct ManifestSummary {
     pub name: Option<String>,
     pub scheduled: bool,
-    pub timeline: u32,
-    pub start_lsn: String,
-    pub end_lsn: String,
+    pub timeline: TimelineId,
+    pub start_lsn: Lsn,
+    pub end_lsn: Lsn,
     pub start_wal: String,
     pub end_wal: String,
-    pub start_time: String,
-    pub end_time: String,
+    #[serde(with = "crate::timefmt")]
+    pub start_time: chrono::DateTime<chrono::Utc>,
+    #[serde(with = "crate::timefmt")]
+    pub end_time: chrono::DateTime<chrono::Utc>,
     pub data_bytes: u64,
     pub stored_bytes: u64,
     pub files: usize,
@@ -145,12 +131,12 @@ impl From<&Manifest> for ManifestSummary {
             name: m.name.clone(),
             scheduled: m.scheduled,
             timeline: m.timeline,
-            start_lsn: m.start_lsn.clone(),
-            end_lsn: m.end_lsn.clone(),
+            start_lsn: m.start_lsn,
+            end_lsn: m.end_lsn,
             start_wal: m.start_wal.clone(),
             end_wal: m.end_wal.clone(),
-            start_time: m.start_time.clone(),
-            end_time: m.end_time.clone(),
+            start_time: m.start_time,
+            end_time: m.end_time,
             data_bytes: m.data_bytes,
             stored_bytes: m.stored_bytes,
             files: m.files.len(),

@@ -80,7 +80,9 @@ impl RecoveryConf {
                 s.push(("recovery_target_time".into(), quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())))
             }
             RecoveryTarget::Name(n) => s.push(("recovery_target_name".into(), quote(n))),
-            RecoveryTarget::Lsn(l) | RecoveryTarget::PinnedEnd(l) => s.push(("recovery_target_lsn".into(), quote(l))),
+            RecoveryTarget::Lsn(l) | RecoveryTarget::PinnedEnd(l) => {
+                s.push(("recovery_target_lsn".into(), quote(&l.to_string())))
+            }
             RecoveryTarget::Xid(x) => s.push(("recovery_target_xid".into(), quote(&x.to_string()))),
             RecoveryTarget::Immediate => s.push(("recovery_target".into(), quote("immediate"))),
         }
@@ -149,25 +151,26 @@ impl RecoveryConf {
 mod tests {
     use super::*;
     use crate::plan::Range;
+    use walnut_pg::{Lsn, TimelineId};
 
     fn plan(target: RecoveryTarget) -> Plan {
         let t = chrono::DateTime::parse_from_rfc3339("2026-01-01T12:00:00Z").unwrap().with_timezone(&chrono::Utc);
         Plan {
             backup_id: "20260101T110000".into(),
             backup_name: None,
-            backup_timeline: 1,
-            backup_end_lsn: "0/3000100".into(),
-            target_timeline: 2,
+            backup_timeline: TimelineId(1),
+            backup_end_lsn: Lsn(0x3000100),
+            target_timeline: TimelineId(2),
             recovery_target: target,
-            first_segment_lsn: "0/3000000".into(),
-            last_segment_lsn: "0/9000000".into(),
+            first_segment_lsn: Lsn(0x3000000),
+            last_segment_lsn: Lsn(0x9000000),
             segments: 7,
             restorable: Range {
                 earliest_time: t,
-                earliest_lsn: "0/3000100".into(),
+                earliest_lsn: Lsn(0x3000100),
                 latest_time: t,
-                latest_lsn: "0/A000000".into(),
-                timeline: 2,
+                latest_lsn: Lsn(0xA000000),
+                timeline: TimelineId(2),
             },
             notes: vec![],
         }
@@ -209,7 +212,7 @@ mod tests {
                 "recovery.signal",
             ),
             (
-                RecoveryTarget::PinnedEnd("0/9001234".into()),
+                RecoveryTarget::PinnedEnd(Lsn(0x9001234)),
                 RecoveryOptions { exclusive: true, ..opts() },
                 vec![
                     ("recovery_target_lsn", "'0/9001234'"),

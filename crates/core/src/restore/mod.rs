@@ -24,7 +24,7 @@ use crate::plan::{self, BackupPoint, Plan, PlanError, RecoveryTarget, Request};
 use crate::repo::{RepoError, Repository};
 use crate::wal::WalError;
 use std::time::Duration;
-use walnut_pg::{Lsn, SegNo, TimelineId, WalFileName};
+use walnut_pg::{Lsn, SegNo, WalFileName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -66,21 +66,16 @@ pub fn describe_target(t: &RecoveryTarget) -> String {
 
 /// The planner's view of every DONE backup (the one conversion from listed manifests).
 pub fn backup_points(listed: &[backup::BackupInfo]) -> Result<Vec<BackupPoint>, RestoreError> {
-    let bad = |id: &str, what: &str, e: &dyn std::fmt::Display| {
-        RestoreError::Invalid(format!("backup {id}: the manifest's {what} is unreadable ({e})"))
-    };
     let mut points = Vec::new();
     for b in listed.iter().filter(|b| b.status == Status::Done) {
         let Some(m) = b.manifest.as_ref() else { continue };
         points.push(BackupPoint {
             id: b.id.clone(),
             name: m.name.clone(),
-            tli: TimelineId(m.timeline),
-            start: m.start_lsn.parse().map_err(|e| bad(&b.id, "start LSN", &e))?,
-            end: m.end_lsn.parse().map_err(|e| bad(&b.id, "end LSN", &e))?,
-            end_time: chrono::DateTime::parse_from_rfc3339(&m.end_time)
-                .map_err(|e| bad(&b.id, "end time", &e))?
-                .with_timezone(&chrono::Utc),
+            tli: m.timeline,
+            start: m.start_lsn,
+            end: m.end_lsn,
+            end_time: m.end_time,
         });
     }
     Ok(points)
