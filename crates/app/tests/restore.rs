@@ -746,3 +746,56 @@ fn a_disaster_archived_after_planning_is_not_replayed() {
     let r = Restored::from_dir(&dest2);
     assert_eq!(r.sql("SELECT count(*) FROM later"), "2", "the unarchived commit before the target is restored");
 }
+
+/// Two `backup-push` processes of one cluster started together: one runs, the other is refused
+/// at once with a clear message (before, both ran, and two started in the same second shared an
+/// ID and overwrote each other's parts). Archiving is held back so the first is surely still
+/// running when the second asks.
+#[test]
+fn two_backups_at_once_one_is_refused() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    flush_archive(&pg);
+    pg.sql("ALTER SYSTEM SET archive_command = 'false'");
+    pg.sql("SELECT pg_reload_conf()");
+    let spawn = || {
+        std::process::Command::new(walnut_bin())
+            .arg("--config")
+            .arg(&env.config)
+            .args(["backup-push", "--pgdata", pg.pgdata.to_str().unwrap()])
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", pg.port.to_string())
+            .env("PGUSER", "postgres")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    // One of them is refused quickly; the other waits for its WAL to be archived.
+    let mut children = vec![a, b];
+    let mut refused = None;
+    PgCluster::wait_for("one backup-push to be refused", WAIT, || {
+        for (i, c) in children.iter_mut().enumerate() {
+            if c.try_wait().unwrap().is_some() {
+                refused = Some(i);
+                return true;
+            }
+        }
+        false
+    });
+    let loser = children.remove(refused.unwrap()).wait_with_output().unwrap();
+    assert!(!loser.status.success(), "{}", stdout(&loser));
+    assert!(stderr(&loser).contains("another backup is already running"), "{}", stderr(&loser));
+    pg.sql(&format!("ALTER SYSTEM SET archive_command = '{}'", env.archive_command().replace('\'', "''")));
+    pg.sql("SELECT pg_reload_conf()");
+    let winner = children.pop().unwrap().wait_with_output().unwrap();
+    assert_ok(&winner, "the backup that ran");
+    let o = env.walnut(&["--json", "backup-list"]);
+    let list: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "the refused one left nothing behind: {list:?}");
+    assert_eq!(list[0]["status"], "DONE");
+    // The lock is released: the next backup runs.
+    assert_ok(&backup_push(&env, &pg, None), "the next backup");
+}

@@ -74,6 +74,10 @@ pub fn is_backup_id(id: &str) -> bool {
         && suffix.is_none_or(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// The repository-wide backup lock: one base backup of a cluster at a time, across processes
+/// and hosts (refreshed by the running backup's heartbeat; stale after 3 heartbeats).
+pub const BACKUP_LOCK: &str = "locks/backup.json";
+
 pub fn backup_dir(id: &str) -> String {
     format!("{BACKUPS_DIR}/{id}")
 }

@@ -154,8 +154,11 @@ pub(super) async fn backups_post(State(a): State<Arc<Agent>>, body: axum::body::
         Some(Ok(m)) => (StatusCode::CREATED, Json(backup::ManifestSummary::from(&m))).into_response(),
         Some(Err(e)) => {
             let msg = format!("{e:#}");
-            let status =
-                if msg.contains("already exists") { StatusCode::CONFLICT } else { StatusCode::INTERNAL_SERVER_ERROR };
+            let status = if msg.contains("already exists") || msg.contains("already running") {
+                StatusCode::CONFLICT
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
             err(status, msg)
         }
     }

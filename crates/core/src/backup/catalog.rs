@@ -74,16 +74,81 @@ pub async fn resolve(repo: &Repository, reference: &str) -> Result<Manifest, Bac
     }
 }
 
-pub(super) async fn new_backup_id(
+/// Claims a new backup ID by writing its RUNNING marker create-only: two backups started in the
+/// same second (in any process) can never share an ID, hence never each other's objects.
+pub(super) async fn claim_backup_id(
     repo: &Repository,
     now: chrono::DateTime<chrono::Utc>,
+    marker: &RunningMarker,
 ) -> Result<String, BackupError> {
     let base = now.format("%Y%m%dT%H%M%S").to_string();
     for n in 0..100 {
         let id = if n == 0 { base.clone() } else { format!("{base}-{n}") };
-        if repo.store().list(&layout::backup_dir(&id)).await?.is_empty() {
-            return Ok(id);
+        // A leftover of an old backup under this ID (objects but no marker) also keeps it taken.
+        if !repo.store().list(&layout::backup_dir(&id)).await?.is_empty() {
+            continue;
+        }
+        match repo.store().put(&layout::backup_running(&id), json_object(marker), PutMode::Create).await {
+            Ok(()) => return Ok(id),
+            Err(StorageError::AlreadyExists { .. }) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
     Err(BackupError::Invalid("too many backups started in one second".into()))
+}
+
+/// The repository-wide backup lock ([`layout::BACKUP_LOCK`]), taken create-only.
+pub(super) async fn take_backup_lock(repo: &Repository, marker: &RunningMarker) -> Result<(), BackupError> {
+    for _ in 0..2 {
+        match repo.store().put(layout::BACKUP_LOCK, json_object(marker), PutMode::Create).await {
+            Ok(()) => return Ok(()),
+            Err(StorageError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let held = repo.store().head(layout::BACKUP_LOCK).await?;
+        let fresh = held.as_ref().is_some_and(|i| {
+            chrono::Utc::now() - i.last_modified < chrono::Duration::from_std(HEARTBEAT * 3).unwrap_or_default()
+        });
+        let holder = match repo.get_object(layout::BACKUP_LOCK).await {
+            Ok(d) => serde_json::from_slice::<RunningMarker>(&d.content).ok(),
+            Err(_) => None,
+        };
+        // A holder on this host whose process is gone (killed) is stale at once.
+        let gone = holder.as_ref().is_some_and(|m| {
+            m.host == marker.host && !m.host.is_empty() && !std::path::Path::new(&format!("/proc/{}", m.pid)).exists()
+        });
+        if fresh && !gone {
+            let who = holder
+                .map(|m| format!("started {} on host {} by pid {}", m.started_at, m.host, m.pid))
+                .unwrap_or_else(|| "(its lock is unreadable)".into());
+            return Err(BackupError::Busy(who));
+        }
+        // Stale: its process is gone. Take it over (create-only again, so one taker wins).
+        let _ = repo.store().delete(layout::BACKUP_LOCK).await;
+    }
+    Err(BackupError::Busy("another process took the backup lock at the same moment".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker() -> RunningMarker {
+        // pid 1 exists on every Linux host, so this holder is alive.
+        RunningMarker { started_at: "2026-01-01T00:00:00Z".into(), host: "h".into(), pid: 1, error: None }
+    }
+
+    /// IDs are claimed create-only: the same second gives distinct IDs, never a shared one.
+    #[tokio::test]
+    async fn ids_are_unique_by_construction_and_the_lock_is_exclusive() {
+        let repo = Repository::new(walnut_storage::open("memory://", &Default::default()).unwrap());
+        let now = chrono::Utc::now();
+        let a = claim_backup_id(&repo, now, &marker()).await.unwrap();
+        let b = claim_backup_id(&repo, now, &marker()).await.unwrap();
+        assert_ne!(a, b);
+        assert_eq!(b, format!("{a}-1"));
+        take_backup_lock(&repo, &marker()).await.unwrap();
+        let e = take_backup_lock(&repo, &marker()).await.unwrap_err().to_string();
+        assert!(e.contains("another backup is already running") && e.contains("pid 1"), "{e}");
+    }
 }

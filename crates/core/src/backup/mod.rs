@@ -67,6 +67,11 @@ pub enum BackupError {
     ArchiveTimeout { segment: String, waited: Duration },
     #[error("backup abandoned: {0}; it is marked FAILED and will never be DONE")]
     Abandoned(String),
+    #[error(
+        "another backup is already running: {0}. One base backup of a cluster runs at a time; wait for it \
+         to finish (walnut backup-list shows it RUNNING), or, if its process is gone, retry in 30 seconds"
+    )]
+    Busy(String),
 }
 
 fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackupError {

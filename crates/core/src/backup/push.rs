@@ -29,6 +29,7 @@ impl Drop for MarkerGuard {
             let (repo, key, body) = (self.repo.clone(), layout::backup_running(&self.id), self.failed.clone());
             rt.spawn(async move {
                 let _ = repo.store().put(&key, body, PutMode::Overwrite).await;
+                let _ = repo.store().delete(layout::BACKUP_LOCK).await;
             });
         }
     }
@@ -278,14 +279,21 @@ pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>
 
     let server = ServerInfo { version_num: version_num as u32, major, seg, sysid: sysid_text.clone() };
     let started = chrono::Utc::now();
-    let id = new_backup_id(repo, started).await?;
     let marker = RunningMarker {
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         host: std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string(),
         pid: std::process::id(),
         error: None,
     };
-    repo.store().put(&layout::backup_running(&id), json_object(&marker), PutMode::Overwrite).await?;
+    // One backup of a cluster at a time (across processes), then an ID of its own.
+    take_backup_lock(repo, &marker).await?;
+    let id = match claim_backup_id(repo, started, &marker).await {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = repo.store().delete(layout::BACKUP_LOCK).await;
+            return Err(e);
+        }
+    };
     let heartbeat = {
         let repo = repo.clone();
         let key = layout::backup_running(&id);
@@ -294,6 +302,7 @@ pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>
             loop {
                 tokio::time::sleep(HEARTBEAT).await;
                 let _ = repo.store().put(&key, body.clone(), PutMode::Overwrite).await;
+                let _ = repo.store().put(layout::BACKUP_LOCK, body.clone(), PutMode::Overwrite).await;
             }
         })
     };
@@ -314,6 +323,7 @@ pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>
         _ = opts.cancel.cancelled() => Err(BackupError::Abandoned("walnut was asked to stop".into())),
     };
     guard.disarm();
+    let _ = repo.store().delete(layout::BACKUP_LOCK).await;
     match result {
         Ok(m) => {
             let _ = repo.store().delete(&layout::backup_running(&id)).await;
