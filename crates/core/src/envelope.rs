@@ -339,6 +339,12 @@ mod tests {
             if compression != Compression::None {
                 assert!(obj.len() < data.len() / 2, "{compression:?} compresses");
             }
+            if compression == Compression::Zstd {
+                // The frame header confirms the length: decode's one-call path.
+                let payload = &obj[6 + 1 + 4 + serde_json::to_vec(&meta).unwrap().len()..obj.len() - TRAILER];
+                let size = zstd::zstd_safe::get_frame_content_size(payload).unwrap();
+                assert_eq!(size, Some(data.len() as u64));
+            }
         }
     }
 
