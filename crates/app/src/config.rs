@@ -23,7 +23,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(36500 * 86400);
 
 const DURATION_HINT: &str = "use a number and a unit, like 60s, 5min, 24h, 7d, 2w, 1y";
 
-/// Parses a duration; the message names the value and the fix.
+/// Parses a duration; the message names the value and the fix. Only what does not fit at all
+/// is refused as too long here; [`parse_config_duration`] adds the [`MAX_DURATION`] limit.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     if t.starts_with('-') {
@@ -32,13 +33,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if t.is_empty() || !t.starts_with(|c: char| c.is_ascii_digit()) {
         return Err(format!("invalid duration {text:?}: {DURATION_HINT}"));
     }
-    let too_long = || format!("duration {text:?} is too long: at most 100 years (36500d)");
-    let d = humantime::parse_duration(t).map_err(|e| match e {
-        humantime::DurationError::NumberOverflow => too_long(),
+    humantime::parse_duration(t).map_err(|e| match e {
+        humantime::DurationError::NumberOverflow => {
+            format!("duration {text:?} is too long: at most 100 years (36500d)")
+        }
         e => format!("invalid duration {text:?} ({e}): {DURATION_HINT}"),
-    })?;
+    })
+}
+
+/// Parses a duration of the config file: at most [`MAX_DURATION`].
+pub fn parse_config_duration(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
     if d > MAX_DURATION {
-        return Err(too_long());
+        return Err(format!("duration {text:?} is too long: at most 100 years (36500d)"));
     }
     Ok(d)
 }
@@ -46,7 +53,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 impl<'de> Deserialize<'de> for ConfigDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(ConfigDuration).map_err(serde::de::Error::custom)
+        parse_config_duration(&s).map(ConfigDuration).map_err(serde::de::Error::custom)
     }
 }
 
@@ -661,8 +668,8 @@ mod tests {
     /// retention's date arithmetic) are refused with the limit; each error is one line.
     #[test]
     fn durations_have_a_maximum_and_one_line_errors() {
-        assert_eq!(parse_duration("36500d").unwrap(), MAX_DURATION);
-        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO, "zero parses; keys that need more say so");
+        assert_eq!(parse_config_duration("36500d").unwrap(), MAX_DURATION);
+        assert_eq!(parse_config_duration("0s").unwrap(), Duration::ZERO, "zero parses; keys that need more say so");
         for (bad, says) in [
             ("36501d", "at most 100 years"),
             ("100000y", "at most 100 years"),
@@ -673,7 +680,7 @@ mod tests {
             ("5 parsecs", "unknown time unit"),
             ("soon", "60s"),
         ] {
-            let e = parse_duration(bad).unwrap_err();
+            let e = parse_config_duration(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
             assert!(!e.contains('\n'), "{bad}: one line: {e}");
         }
