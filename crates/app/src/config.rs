@@ -1,8 +1,12 @@
 //! The configuration: one strict TOML file (unknown keys are errors), every key optional,
 //! environment variables over the file, command-line options over both. Defaults live here and
 //! nowhere else; durations are parsed once; secrets are [`Secret`]s.
+//!
+//! Every value is checked when the file is loaded, not when a command first uses it: each
+//! duration is at most [`MAX_DURATION`] and at least what its key needs, each count is in its
+//! range. An error is one line naming the file, the line and column, the key and the fix.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,21 +17,143 @@ use walnut_storage::{S3Options, Secret, StorageOptions};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConfigDuration(pub Duration);
 
+/// The longest duration any key takes: 100 years of 365 days (so that every instant and
+/// interval computed from a setting stays far inside what clocks and calendars can hold).
+pub const MAX_DURATION: Duration = Duration::from_secs(36500 * 86400);
+
+const DURATION_HINT: &str = "use a number and a unit, like 60s, 5min, 24h, 7d, 2w, 1y";
+
+/// Parses a duration; the message names the value and the fix. Only what does not fit at all
+/// is refused as too long here; [`parse_config_duration`] adds the [`MAX_DURATION`] limit.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    if t.is_empty() || !t.starts_with(|c: char| c.is_ascii_digit()) {
-        return Err(format!("invalid duration {text:?}: use a number and a unit, like 60s, 5min, 24h, 7d, 2w, 1y"));
+    if t.starts_with('-') {
+        return Err(format!("invalid duration {text:?}: a duration cannot be negative; {DURATION_HINT}"));
     }
-    humantime::parse_duration(t).map_err(|e| {
-        format!("invalid duration {text:?} ({e}): use a number and a unit, like 60s, 5min, 24h, 7d, 2w, 1y")
+    if t.is_empty() || !t.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(format!("invalid duration {text:?}: {DURATION_HINT}"));
+    }
+    humantime::parse_duration(t).map_err(|e| match e {
+        humantime::DurationError::NumberOverflow => {
+            format!("duration {text:?} is too long: at most 100 years (36500d)")
+        }
+        e => format!("invalid duration {text:?} ({e}): {DURATION_HINT}"),
     })
+}
+
+/// Parses a duration of the config file: at most [`MAX_DURATION`].
+pub fn parse_config_duration(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d > MAX_DURATION {
+        return Err(format!("duration {text:?} is too long: at most 100 years (36500d)"));
+    }
+    Ok(d)
 }
 
 impl<'de> Deserialize<'de> for ConfigDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(ConfigDuration).map_err(serde::de::Error::custom)
+        parse_config_duration(&s).map(ConfigDuration).map_err(serde::de::Error::custom)
     }
+}
+
+/// A refused value: the key (`storage.request_timeout`, or the environment variable it came
+/// from) and what is wrong with it, with the fix.
+#[derive(Debug)]
+pub struct BadKey {
+    pub key: String,
+    pub problem: String,
+    /// Read from the environment, not the file (so it has no line).
+    pub from_env: bool,
+}
+
+impl BadKey {
+    fn new(key: &str, problem: impl Into<String>) -> BadKey {
+        BadKey { key: key.to_string(), problem: problem.into(), from_env: false }
+    }
+}
+
+impl std::fmt::Display for BadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.from_env {
+            write!(f, "{} {}", self.key, self.problem)
+        } else {
+            write!(f, "{} {}", key_for_humans(&self.key), self.problem)
+        }
+    }
+}
+
+impl std::error::Error for BadKey {}
+
+/// `storage.request_timeout` as the README writes it: `[storage] request_timeout`.
+fn key_for_humans(path: &str) -> String {
+    match path.split_once('.') {
+        Some((section, key)) => format!("[{section}] {key}"),
+        None => path.to_string(),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let line_start = before.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+    let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+    (line, column)
+}
+
+/// The line on which `path` (`storage.request_timeout`) is set in a TOML text, if a plain
+/// reading finds it (`[section]` headers, `key = value` and dotted keys).
+fn line_of_key(text: &str, path: &str) -> Option<usize> {
+    let unquote = |k: &str| k.trim().trim_matches('"').trim_matches('\'').to_string();
+    let dotted = |k: &str| k.split('.').map(unquote).collect::<Vec<_>>().join(".");
+    let mut table = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if let Some(h) = l.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            table = dotted(h);
+            continue;
+        }
+        if let Some((k, _)) = l.split_once('=') {
+            let k = dotted(k);
+            let full = if table.is_empty() { k } else { format!("{table}.{k}") };
+            if full == path {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
+/// Parses a config file's text. An error is one line: where (line, column), which key, what.
+pub fn parse_file(text: &str) -> Result<FileConfig, String> {
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+        let mut key: Vec<String> = e
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                _ => None,
+            })
+            .collect();
+        let inner = e.inner();
+        let message = inner.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        // The message names an unknown key; the path may or may not hold it already.
+        if let Some(unknown) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next())
+            && key.last().map(String::as_str) != Some(unknown)
+        {
+            key.push(unknown.to_string());
+        }
+        let at = inner.span().map(|s| line_col(text, s.start));
+        let mut out = match at {
+            Some((line, column)) => format!("line {line}, column {column}: "),
+            None => String::new(),
+        };
+        if !key.is_empty() {
+            out += &format!("{}: ", key_for_humans(&key.join(".")));
+        }
+        out + &message
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,12 +214,22 @@ impl std::fmt::Debug for S3Section {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSection {
     pub pgdata: Option<PathBuf>,
     pub url: Option<String>,
     pub bindir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for PostgresSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSection")
+            .field("pgdata", &self.pgdata)
+            .field("url", &self.url.as_deref().map(redact_conninfo))
+            .field("bindir", &self.bindir)
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,7 +274,7 @@ pub struct WalSection {
 }
 
 /// The resolved configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// Where the config was read from (passed on to `restore_command` and child processes).
     pub path: Option<PathBuf>,
@@ -194,24 +330,44 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// Checks every rule; the message names the field, the value and the rule.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks every rule: `Err((field, what is wrong))`, the value and the limit in the message.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
         let fmt = |d: Duration| humantime::format_duration(d).to_string();
-        if self.archive_timeout < Duration::from_secs(1) {
-            return Err(format!("archive_timeout must be at least 1s, got {:?}", fmt(self.archive_timeout)));
+        for (field, d, min, min_text) in [
+            ("archive_timeout", self.archive_timeout, Duration::from_secs(1), "1s"),
+            ("full_backup_frequency", self.full_backup_frequency, Duration::from_secs(3600), "1h"),
+            ("recovery_window", self.recovery_window, Duration::from_secs(86400), "1d"),
+        ] {
+            if d < min {
+                return Err((field, format!("must be at least {min_text}, got {:?}", fmt(d))));
+            }
+            if d > MAX_DURATION {
+                return Err((field, format!("must be at most 100 years (36500d), got {:?}", fmt(d))));
+            }
         }
-        if self.full_backup_frequency < Duration::from_secs(3600) {
-            return Err(format!(
-                "full_backup_frequency must be at least 1h, got {:?}",
-                fmt(self.full_backup_frequency)
+        if self.minimum_redundancy > MAX_REDUNDANCY {
+            return Err((
+                "minimum_redundancy",
+                format!("must be at most {MAX_REDUNDANCY}, got {}", self.minimum_redundancy),
             ));
-        }
-        if self.recovery_window < Duration::from_secs(86400) {
-            return Err(format!("recovery_window must be at least 1d, got {:?}", fmt(self.recovery_window)));
         }
         Ok(())
     }
+
+    /// Checks every rule; the message names the field, the value and the rule.
+    pub fn validate(&self) -> Result<(), String> {
+        self.check().map_err(|(field, problem)| format!("{field} {problem}"))
+    }
 }
+
+/// The largest `minimum_redundancy`.
+pub const MAX_REDUNDANCY: u32 = 1000;
+/// The largest `[backup] parallel`.
+pub const MAX_PARALLEL: usize = 64;
+/// The largest `[backup] part_size_mb` (1 TiB).
+pub const MAX_PART_SIZE_MB: u64 = 1 << 20;
+/// The largest `[wal] upload_ahead` and `[wal] prefetch`.
+pub const MAX_AHEAD: usize = 256;
 
 pub const DEFAULT_UPLOAD_AHEAD: usize = 4;
 pub const DEFAULT_PREFETCH: usize = 8;
@@ -247,31 +403,69 @@ fn home_from_passwd() -> Option<PathBuf> {
     passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() > 5 && f[2] == uid).map(|f| f[5].into())
 }
 
+/// A duration key's value (or its default): at least `min_secs` seconds (durations are at most
+/// [`MAX_DURATION`] when parsed).
+fn at_least(v: Option<ConfigDuration>, key: &str, default: Duration, min_secs: u64) -> Result<Duration, BadKey> {
+    let d = v.map_or(default, |d| d.0);
+    if d < Duration::from_secs(min_secs) {
+        let got = humantime::format_duration(d).to_string();
+        return Err(BadKey::new(key, format!("must be at least {min_secs}s, got {got:?}")));
+    }
+    Ok(d)
+}
+
+/// A count key's value (or its default), in `min..=max`.
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    v: Option<T>,
+    key: &str,
+    default: T,
+    min: T,
+    max: T,
+) -> Result<T, BadKey> {
+    let n = v.unwrap_or(default);
+    if n < min || n > max {
+        return Err(BadKey::new(key, format!("must be {min} to {max}, got {n}")));
+    }
+    Ok(n)
+}
+
 impl Config {
-    /// Loads `path` (if any), then applies the environment and `repo_override`.
+    /// Loads `path` (if any), then applies the environment and `repo_override`. An error names
+    /// the file, the line and column, the key and the fix, on one line.
     pub fn load(path: Option<&Path>, repo_override: Option<&str>) -> Result<Config> {
-        let file: FileConfig = match path {
+        const FIX: &str = "fix the config file (every key is documented in the README)";
+        let (file, text) = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).with_context(|| format!("read config file {}", p.display()))?;
-                toml::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("config file {}: {}", p.display(), e.message()))
-                    .with_context(|| "fix the config file (every key is documented in the README)".to_string())?
+                let file = parse_file(&text).map_err(|e| anyhow::anyhow!("config file {}, {e}; {FIX}", p.display()))?;
+                (file, text)
             }
-            None => FileConfig::default(),
+            None => (FileConfig::default(), String::new()),
         };
-        Config::resolve(file, path, repo_override)
+        Config::resolve(file, path, repo_override).map_err(|e| match (path, e.downcast_ref::<BadKey>()) {
+            (Some(p), Some(bad)) if !bad.from_env => match line_of_key(&text, &bad.key) {
+                Some(line) => anyhow::anyhow!("config file {}, line {line}: {bad}", p.display()),
+                None => anyhow::anyhow!("config file {}: {bad}", p.display()),
+            },
+            _ => e,
+        })
     }
 
+    /// Applies the environment and `repo_override` to a parsed file and checks every value (a
+    /// refused one is a [`BadKey`]).
     pub fn resolve(file: FileConfig, path: Option<&Path>, repo_override: Option<&str>) -> Result<Config> {
-        let compression: Compression = env("WALNUT_COMPRESSION")
-            .or(file.compression)
-            .as_deref()
-            .unwrap_or("zstd")
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!(e))?;
+        let (compression, from_env) = match env("WALNUT_COMPRESSION") {
+            Some(v) => (v, true),
+            None => (file.compression.clone().unwrap_or_else(|| "zstd".into()), false),
+        };
+        let compression: Compression = compression.parse().map_err(|e: String| BadKey {
+            key: if from_env { "WALNUT_COMPRESSION" } else { "compression" }.into(),
+            problem: format!("is not valid: {e}"),
+            from_env,
+        })?;
         let level = file.compression_level.unwrap_or(1);
         if compression == Compression::Zstd && !(1..=19).contains(&level) {
-            bail!("compression_level {level} is out of range: zstd takes 1 to 19");
+            Err(BadKey::new("compression_level", format!("{level} is out of range: zstd takes 1 to 19")))?;
         }
         let s3 = S3Options {
             endpoint: env("AWS_ENDPOINT_URL").or(file.s3.endpoint),
@@ -292,7 +486,7 @@ impl Config {
             recovery_window: file.settings.recovery_window.map(|d| d.0).unwrap_or(defaults.recovery_window),
             minimum_redundancy: file.settings.minimum_redundancy.unwrap_or(defaults.minimum_redundancy),
         };
-        settings.validate().map_err(|e| anyhow::anyhow!("[settings] {e}"))?;
+        settings.check().map_err(|(field, problem)| BadKey::new(&format!("settings.{field}"), problem))?;
         let d = StorageOptions::default();
         // What object_store's `from_env` used to read for gs:// and az:// (later entries win).
         let gcs = env("SERVICE_ACCOUNT")
@@ -306,10 +500,11 @@ impl Config {
             s3,
             gcs,
             azure,
-            request_timeout: file.storage.request_timeout.map(|d| d.0).unwrap_or(d.request_timeout),
-            retry_time: file.storage.retry_time.map(|d| d.0).unwrap_or(d.retry_time),
-            deadline: file.storage.deadline.map(|d| d.0).unwrap_or(d.deadline),
+            request_timeout: at_least(file.storage.request_timeout, "storage.request_timeout", d.request_timeout, 1)?,
+            retry_time: at_least(file.storage.retry_time, "storage.retry_time", d.retry_time, 1)?,
+            deadline: at_least(file.storage.deadline, "storage.deadline", d.deadline, 1)?,
         };
+        let part_size_mb = in_range(file.backup.part_size_mb, "backup.part_size_mb", 1024, 1, MAX_PART_SIZE_MB)?;
         Ok(Config {
             path: path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())),
             repo: repo_override.map(str::to_string).or(env("WALNUT_REPO")).or(file.repo),
@@ -319,22 +514,27 @@ impl Config {
             pgdata: env("PGDATA").map(PathBuf::from).or(file.postgres.pgdata),
             pg_url: file.postgres.url,
             pg_bindir: file.postgres.bindir,
-            upload_ahead: file.wal.upload_ahead.unwrap_or(DEFAULT_UPLOAD_AHEAD),
-            prefetch: file.wal.prefetch.unwrap_or(DEFAULT_PREFETCH),
-            backup_parallel: file.backup.parallel.unwrap_or(2).clamp(1, 64),
-            backup_part_size: file.backup.part_size_mb.unwrap_or(1024).max(1) << 20,
-            backup_archive_wait: file.backup.archive_wait.map(|d| d.0).unwrap_or(Duration::from_secs(300)),
+            upload_ahead: in_range(file.wal.upload_ahead, "wal.upload_ahead", DEFAULT_UPLOAD_AHEAD, 0, MAX_AHEAD)?,
+            prefetch: in_range(file.wal.prefetch, "wal.prefetch", DEFAULT_PREFETCH, 0, MAX_AHEAD)?,
+            backup_parallel: in_range(file.backup.parallel, "backup.parallel", 2, 1, MAX_PARALLEL)?,
+            backup_part_size: part_size_mb << 20,
+            backup_archive_wait: at_least(
+                file.backup.archive_wait,
+                "backup.archive_wait",
+                Duration::from_secs(300),
+                1,
+            )?,
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("walnut")),
             agent_listen: env("WALNUT_AGENT_LISTEN").or(file.agent.listen).unwrap_or_else(|| "127.0.0.1:5500".into()),
             agent_token_file: file.agent.token_file,
             agent_token: env("WALNUT_AGENT_TOKEN").map(Secret::new),
             agent_shutdown_timeout: file.agent.shutdown_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
-            agent_retention_interval: file
-                .agent
-                .retention_interval
-                .map(|d| d.0)
-                .unwrap_or(Duration::from_secs(3600))
-                .max(Duration::from_secs(1)),
+            agent_retention_interval: at_least(
+                file.agent.retention_interval,
+                "agent.retention_interval",
+                Duration::from_secs(3600),
+                1,
+            )?,
             settings,
         })
     }
@@ -346,6 +546,125 @@ impl Config {
                  (for example file:///var/lib/walnut or s3://bucket/prefix)"
             )
         })
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("path", &self.path)
+            .field("repo", &self.repo.as_deref().map(redact_conninfo))
+            .field("codec", &self.codec)
+            .field("state_dir", &self.state_dir)
+            .field("storage", &self.storage)
+            .field("pgdata", &self.pgdata)
+            .field("pg_url", &self.pg_url.as_deref().map(redact_conninfo))
+            .field("pg_bindir", &self.pg_bindir)
+            .field("upload_ahead", &self.upload_ahead)
+            .field("prefetch", &self.prefetch)
+            .field("backup_parallel", &self.backup_parallel)
+            .field("backup_part_size", &self.backup_part_size)
+            .field("backup_archive_wait", &self.backup_archive_wait)
+            .field("exe", &self.exe)
+            .field("agent_listen", &self.agent_listen)
+            .field("agent_token_file", &self.agent_token_file)
+            .field("agent_token", &self.agent_token)
+            .field("agent_shutdown_timeout", &self.agent_shutdown_timeout)
+            .field("agent_retention_interval", &self.agent_retention_interval)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+/// A connection string or URL fit to print: the password of a URL's user information, a
+/// `password=` (or `sslpassword=`) query parameter, and the value of a `password` keyword of a
+/// libpq key=value string are replaced by `[redacted]`.
+pub fn redact_conninfo(text: &str) -> String {
+    match text.find("://") {
+        Some(i) => redact_url(text, i + 3),
+        None => redact_keywords(text),
+    }
+}
+
+const REDACTED: &str = "[redacted]";
+
+fn is_password_key(key: &str) -> bool {
+    let key = key.trim();
+    key.eq_ignore_ascii_case("password") || key.eq_ignore_ascii_case("sslpassword")
+}
+
+fn redact_url(s: &str, authority: usize) -> String {
+    let query = s[authority..].find('?').map_or(s.len(), |q| authority + q);
+    let mut out = s[..authority].to_string();
+    // The user information ends at the last '@' before the query: an unescaped password may
+    // itself hold '@' or '/', and hiding too much is the safe side.
+    match s[authority..query].rfind('@') {
+        Some(at) => {
+            let userinfo = &s[authority..authority + at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => {
+                    out += user;
+                    out += ":";
+                    out += REDACTED;
+                }
+                None => out += userinfo,
+            }
+            out += &s[authority + at..query];
+        }
+        None => out += &s[authority..query],
+    }
+    if query < s.len() {
+        let params: Vec<String> = s[query + 1..]
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if is_password_key(k) => format!("{k}={REDACTED}"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out += "?";
+        out += &params.join("&");
+    }
+    out
+}
+
+/// libpq's `key = value` form: values are bare words or single-quoted with backslash escapes.
+fn redact_keywords(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    loop {
+        let t = rest.trim_start();
+        out += &rest[..rest.len() - t.len()];
+        rest = t;
+        if rest.is_empty() {
+            return out;
+        }
+        let key_len = rest.find(|c: char| c == '=' || c.is_whitespace()).unwrap_or(rest.len());
+        let key = &rest[..key_len];
+        out += key;
+        rest = &rest[key_len..];
+        let t = rest.trim_start();
+        let Some(after) = t.strip_prefix('=') else {
+            out += &rest[..rest.len() - t.len()];
+            rest = t;
+            continue;
+        };
+        let value = after.trim_start();
+        out += &rest[..rest.len() - value.len()];
+        let value_len = if let Some(quoted) = value.strip_prefix('\'') {
+            let mut escaped = false;
+            quoted
+                .char_indices()
+                .find(|(_, c)| {
+                    let end = !escaped && *c == '\'';
+                    escaped = !escaped && *c == '\\';
+                    end
+                })
+                .map_or(value.len(), |(i, _)| i + 2)
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        out += if is_password_key(key) { REDACTED } else { &value[..value_len] };
+        rest = &value[value_len..];
     }
 }
 
@@ -362,6 +681,142 @@ mod tests {
         for bad in ["", "5", "-5s", "s", "5 parsecs"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Durations are at most 100 years: longer ones (which overflowed the scheduler's and
+    /// retention's date arithmetic) are refused with the limit; each error is one line.
+    #[test]
+    fn durations_have_a_maximum_and_one_line_errors() {
+        assert_eq!(parse_config_duration("36500d").unwrap(), MAX_DURATION);
+        assert_eq!(parse_config_duration("0s").unwrap(), Duration::ZERO, "zero parses; keys that need more say so");
+        for (bad, says) in [
+            ("36501d", "at most 100 years"),
+            ("100000y", "at most 100 years"),
+            ("1000000000000y", "at most 100 years"),
+            ("99999999999999999999999s", "at most 100 years"),
+            ("-5s", "cannot be negative"),
+            ("5", "time unit needed"),
+            ("5 parsecs", "unknown time unit"),
+            ("soon", "60s"),
+        ] {
+            let e = parse_config_duration(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{bad}: one line: {e}");
+        }
+    }
+
+    /// Writes `text` to a config file and loads it.
+    fn load_text(text: &str) -> Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walnut.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path), None)
+    }
+
+    /// Every refused value names the file, the line (and, for what the TOML reader refuses, the
+    /// column) and the key, on one line.
+    #[test]
+    fn config_errors_name_the_line_and_the_key() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "repo = \"file:///x\"\ncompression_level = \"high\"\n",
+                &["line 2, column 21", "compression_level", "\"high\""],
+            ),
+            ("repos = 1\n", &["line 1, column 1", "repos", "unknown field"]),
+            ("[s3]\nregion = \"x\"\nsecret = \"y\"\n", &["line 3, column 1", "[s3] secret", "unknown field"]),
+            ("[nosuch]\n", &["line 1", "nosuch", "unknown field"]),
+            ("repo = \n", &["line 1, column 8", "invalid string"]),
+            ("[backup]\nparallel = \"high\"\n", &["line 2, column 12", "[backup] parallel", "invalid type"]),
+            ("[backup]\nparallel = -1\n", &["line 2", "[backup] parallel", "-1"]),
+            (
+                "[storage]\nrequest_timeout = \"5\"\n",
+                &["line 2, column 19", "[storage] request_timeout", "time unit needed"],
+            ),
+            ("[storage]\nretry_time = \"-1s\"\n", &["line 2", "[storage] retry_time", "cannot be negative"]),
+            ("[storage]\ndeadline = \"5 parsecs\"\n", &["line 2", "[storage] deadline", "unknown time unit"]),
+            (
+                "[settings]\nfull_backup_frequency = \"100000y\"\n",
+                &["line 2", "[settings] full_backup_frequency", "at most 100 years"],
+            ),
+            ("[agent]\nshutdown_timeout = \"1000y\"\n", &["line 2", "[agent] shutdown_timeout", "at most 100 years"]),
+            // Refused after parsing: the line is found by the key.
+            (
+                "repo = \"file:///x\"\n\n[backup]\nparallel = 0\n",
+                &["line 4", "[backup] parallel must be 1 to 64, got 0"],
+            ),
+            ("[backup]\nparallel = 65\n", &["line 2", "[backup] parallel must be 1 to 64, got 65"]),
+            ("[backup]\npart_size_mb = 0\n", &["line 2", "[backup] part_size_mb must be 1 to"]),
+            ("[backup]\npart_size_mb = 99999999999999\n", &["line 2", "[backup] part_size_mb must be 1 to 1048576"]),
+            ("[backup]\narchive_wait = \"0s\"\n", &["line 2", "[backup] archive_wait must be at least 1s, got \"0s\""]),
+            ("[storage]\nrequest_timeout = \"0s\"\n", &["line 2", "[storage] request_timeout must be at least 1s"]),
+            ("[storage]\nretry_time = \"0s\"\n", &["line 2", "[storage] retry_time must be at least 1s"]),
+            ("[storage]\ndeadline = \"0ms\"\n", &["line 2", "[storage] deadline must be at least 1s"]),
+            ("storage.deadline = \"0s\"\n", &["line 1", "[storage] deadline must be at least 1s"]),
+            ("[agent]\nretention_interval = \"0s\"\n", &["line 2", "[agent] retention_interval must be at least 1s"]),
+            ("[wal]\nupload_ahead = 100000\n", &["line 2", "[wal] upload_ahead must be 0 to 256"]),
+            ("[wal]\nprefetch = 100000\n", &["line 2", "[wal] prefetch must be 0 to 256"]),
+            ("[settings]\narchive_timeout = \"0s\"\n", &["line 2", "[settings] archive_timeout must be at least 1s"]),
+            (
+                "[settings]\nminimum_redundancy = 5000\n",
+                &["line 2", "[settings] minimum_redundancy must be at most 1000"],
+            ),
+            ("compression = \"brotli\"\n", &["line 1", "compression", "use zstd, lz4 or none"]),
+            ("compression_level = 0\n", &["line 1", "compression_level", "zstd takes 1 to 19"]),
+        ];
+        for (text, wants) in cases {
+            let e = format!("{:#}", load_text(text).unwrap_err());
+            assert!(e.contains("config file ") && e.contains("walnut.toml"), "{text:?}: names the file: {e}");
+            assert!(!e.contains('\n'), "{text:?}: one line: {e}");
+            for w in *wants {
+                assert!(e.contains(w), "{text:?}: wanted {w:?} in: {e}");
+            }
+        }
+    }
+
+    /// Zero counts mean "off" only where the README says so.
+    #[test]
+    fn counts_at_their_limits_are_accepted() {
+        let c =
+            load_text("[wal]\nupload_ahead = 0\nprefetch = 0\n[backup]\nparallel = 64\npart_size_mb = 1\n").unwrap();
+        assert_eq!((c.upload_ahead, c.prefetch, c.backup_parallel, c.backup_part_size), (0, 0, 64, 1 << 20));
+        let c = load_text("[settings]\nrecovery_window = \"36500d\"\nfull_backup_frequency = \"36500d\"\n").unwrap();
+        assert_eq!(c.settings.recovery_window, MAX_DURATION);
+        assert!(load_text("").is_ok());
+    }
+
+    #[test]
+    fn passwords_are_redacted_from_connection_strings() {
+        for (raw, shown) in [
+            ("postgresql://u:hunter2@host/db", "postgresql://u:[redacted]@host/db"),
+            (
+                "postgres://u:hun@ter/2@h1:5432,h2/db?sslmode=require",
+                "postgres://u:[redacted]@h1:5432,h2/db?sslmode=require",
+            ),
+            (
+                "postgresql://u@host/db?password=hunter2&application_name=x",
+                "postgresql://u@host/db?password=[redacted]&application_name=x",
+            ),
+            (
+                "postgresql:///postgres?host=/var/run/postgresql&user=postgres",
+                "postgresql:///postgres?host=/var/run/postgresql&user=postgres",
+            ),
+            ("host=/tmp user=u password=hunter2 dbname=d", "host=/tmp user=u password=[redacted] dbname=d"),
+            ("host=/tmp password = 'hun ter\\' 2' dbname=d", "host=/tmp password = [redacted] dbname=d"),
+            ("password='unterminated hunter2", "password=[redacted]"),
+            ("sslpassword=hunter2 PASSWORD=hunter2", "sslpassword=[redacted] PASSWORD=[redacted]"),
+            ("http://key:hunter2@127.0.0.1:9000", "http://key:[redacted]@127.0.0.1:9000"),
+            ("s3://bucket/prefix", "s3://bucket/prefix"),
+            ("", ""),
+            ("=", "="),
+            ("password", "password"),
+        ] {
+            assert_eq!(redact_conninfo(raw), shown, "{raw}");
+        }
+        let f = parse_file("[postgres]\nurl = \"postgresql://u:hunter2@host/db\"\n").unwrap();
+        assert!(!format!("{f:?}").contains("hunter2"));
+        let c = Config::resolve(f, None, None).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"), "the password is not in Debug");
+        assert_eq!(c.pg_url.as_deref(), Some("postgresql://u:hunter2@host/db"), "but it is used as written");
     }
 
     #[test]

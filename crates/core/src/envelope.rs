@@ -12,7 +12,10 @@
 //! content SHA-256   32 bytes } the decoded content against it before anything is used
 //! ```
 //!
-//! Readers never guess: the codec chain is recorded in every object.
+//! Readers never guess: the codec chain is recorded in every object. Readers never trust a
+//! length either: the metadata length is bounded by the object's size and by [`MAX_META`], the
+//! declared content length by [`MAX_CONTENT`] and by what the payload can expand to, and
+//! nothing is allocated by a declared length before those checks (see [`decode`]).
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -20,6 +23,8 @@ use sha2::{Digest, Sha256};
 const MAGIC: &[u8; 4] = b"WLNT";
 const VERSION: u8 = 1;
 const TRAILER: usize = 40;
+/// The longest metadata a reader accepts.
+pub const MAX_META: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -126,8 +131,11 @@ pub fn meta_from_prefix(prefix: &[u8]) -> Result<Option<serde_json::Value>, Enve
         return Err(EnvelopeError::Version(prefix[4]));
     }
     let n = prefix[5] as usize;
-    let Some(len) = prefix.get(6 + n..10 + n) else { return Ok(None) };
-    let len = u32::from_le_bytes(len.try_into().expect("4")) as usize;
+    let Some(len) = prefix.get(6 + n..10 + n).and_then(|b| <[u8; 4]>::try_from(b).ok()) else { return Ok(None) };
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_META {
+        return Err(EnvelopeError::Corrupt(format!("metadata length {len} is over the {MAX_META}-byte limit")));
+    }
     let Some(meta) = prefix.get(10 + n..10 + n + len) else { return Ok(None) };
     if len == 0 {
         return Ok(Some(serde_json::Value::Null));
@@ -137,11 +145,16 @@ pub fn meta_from_prefix(prefix: &[u8]) -> Result<Option<serde_json::Value>, Enve
 
 /// Reads the trailer's checksum without decoding (cheap comparisons of stored objects).
 pub fn stored_checksum(object: &[u8]) -> Option<[u8; 32]> {
-    (object.len() >= 6 + TRAILER && &object[..4] == MAGIC)
-        .then(|| object[object.len() - 32..].try_into().expect("32 bytes"))
+    (object.len() >= 6 + TRAILER && &object[..4] == MAGIC).then(|| split_trailer(&object[object.len() - TRAILER..]).1)
 }
 
 /// Decodes and verifies an object: every codec undone, length and SHA-256 checked.
+///
+/// Every length read from the object is bounded before it is used: the metadata length by the
+/// object's size, the declared content length by [`MAX_CONTENT`] and by what the payload can
+/// possibly expand to, and decompression stops as soon as the output exceeds the declared
+/// length. Output buffers are reserved by the declared length only up to [`PREALLOC`] (or when
+/// the codec's own header confirms it); beyond that they grow with what is actually produced.
 pub fn decode(object: &[u8]) -> Result<Decoded, EnvelopeError> {
     if object.len() < 6 + 4 + TRAILER || &object[..4] != MAGIC {
         return Err(EnvelopeError::NotAnObject);
@@ -149,55 +162,157 @@ pub fn decode(object: &[u8]) -> Result<Decoded, EnvelopeError> {
     if object[4] != VERSION {
         return Err(EnvelopeError::Version(object[4]));
     }
+    let corrupt = |why: String| EnvelopeError::Corrupt(why);
     let n = object[5] as usize;
     let mut pos = 6;
-    let ids = object.get(pos..pos + n).ok_or_else(|| EnvelopeError::Corrupt("truncated codec list".into()))?;
+    let ids = object.get(pos..pos + n).ok_or_else(|| corrupt("truncated codec list".into()))?;
     pos += n;
-    let meta_len = u32::from_le_bytes(
-        object.get(pos..pos + 4).ok_or_else(|| EnvelopeError::Corrupt("truncated header".into()))?.try_into().unwrap(),
-    ) as usize;
+    let meta_len = object
+        .get(pos..pos + 4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(|b| u32::from_le_bytes(b) as usize)
+        .ok_or_else(|| corrupt("truncated header".into()))?;
     pos += 4;
     let body_end = object.len() - TRAILER;
-    if pos + meta_len > body_end {
-        return Err(EnvelopeError::Corrupt("metadata longer than the object".into()));
+    if pos > body_end || meta_len > body_end - pos {
+        return Err(corrupt(format!("metadata length {meta_len} is longer than the object ({} bytes)", object.len())));
     }
     let meta = if meta_len == 0 {
         serde_json::Value::Null
     } else {
-        serde_json::from_slice(&object[pos..pos + meta_len])
-            .map_err(|e| EnvelopeError::Corrupt(format!("metadata: {e}")))?
+        serde_json::from_slice(&object[pos..pos + meta_len]).map_err(|e| corrupt(format!("metadata: {e}")))?
     };
     pos += meta_len;
-    let expected_len = u64::from_le_bytes(object[body_end..body_end + 8].try_into().unwrap());
-    let expected_sum: [u8; 32] = object[body_end + 8..].try_into().unwrap();
-    // Refuse absurd lengths before allocating (corrupt trailer).
-    if expected_len > 64 << 30 {
-        return Err(EnvelopeError::Corrupt(format!("declared length {expected_len} is absurd")));
+    let payload = &object[pos..body_end];
+    let (declared, expected_sum) = split_trailer(&object[body_end..]);
+    if let Some(unknown) = ids.iter().find(|&&id| !matches!(id, 1 | 2 | LZ4_FRAME)) {
+        return Err(EnvelopeError::UnknownCodec(*unknown));
     }
-    let mut content: Vec<u8> = object[pos..body_end].to_vec();
-    for id in ids.iter().rev() {
-        content = match id {
-            1 => zstd::bulk::decompress(&content, expected_len as usize)
-                .map_err(|e| EnvelopeError::Corrupt(format!("zstd: {e}")))?,
-            2 => lz4_flex::decompress(&content, expected_len as usize)
-                .map_err(|e| EnvelopeError::Corrupt(format!("lz4: {e}")))?,
-            3 => {
-                let mut out = Vec::with_capacity(expected_len as usize);
-                std::io::Read::read_to_end(&mut lz4_flex::frame::FrameDecoder::new(&content[..]), &mut out)
-                    .map_err(|e| EnvelopeError::Corrupt(format!("lz4: {e}")))?;
-                out
+    // Refuse absurd lengths before anything is allocated (a corrupt trailer).
+    if declared > MAX_CONTENT {
+        return Err(corrupt(format!("declared content length {declared} is over the {MAX_CONTENT}-byte limit")));
+    }
+    let content = match ids {
+        [] => {
+            if payload.len() as u64 != declared {
+                return Err(corrupt(format!("content is {} bytes, trailer says {declared}", payload.len())));
             }
-            other => return Err(EnvelopeError::UnknownCodec(*other)),
-        };
-    }
-    if content.len() as u64 != expected_len {
-        return Err(EnvelopeError::Corrupt(format!("content is {} bytes, trailer says {expected_len}", content.len())));
+            payload.to_vec()
+        }
+        [1] => {
+            plausible(declared, payload, ZSTD_MAX_RATIO, "zstd")?;
+            let confirmed = zstd::zstd_safe::get_frame_content_size(payload).ok().flatten() == Some(declared);
+            if confirmed && declared <= ONE_SHOT {
+                // The common case (every whole object walnut writes): one call, one exact buffer.
+                zstd::bulk::decompress(payload, declared as usize).map_err(|e| corrupt(format!("zstd: {e}")))?
+            } else {
+                let stream = zstd::Decoder::with_buffer(payload).map_err(|e| corrupt(format!("zstd: {e}")))?;
+                inflate(stream, declared, "zstd")?
+            }
+        }
+        [2] => {
+            let actual = lz4_block_len(payload).ok_or_else(|| corrupt("lz4: malformed block".into()))?;
+            if actual != declared {
+                return Err(corrupt(format!("lz4: content is {actual} bytes, trailer says {declared}")));
+            }
+            lz4_flex::decompress(payload, declared as usize).map_err(|e| corrupt(format!("lz4: {e}")))?
+        }
+        [LZ4_FRAME] => {
+            plausible(declared, payload, LZ4_MAX_RATIO, "lz4")?;
+            inflate(lz4_flex::frame::FrameDecoder::new(payload), declared, "lz4")?
+        }
+        chain => return Err(corrupt(format!("codec chain {chain:?}: this walnut writes one codec per object"))),
+    };
+    if content.len() as u64 != declared {
+        return Err(corrupt(format!("content is {} bytes, trailer says {declared}", content.len())));
     }
     let actual = sha256(&content);
     if actual != expected_sum {
         return Err(EnvelopeError::Checksum { expected: hex::encode(expected_sum), actual: hex::encode(actual) });
     }
     Ok(Decoded { content: content.into(), meta, sha256: actual })
+}
+
+/// The longest content a reader accepts: a larger declared length is a corrupt trailer.
+pub const MAX_CONTENT: u64 = 64 << 30;
+/// Output buffers are reserved by the declared length up to this size; past it they grow with
+/// the output actually produced.
+pub const PREALLOC: u64 = 16 << 20;
+/// Content up to this size whose zstd frame header confirms the declared length is decompressed
+/// in one call into an exact buffer.
+const ONE_SHOT: u64 = 256 << 20;
+/// zstd cannot expand more than this: its densest block (RLE) is 4 bytes for at most 128 KiB.
+const ZSTD_MAX_RATIO: u64 = 32 * 1024;
+/// lz4 cannot expand much more than this: each further 255 bytes of a match cost one byte.
+const LZ4_MAX_RATIO: u64 = 256;
+
+fn split_trailer(trailer: &[u8]) -> (u64, [u8; 32]) {
+    let mut len = [0u8; 8];
+    let mut sum = [0u8; 32];
+    len.copy_from_slice(&trailer[..8]);
+    sum.copy_from_slice(&trailer[8..TRAILER]);
+    (u64::from_le_bytes(len), sum)
+}
+
+/// Whether `payload` can decompress to `declared` bytes at all.
+fn plausible(declared: u64, payload: &[u8], ratio: u64, what: &str) -> Result<(), EnvelopeError> {
+    let most = (payload.len() as u64).saturating_mul(ratio).saturating_add(1024);
+    if declared > most {
+        return Err(EnvelopeError::Corrupt(format!(
+            "{what}: declared content length {declared} is more than a {}-byte payload can hold",
+            payload.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Decompresses a stream into a buffer that grows with the output, failing once the output
+/// exceeds `declared` bytes.
+fn inflate(stream: impl std::io::Read, declared: u64, what: &str) -> Result<Vec<u8>, EnvelopeError> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(declared.min(PREALLOC) as usize);
+    stream
+        .take(declared.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| EnvelopeError::Corrupt(format!("{what}: {e}")))?;
+    if out.len() as u64 > declared {
+        return Err(EnvelopeError::Corrupt(format!(
+            "{what}: the content is longer than the declared {declared} bytes"
+        )));
+    }
+    Ok(out)
+}
+
+/// The decompressed size of an lz4 block (the format lz4_flex::compress writes), read from its
+/// sequence headers without decompressing: `None` if the block is truncated.
+fn lz4_block_len(block: &[u8]) -> Option<u64> {
+    fn length(block: &[u8], pos: &mut usize, nibble: u8) -> Option<u64> {
+        let mut n = u64::from(nibble);
+        if nibble == 15 {
+            loop {
+                let b = *block.get(*pos)?;
+                *pos += 1;
+                n += u64::from(b);
+                if b != 255 {
+                    break;
+                }
+            }
+        }
+        Some(n)
+    }
+    let (mut pos, mut total) = (0usize, 0u64);
+    loop {
+        let token = *block.get(pos)?;
+        pos += 1;
+        let literals = length(block, &mut pos, token >> 4)?;
+        pos = pos.checked_add(usize::try_from(literals).ok()?).filter(|p| *p <= block.len())?;
+        total += literals;
+        if pos == block.len() {
+            return Some(total); // the last sequence has literals only
+        }
+        pos = pos.checked_add(2).filter(|p| *p <= block.len())?; // the match offset
+        total += length(block, &mut pos, token & 15)? + 4;
+    }
 }
 
 #[cfg(test)]
@@ -224,6 +339,12 @@ mod tests {
             if compression != Compression::None {
                 assert!(obj.len() < data.len() / 2, "{compression:?} compresses");
             }
+            if compression == Compression::Zstd {
+                // The frame header confirms the length: decode's one-call path.
+                let payload = &obj[6 + 1 + 4 + serde_json::to_vec(&meta).unwrap().len()..obj.len() - TRAILER];
+                let size = zstd::zstd_safe::get_frame_content_size(payload).unwrap();
+                assert_eq!(size, Some(data.len() as u64));
+            }
         }
     }
 
@@ -240,6 +361,147 @@ mod tests {
         }
     }
 
+    /// `object` with its trailer's content length replaced.
+    fn declaring(object: &[u8], len: u64) -> Vec<u8> {
+        let mut o = object.to_vec();
+        let at = o.len() - TRAILER;
+        o[at..at + 8].copy_from_slice(&len.to_le_bytes());
+        o
+    }
+
+    /// `object` with its header's metadata length replaced.
+    fn meta_len_patched(object: &[u8], len: u32) -> Vec<u8> {
+        let mut o = object.to_vec();
+        let at = 6 + o[5] as usize;
+        o[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        o
+    }
+
+    fn small_objects() -> Vec<(Compression, Vec<u8>)> {
+        let data = sample();
+        let meta = serde_json::json!({"kind": "segment", "name": "000000010000000000000001"});
+        [Compression::None, Compression::Zstd, Compression::Lz4]
+            .into_iter()
+            .map(|c| (c, encode(&data[..20_000], &meta, Codec { compression: c, level: 1 }).to_vec()))
+            .chain([(Compression::Zstd, streamed(&data[..20_000], Compression::Zstd))])
+            .chain([(Compression::Lz4, streamed(&data[..20_000], Compression::Lz4))])
+            .collect()
+    }
+
+    fn streamed(content: &[u8], compression: Compression) -> Vec<u8> {
+        use std::io::Write;
+        let codec = Codec { compression, level: 1 };
+        let mut obj = stream_header(codec);
+        let mut w = HashingWriter::new(Compressor::new(Vec::new(), codec).unwrap());
+        w.write_all(content).unwrap();
+        let (c, len, sum) = w.finish();
+        obj.extend_from_slice(&c.finish().unwrap());
+        obj.extend_from_slice(&stream_trailer(len, sum));
+        obj
+    }
+
+    /// A corrupt trailer declaring a huge content length is refused at once: nothing is
+    /// allocated by the declared length (it used to be handed to the decompressor as its output
+    /// size: a 60 GiB allocation from a 20 KB object).
+    #[test]
+    fn huge_declared_lengths_are_refused_before_allocating() {
+        for (compression, obj) in small_objects() {
+            for len in [60 << 30, (64 << 30) + 1, u64::MAX, 1 << 40, 20 << 30, obj.len() as u64 * 40_000] {
+                let started = std::time::Instant::now();
+                let e = decode(&declaring(&obj, len)).unwrap_err();
+                assert!(matches!(e, EnvelopeError::Corrupt(_)), "{compression:?} {len}: {e}");
+                assert!(started.elapsed() < std::time::Duration::from_secs(2), "{compression:?} {len}: slow");
+            }
+            // Off by one either way is caught too (by the codec or the length check).
+            let real = u64::from_le_bytes(obj[obj.len() - TRAILER..][..8].try_into().unwrap());
+            for len in [real - 1, real + 1, 0] {
+                assert!(decode(&declaring(&obj, len)).is_err(), "{compression:?} {len}");
+            }
+        }
+    }
+
+    /// A corrupt metadata length is bounded by the object (decode), by a plausible maximum
+    /// (prefix reads, which do not know the object's size) and never allocated up front (streams).
+    #[test]
+    fn huge_metadata_lengths_are_refused() {
+        for (compression, obj) in small_objects() {
+            for len in [u32::MAX, MAX_META as u32 + 1, obj.len() as u32] {
+                let bad = meta_len_patched(&obj, len);
+                assert!(matches!(decode(&bad), Err(EnvelopeError::Corrupt(_))), "{compression:?} {len}");
+                let r = PayloadReader::new(&bad[..]);
+                assert!(r.is_err(), "{compression:?} {len}: the stream reader refuses it");
+            }
+            for len in [u32::MAX, MAX_META as u32 + 1] {
+                let bad = meta_len_patched(&obj, len);
+                assert!(
+                    matches!(meta_from_prefix(&bad[..64]), Err(EnvelopeError::Corrupt(_))),
+                    "{compression:?} {len}: a prefix read must not ask for ever more bytes"
+                );
+            }
+        }
+    }
+
+    /// Tiny and highly compressible content still round-trips through the bounds (the densest
+    /// payloads are the ones closest to the expansion limits).
+    #[test]
+    fn edge_contents_round_trip() {
+        let zeros = vec![0u8; 16 << 20];
+        for content in [&b""[..], b"x", &zeros[..]] {
+            for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
+                let obj = encode(content, &serde_json::Value::Null, Codec { compression, level: 19 });
+                assert_eq!(decode(&obj).unwrap().content.as_ref(), content, "{compression:?} {}", content.len());
+                let obj = streamed(content, compression);
+                assert_eq!(decode(&obj).unwrap().content.as_ref(), content, "streamed {compression:?}");
+            }
+        }
+    }
+
+    /// Uncompressed content is exactly as long as its payload.
+    #[test]
+    fn uncompressed_length_must_match_the_payload() {
+        let obj = encode(b"hello", &serde_json::Value::Null, Codec { compression: Compression::None, level: 0 });
+        let e = decode(&declaring(&obj, 6)).unwrap_err();
+        assert!(e.to_string().contains("6"), "{e}");
+    }
+
+    /// A mutation of a valid object: a byte set, a length field overwritten, or a cut.
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Set(usize, u8),
+        MetaLen(u32),
+        ContentLen(u64),
+        Truncate(usize),
+        Extend(Vec<u8>),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            (any::<usize>(), any::<u8>()).prop_map(|(p, b)| Mutation::Set(p, b)),
+            any::<u32>().prop_map(Mutation::MetaLen),
+            prop_oneof![any::<u64>(), 0u64..100_000, (60u64 << 30)..(70u64 << 30)].prop_map(Mutation::ContentLen),
+            any::<usize>().prop_map(Mutation::Truncate),
+            proptest::collection::vec(any::<u8>(), 1..64).prop_map(Mutation::Extend),
+        ]
+    }
+
+    fn mutate(obj: &[u8], ms: &[Mutation]) -> Vec<u8> {
+        let mut o = obj.to_vec();
+        for m in ms {
+            match m {
+                Mutation::Set(p, b) if !o.is_empty() => {
+                    let at = p % o.len();
+                    o[at] = *b;
+                }
+                Mutation::MetaLen(l) if o.len() > 10 + o[5] as usize => o = meta_len_patched(&o, *l),
+                Mutation::ContentLen(l) if o.len() >= TRAILER => o = declaring(&o, *l),
+                Mutation::Truncate(n) => o.truncate(n % (o.len() + 1)),
+                Mutation::Extend(b) => o.extend_from_slice(b),
+                _ => {}
+            }
+        }
+        o
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
@@ -247,6 +509,30 @@ mod tests {
             let mut with_magic = b"WLNT\x01".to_vec();
             with_magic.extend_from_slice(&bytes);
             let _ = decode(&with_magic);
+        }
+
+        /// Random mutations of valid objects never panic, never allocate by a corrupt length (a
+        /// 60 GiB declaration would abort the test), and never decode to content other than what
+        /// was stored.
+        #[test]
+        fn mutated_objects_never_panic(which in 0usize..5, ms in proptest::collection::vec(mutation(), 1..4)) {
+            let objects = small_objects();
+            let (_, obj) = &objects[which];
+            let original = decode(obj).unwrap().content;
+            let bad = mutate(obj, &ms);
+            if let Ok(d) = decode(&bad) {
+                prop_assert_eq!(&d.content, &original);
+            }
+            let _ = meta_from_prefix(&bad[..bad.len().min(64)]);
+            let _ = stored_checksum(&bad);
+            if let Ok(mut p) = PayloadReader::new(&bad[..]) {
+                let codecs = p.codecs.clone();
+                if let Ok(mut d) = decompressor(std::io::BufReader::new(&mut p), &codecs) {
+                    let mut sink = Vec::new();
+                    let _ = std::io::Read::read_to_end(&mut std::io::Read::take(&mut d, 1 << 20), &mut sink);
+                }
+                let _ = p.trailer();
+            }
         }
     }
 }
@@ -371,8 +657,17 @@ impl<R: std::io::Read> PayloadReader<R> {
         inner.read_exact(&mut codecs).map_err(|_| EnvelopeError::Corrupt("truncated header".into()))?;
         let mut len = [0u8; 4];
         inner.read_exact(&mut len).map_err(|_| EnvelopeError::Corrupt("truncated header".into()))?;
-        let mut meta = vec![0u8; u32::from_le_bytes(len) as usize];
-        inner.read_exact(&mut meta).map_err(|_| EnvelopeError::Corrupt("truncated metadata".into()))?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_META {
+            return Err(EnvelopeError::Corrupt(format!("metadata length {len} is over the {MAX_META}-byte limit")));
+        }
+        // Read (and allocated) as it arrives, not by the declared length.
+        let mut meta = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut inner, len as u64), &mut meta)
+            .map_err(|e| EnvelopeError::Corrupt(format!("metadata: {e}")))?;
+        if meta.len() != len {
+            return Err(EnvelopeError::Corrupt("truncated metadata".into()));
+        }
         Ok(PayloadReader { inner, buf: Vec::new(), pos: 0, eof: false, codecs })
     }
 
@@ -400,7 +695,7 @@ impl<R: std::io::Read> PayloadReader<R> {
         if !self.eof || rest.len() != TRAILER {
             return Err(EnvelopeError::Corrupt(format!("{} bytes after the payload, expected {TRAILER}", rest.len())));
         }
-        Ok((u64::from_le_bytes(rest[..8].try_into().unwrap()), rest[8..].try_into().unwrap()))
+        Ok(split_trailer(rest))
     }
 }
 

@@ -5,6 +5,9 @@
 //! kept; at least `minimum_redundancy` DONE backups are kept when that many exist; every moment
 //! inside the recovery window stays restorable (the newest backup at or before the window's start
 //! is kept too); no WAL segment at or after the oldest kept backup's start is deleted.
+//!
+//! Time arithmetic saturates: a window reaching back before the calendar's start keeps everything
+//! inside it, never an overflow panic.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -68,11 +71,12 @@ pub fn plan(candidates: &[Candidate], rule: &Rule, now: DateTime<Utc>) -> Retent
     done.sort_by_key(|c| c.time);
     let newest = done.last().map(|c| c.id.clone());
     // The newest backup at or before the window's start anchors the window (policy only).
+    let window_start = match rule {
+        Rule::Policy(p) => crate::schedule::saturating_sub(now, p.recovery_window),
+        _ => DateTime::<Utc>::MIN_UTC,
+    };
     let anchor = match rule {
-        Rule::Policy(p) => {
-            let window_start = now - chrono::Duration::from_std(p.recovery_window).unwrap_or(chrono::Duration::MAX);
-            done.iter().rev().find(|b| b.time <= window_start).map(|b| b.id.clone())
-        }
+        Rule::Policy(_) => done.iter().rev().find(|b| b.time <= window_start).map(|b| b.id.clone()),
         _ => None,
     };
     let mut decisions = Vec::with_capacity(candidates.len());
@@ -98,8 +102,6 @@ pub fn plan(candidates: &[Candidate], rule: &Rule, now: DateTime<Utc>) -> Retent
                     }
                 }
                 Rule::Policy(p) => {
-                    let window_start =
-                        now - chrono::Duration::from_std(p.recovery_window).unwrap_or(chrono::Duration::MAX);
                     if c.time > window_start {
                         (true, "inside the recovery window".into())
                     } else if Some(&c.id) == anchor.as_ref() {
@@ -117,7 +119,7 @@ pub fn plan(candidates: &[Candidate], rule: &Rule, now: DateTime<Utc>) -> Retent
     for c in candidates.iter().filter(|c| c.state != State::Done) {
         let (keep, reason) = match c.state {
             State::Running => (true, "running".to_string()),
-            _ if now - c.time > chrono::Duration::from_std(FAILED_GRACE).unwrap() => {
+            _ if now.signed_duration_since(c.time).to_std().is_ok_and(|age| age > FAILED_GRACE) => {
                 (false, "leftovers of a failed backup".to_string())
             }
             _ => (true, "failed recently: kept for inspection during the grace period".to_string()),
@@ -251,6 +253,27 @@ mod tests {
             let p = plan(&bs, &Rule::Policy(WEEK), day(30));
             let needed = p.wal_needed_from.as_ref().map(|l| l.parse().unwrap());
             assert!(!wal_deletable(SegNo(1), needed, WalSegSize::DEFAULT), "{p:?}");
+        }
+    }
+
+    /// A recovery window longer than the calendar reaches back to its start: everything is inside
+    /// it, and nothing panics.
+    #[test]
+    fn huge_recovery_windows_keep_everything() {
+        let bs = [c("a", 0, State::Done), c("b", 5, State::Done), c("f", 1, State::Failed)];
+        for window in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX / 2),
+            Duration::from_secs(i64::MAX as u64 / 1000 + 1),
+            Duration::from_secs(300_000 * 366 * 86400),
+        ] {
+            let p = plan(&bs, &Rule::Policy(Policy { recovery_window: window, minimum_redundancy: 0 }), day(100));
+            assert_eq!(kept(&p), ["a", "b"], "{window:?}");
+        }
+        // At the edges of time too.
+        for now in [DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC] {
+            let p = plan(&bs, &Rule::Policy(Policy { recovery_window: Duration::MAX, minimum_redundancy: 0 }), now);
+            assert!(p.backups.iter().any(|d| d.keep), "{now}");
         }
     }
 

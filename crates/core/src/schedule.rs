@@ -5,6 +5,10 @@
 //! shifts it). A repository with no scheduled backup gets one at once. A failed scheduled
 //! backup is retried after a growing delay (1, 2, 4, ... minutes, capped at 30), without moving
 //! the anchor; the retry never comes later than the regular deadline would.
+//!
+//! Time arithmetic saturates: a frequency past the end of chrono's calendar (year 262142) means
+//! "at the end of time", never an overflow panic (which would silently stop the scheduler task).
+//! The configuration bounds every duration anyway (at most 100 years).
 
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -26,15 +30,25 @@ pub fn retry_delay(failures: u32) -> Duration {
     Duration::from_secs(minutes * 60).min(MAX_RETRY_DELAY)
 }
 
+/// `t + d`, or the last representable instant when that is past the end of the calendar.
+pub fn saturating_add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d).ok().and_then(|d| t.checked_add_signed(d)).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// `t - d`, or the first representable instant when that is before the start of the calendar.
+pub fn saturating_sub(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d).ok().and_then(|d| t.checked_sub_signed(d)).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 /// When the next scheduled backup is due.
 pub fn next_due(state: &ScheduleState, frequency: Duration, now: DateTime<Utc>) -> DateTime<Utc> {
     let regular = match state.last_scheduled {
         None => now,
-        Some(t) => t + chrono::Duration::from_std(frequency).unwrap_or(chrono::Duration::MAX),
+        Some(t) => saturating_add(t, frequency),
     };
     match (state.failures, state.last_failure) {
         // After a failure, the retry comes after the growing delay (the anchor does not move).
-        (n, Some(f)) if n > 0 => f + chrono::Duration::from_std(retry_delay(n)).expect("small"),
+        (n, Some(f)) if n > 0 => saturating_add(f, retry_delay(n)),
         _ => regular,
     }
 }
@@ -109,5 +123,30 @@ mod tests {
         for (what, state, freq, now, want) in cases {
             assert_eq!(next_due(state, *freq, *now), *want, "{what}");
         }
+    }
+
+    /// A frequency no calendar can hold (from a config or a settings patch that slipped past
+    /// validation) means "not in any foreseeable future", never a panic of the scheduler task.
+    #[test]
+    fn huge_frequencies_saturate() {
+        let last = ScheduleState { last_scheduled: Some(at(1, 0)), ..Default::default() };
+        for freq in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX / 2),
+            Duration::from_secs(i64::MAX as u64 / 1000 + 1),
+            Duration::from_secs(300_000 * 366 * 86400),
+        ] {
+            assert_eq!(next_due(&last, freq, at(2, 0)), DateTime::<Utc>::MAX_UTC, "{freq:?}");
+        }
+        // 100 years (the configuration's limit) is an ordinary date.
+        let century = Duration::from_secs(100 * 365 * 86400);
+        assert_eq!(next_due(&last, century, at(2, 0)), at(1, 0) + chrono::Duration::days(36500));
+        // A failure at the end of time retries at the end of time.
+        let late = ScheduleState {
+            last_scheduled: Some(DateTime::<Utc>::MAX_UTC),
+            failures: 3,
+            last_failure: Some(DateTime::<Utc>::MAX_UTC - chrono::Duration::seconds(1)),
+        };
+        assert_eq!(next_due(&late, Duration::MAX, at(2, 0)), DateTime::<Utc>::MAX_UTC);
     }
 }

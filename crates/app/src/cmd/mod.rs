@@ -92,14 +92,16 @@ pub fn report(e: &anyhow::Error) {
 fn show_config(ctx: &Ctx) -> u8 {
     let c = &ctx.config;
     let redacted = |s: &Option<walnut_storage::Secret>| s.as_ref().map(|_| "[redacted]");
+    // Connection strings and URLs may carry a password (postgresql://u:secret@host/db).
+    let url = |s: &Option<String>| s.as_deref().map(crate::config::redact_conninfo);
     let v = serde_json::json!({
         "config_file": c.path,
-        "repo": c.repo,
+        "repo": url(&c.repo),
         "compression": format!("{:?}", c.codec.compression).to_lowercase(),
         "compression_level": c.codec.level,
         "state_dir": c.state_dir,
         "s3": {
-            "endpoint": c.storage.s3.endpoint,
+            "endpoint": url(&c.storage.s3.endpoint),
             "region": c.storage.s3.region,
             "access_key_id": c.storage.s3.access_key_id,
             "secret_access_key": redacted(&c.storage.s3.secret_access_key),
@@ -110,7 +112,7 @@ fn show_config(ctx: &Ctx) -> u8 {
             "retry_time": humantime::format_duration(c.storage.retry_time).to_string(),
             "deadline": humantime::format_duration(c.storage.deadline).to_string(),
         },
-        "postgres": { "pgdata": c.pgdata, "url": c.pg_url, "bindir": c.pg_bindir },
+        "postgres": { "pgdata": c.pgdata, "url": url(&c.pg_url), "bindir": c.pg_bindir },
         "wal": { "upload_ahead": c.upload_ahead, "prefetch": c.prefetch },
         "agent": {
             "listen": c.agent_listen,
