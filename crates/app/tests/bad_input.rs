@@ -212,11 +212,11 @@ fn bad_inputs_fail_with_a_clear_error() {
         &["--repo", "file://relative", "backup-list"],
         &["file URLs take an absolute path"],
     ));
-    rows.push(Row::new("empty repo URL", &["--repo", "", "backup-list"], &["invalid repository URL: \"\""]));
+    rows.push(Row::new("empty repo URL", &["--repo", "", "backup-list"], &["repository URL \"\": relative URL"]));
     rows.push(Row::new(
         "a path, not a URL",
         &["--repo", "/var/lib/walnut", "backup-list"],
-        &["invalid repository URL: \"/var/lib/walnut\""],
+        &["repository URL \"/var/lib/walnut\": relative URL"],
     ));
     let no_repo = dir.join("no-repo.toml");
     std::fs::write(&no_repo, format!("state_dir = \"{}\"\n", dir.join("state").display())).unwrap();
