@@ -91,7 +91,8 @@ pub async fn run_agent(ctx: ctx::Ctx, listen: Option<String>) -> anyhow::Result<
         );
     }
     let grace = ctx.config.agent_shutdown_timeout;
-    let state = agent::Agent::new(ctx, token)?;
+    let state = agent::Agent::new(ctx, token).await?;
+    state.reconcile().await;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;

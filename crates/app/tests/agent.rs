@@ -352,3 +352,48 @@ fn a_backup_outlives_the_request_that_started_it() {
     let b = list.iter().find(|b| b["name"] == "orphan").unwrap();
     assert_eq!(b["status"], "DONE", "{list:?}");
 }
+
+/// Two clusters run by one OS user share a state directory: each agent keeps its own settings
+/// (before, the second cluster's agent started with the first one's), and an agent makes
+/// PostgreSQL run its archive_timeout at start, so GET /v1/settings is what is in force.
+#[test]
+fn settings_belong_to_one_cluster_and_are_in_force() {
+    let env_a = Env::new(Backend::File);
+    let pg_a = env_a.cluster();
+    let seg = pg_a.switch_wal();
+    pg_a.wait_archived(&seg, Duration::from_secs(60));
+    let port = free_port();
+    let agent = start_agent(&env_a, &pg_a, port, None);
+    let (status, b) = http(port, "PATCH", "/v1/settings", r#"{"recovery_window":"30d","archive_timeout":"7s"}"#, None);
+    assert_eq!(status, 200, "{b}");
+    drop(agent);
+
+    // Cluster b: its own repository, the same state directory.
+    let env_b = Env::new(Backend::File);
+    let shared = env_a.dir.path().join("state");
+    let text = std::fs::read_to_string(&env_b.config).unwrap();
+    let text =
+        text.lines()
+            .map(|l| {
+                if l.starts_with("state_dir") { format!("state_dir = \"{}\"", shared.display()) } else { l.to_string() }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+    std::fs::write(&env_b.config, text).unwrap();
+    let pg_b = env_b.cluster();
+    let seg = pg_b.switch_wal();
+    pg_b.wait_archived(&seg, Duration::from_secs(60));
+    pg_b.sql("ALTER SYSTEM SET archive_timeout = '13s'");
+    pg_b.sql("SELECT pg_reload_conf()");
+    let port = free_port();
+    let _agent = start_agent(&env_b, &pg_b, port, None);
+    let (_, s) = http(port, "GET", "/v1/settings", "", None);
+    let s = json_of(&s);
+    let window = humantime::parse_duration(s["recovery_window"].as_str().unwrap()).unwrap();
+    assert_ne!(window, Duration::from_secs(30 * 86400), "cluster a's settings are not cluster b's: {s}");
+    assert_ne!(s["archive_timeout"], "7s", "{s}");
+    let want = humantime::parse_duration(s["archive_timeout"].as_str().unwrap()).unwrap().as_secs();
+    let running: u64 =
+        pg_b.sql("SELECT setting FROM pg_settings WHERE name = 'archive_timeout'").trim().parse().unwrap();
+    assert_eq!(running, want, "PostgreSQL runs the agent's archive_timeout");
+}

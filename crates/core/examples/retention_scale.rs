@@ -42,14 +42,14 @@ fn main() {
     let start = Instant::now();
     let plan = retention::plan(&cands, &Rule::Policy(policy), now);
     let planned = start.elapsed();
-    let needed = plan.wal_needed_from.as_deref().and_then(|l| l.parse::<Lsn>().ok());
+    let needed = plan.wal_needed_from;
     let wal_delete = retention::wal_to_delete(keys.iter().map(String::as_str), needed, size);
     let total = start.elapsed();
     // A RUNNING backup pins all WAL; without it, the old WAL goes. Time that case too.
     let done_only: Vec<Candidate> = cands.iter().filter(|c| c.state != State::Running).cloned().collect();
     let s2 = Instant::now();
     let plan2 = retention::plan(&done_only, &Rule::Policy(policy), now);
-    let needed2 = plan2.wal_needed_from.as_deref().and_then(|l| l.parse::<Lsn>().ok());
+    let needed2 = plan2.wal_needed_from;
     let wal_delete2 = retention::wal_to_delete(keys.iter().map(String::as_str), needed2, size);
     let total2 = s2.elapsed();
     println!(

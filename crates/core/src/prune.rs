@@ -6,10 +6,10 @@
 //! reader), then the backups' other objects, WAL last, so an interrupted run never leaves a
 //! listed backup without its WAL.
 
-use crate::backup::{self, BackupError, Status};
+use crate::backup::{self, BackupError};
 use crate::layout;
 use crate::repo::{RepoError, Repository};
-use crate::retention::{self, Candidate, RetentionPlan, Rule, State};
+use crate::retention::{self, Candidate, RetentionPlan, Rule};
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use walnut_pg::Lsn;
@@ -49,11 +49,7 @@ impl Outcome {
 pub async fn candidates(repo: &Repository) -> Result<Vec<Candidate>, PruneError> {
     let mut out = Vec::new();
     for b in backup::list(repo).await? {
-        let state = match b.status {
-            Status::Done => State::Done,
-            Status::Running => State::Running,
-            Status::Failed => State::Failed,
-        };
+        let state = b.status;
         let (time, start) = match &b.manifest {
             Some(m) => (m.end_time, m.start_lsn),
             None => {
@@ -75,7 +71,7 @@ pub async fn candidates(repo: &Repository) -> Result<Vec<Candidate>, PruneError>
 pub async fn decide(repo: &Repository, rule: &Rule, now: DateTime<Utc>) -> Result<Outcome, PruneError> {
     let cands = candidates(repo).await?;
     let plan = retention::plan(&cands, rule, now);
-    let needed: Option<Lsn> = plan.wal_needed_from.as_ref().and_then(|l| l.parse().ok());
+    let needed: Option<Lsn> = plan.wal_needed_from;
     let wal_delete = match repo.identity().await? {
         Some(id) => {
             let mut objects = repo.store().list(layout::WAL_DIR).await?;

@@ -14,13 +14,8 @@ use serde::Serialize;
 use std::time::Duration;
 use walnut_pg::{Lsn, SegNo, WalSegSize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum State {
-    Done,
-    Running,
-    Failed,
-}
+/// A backup's state, as listings say it (one enum for the catalog and for retention).
+pub use crate::backup::Status as State;
 
 #[derive(Debug, Clone)]
 pub struct Candidate {
@@ -60,7 +55,7 @@ pub struct Decision {
 pub struct RetentionPlan {
     pub backups: Vec<Decision>,
     /// WAL segments before this LSN are not needed by any kept backup.
-    pub wal_needed_from: Option<String>,
+    pub wal_needed_from: Option<Lsn>,
 }
 
 /// Failed backups' leftovers are removed once older than this.
@@ -134,7 +129,7 @@ pub fn plan(candidates: &[Candidate], rule: &Rule, now: DateTime<Utc>) -> Retent
         .filter(|c| kept.contains(c.id.as_str()) && c.state != State::Failed)
         .map(|c| if c.state == State::Running { Lsn(0) } else { c.start })
         .min();
-    RetentionPlan { backups: decisions, wal_needed_from: oldest_kept_start.map(|l| l.to_string()) }
+    RetentionPlan { backups: decisions, wal_needed_from: oldest_kept_start }
 }
 
 /// Whether a WAL segment (any timeline) can go: it ends before everything a kept backup needs.
@@ -199,7 +194,7 @@ mod tests {
         // now = day 20: window starts day 13; c (day 10) anchors it.
         let p = plan(&bs, &Rule::Policy(WEEK), day(20));
         assert_eq!(kept(&p), ["c", "d"]);
-        assert_eq!(p.wal_needed_from.as_deref(), Some(&*Lsn(11 << 24).to_string()));
+        assert_eq!(p.wal_needed_from, Some(Lsn(11 << 24)));
         assert!(p.backups.iter().all(|d| !d.reason.is_empty()));
     }
 
@@ -251,7 +246,7 @@ mod tests {
         r.start = Lsn(u64::MAX);
         for bs in [vec![r.clone()], vec![c("a", 0, State::Done), r]] {
             let p = plan(&bs, &Rule::Policy(WEEK), day(30));
-            let needed = p.wal_needed_from.as_ref().map(|l| l.parse().unwrap());
+            let needed = p.wal_needed_from;
             assert!(!wal_deletable(SegNo(1), needed, WalSegSize::DEFAULT), "{p:?}");
         }
     }
@@ -305,7 +300,7 @@ mod tests {
                 prop_assert!(done.iter().any(|c| c.time <= start && keep(&c.id)));
             }
             // No WAL a kept backup needs is deleted.
-            let needed: Option<Lsn> = p.wal_needed_from.as_ref().map(|l| l.parse().unwrap());
+            let needed: Option<Lsn> = p.wal_needed_from;
             for c in bs.iter().filter(|c| keep(&c.id) && c.state != State::Failed) {
                 prop_assert!(!wal_deletable(WalSegSize::DEFAULT.segno(c.start), needed, WalSegSize::DEFAULT));
             }

@@ -69,10 +69,7 @@ pub(super) fn persist(path: &std::path::Path, s: &Settings) -> Result<()> {
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p)?;
     }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(s)?)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    walnut_core::durable::write(path, &serde_json::to_vec_pretty(s)?)?;
     Ok(())
 }
 
@@ -93,7 +90,8 @@ pub(super) async fn settings_patch(State(a): State<Arc<Agent>>, body: axum::body
         Ok(v) => v,
         Err(r) => return *r,
     };
-    let current = a.settings.read().await.clone();
+    // One PATCH at a time: read, apply, persist and publish under the write lock.
+    let mut current = a.settings.write().await;
     let new = match patched(&current, &v) {
         Ok(s) => s,
         Err(e) => return err(StatusCode::BAD_REQUEST, e),
@@ -106,7 +104,8 @@ pub(super) async fn settings_patch(State(a): State<Arc<Agent>>, body: axum::body
     if let Err(e) = persist(&a.settings_path, &new) {
         return err(StatusCode::INTERNAL_SERVER_ERROR, format!("could not persist the settings: {e:#}"));
     }
-    *a.settings.write().await = new.clone();
+    *current = new.clone();
+    drop(current);
     a.wake.notify_one();
     Json(new).into_response()
 }

@@ -163,6 +163,18 @@ impl Agent {
     }
 }
 
+/// Where the agent keeps its settings: per repository URL and cluster (repository identity).
+fn settings_path(
+    state_dir: &std::path::Path,
+    repo: &walnut_core::Repository,
+    identity: Option<&walnut_core::repo::Identity>,
+) -> std::path::PathBuf {
+    let url: String =
+        walnut_core::envelope::sha256(repo.describe().as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let cluster = identity.map(|i| i.system_identifier.to_string()).unwrap_or_else(|| "new".into());
+    state_dir.join("agent").join(format!("{url}-{cluster}")).join("settings.json")
+}
+
 /// The schedule's anchor: the *start* of the newest DONE scheduled backup. Anchored on starts, a
 /// backup that takes 9 hours with a 24 h frequency still starts every 24 h (anchored on its end,
 /// it would start every 33 h).
@@ -221,10 +233,20 @@ async fn scheduler(agent: Arc<Agent>) {
 }
 
 impl Agent {
-    /// The agent's state, from the configuration and the API token (if any).
-    pub fn new(ctx: Ctx, token: Option<String>) -> Result<Arc<Agent>> {
+    /// The agent's state, from the configuration and the API token (if any). The persisted
+    /// settings are this repository's and this cluster's (several clusters run as one OS user
+    /// share a state directory); `archive_timeout` is reconciled with PostgreSQL at once, so what
+    /// `GET /v1/settings` reports is what is in force.
+    pub async fn new(ctx: Ctx, token: Option<String>) -> Result<Arc<Agent>> {
         let repo = ctx.repository()?;
-        let settings_path = ctx.config.state_dir.join("agent").join("settings.json");
+        let identity = match repo.identity().await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!("read the repository identity: {e}");
+                None
+            }
+        };
+        let settings_path = settings_path(&ctx.config.state_dir, &repo, identity.as_ref());
         let settings = load_persisted(&settings_path, &ctx.config.settings);
         Ok(Arc::new(Agent {
             repo,
@@ -240,6 +262,30 @@ impl Agent {
             tasks: tokio_util::task::TaskTracker::new(),
             ctx,
         }))
+    }
+
+    /// Makes PostgreSQL run the agent's `archive_timeout` (it may have been changed by hand, or
+    /// by an agent of another cluster before settings were kept per cluster).
+    pub async fn reconcile(&self) {
+        let want = self.settings.read().await.archive_timeout;
+        let running = async {
+            let client = pgserver::connect(&pgserver::pg_config(self.ctx.config.pg_url.as_deref())?).await?;
+            let row = client
+                .query_one("SELECT setting::int FROM pg_settings WHERE name = 'archive_timeout'", &[])
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", backup::pg_error(&e)))?;
+            Ok::<i32, anyhow::Error>(row.get(0))
+        };
+        match running.await {
+            Ok(secs) if i64::from(secs) == want.as_secs().max(1) as i64 => {}
+            Ok(secs) => {
+                tracing::info!("PostgreSQL runs archive_timeout = {secs}s; applying the agent's {}s", want.as_secs());
+                if let Err(e) = apply_archive_timeout(&self.ctx, want).await {
+                    tracing::warn!("apply archive_timeout: {e:#}");
+                }
+            }
+            Err(e) => tracing::warn!("read PostgreSQL's archive_timeout: {e:#}"),
+        }
     }
 
     /// Asks the agent to stop: the API closes, no backup starts, a running one may finish.

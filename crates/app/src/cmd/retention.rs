@@ -86,7 +86,7 @@ async fn apply(ctx: &Ctx, repo: &walnut_core::Repository, rule: &Rule, confirm: 
         println!(
             "WAL: {} object(s) before {} are needed by no kept backup{}",
             wal_delete.len(),
-            plan.wal_needed_from.as_deref().unwrap_or("-"),
+            plan.wal_needed_from.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
             if wal_delete.is_empty() {
                 String::new()
             } else {
