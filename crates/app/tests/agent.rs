@@ -180,7 +180,7 @@ fn agent_schedules_serves_the_api_and_keeps_settings() {
     let seg = pg.switch_wal();
     pg.wait_archived(&seg, Duration::from_secs(60));
     assert!(metric("walnut_wal_archived_total") > archived);
-    std::thread::sleep(Duration::from_millis(1100));
+    // A second backup in the same second as the last gets an ID of its own (no sleep needed).
     assert_eq!(http(port, "POST", "/v1/backups", "", None).0, 201);
     assert!(metric("walnut_last_backup_timestamp_seconds") > bytes_before);
     assert!(metric("walnut_ready_backlog") >= 0.0);
@@ -268,10 +268,12 @@ fn sigterm_lets_a_backup_finish_or_abandons_it_cleanly() {
 
     // 1. Archiving broken: an on-demand backup waits for its WAL. SIGTERM, then archiving comes
     //    back inside the grace period: the backup finishes DONE and the request gets its answer.
+    let failed = pg.archiver().2;
     set_archive_command(&pg, "false");
     let post = std::thread::spawn(move || http(port, "POST", "/v1/backups", r#"{"name":"during-shutdown"}"#, None));
     PgCluster::wait_for("the backup to be RUNNING", Duration::from_secs(30), || running(&env));
-    std::thread::sleep(Duration::from_secs(2)); // inside pg_backup_stop's wait for WAL by now
+    // Past pg_backup_stop, waiting for its WAL: the archiver fails on the backup's last segment.
+    PgCluster::wait_for("the backup to wait for its WAL", Duration::from_secs(30), || pg.archiver().2 > failed);
     let ok = Command::new("kill").args(["-TERM", &agent.0.id().to_string()]).status().unwrap().success();
     assert!(ok);
     PgCluster::wait_for("the agent to stop accepting connections", Duration::from_secs(10), || {
@@ -290,10 +292,11 @@ fn sigterm_lets_a_backup_finish_or_abandons_it_cleanly() {
     env.write_config("[backup]\narchive_wait = \"120s\"\n[agent]\nshutdown_timeout = \"3s\"");
     let port = free_port();
     let mut agent = start_agent(&env, &pg, port, None);
+    let failed = pg.archiver().2;
     set_archive_command(&pg, "false");
     let post = std::thread::spawn(move || http(port, "POST", "/v1/backups", r#"{"name":"abandoned"}"#, None));
     PgCluster::wait_for("the backup to be RUNNING", Duration::from_secs(30), || running(&env));
-    std::thread::sleep(Duration::from_secs(2));
+    PgCluster::wait_for("the backup to wait for its WAL", Duration::from_secs(30), || pg.archiver().2 > failed);
     let took = terminate(&mut agent, Duration::from_secs(30));
     assert!(took >= Duration::from_secs(3), "the backup had its grace period ({took:?})");
     let (status, body) = post.join().unwrap();
@@ -328,6 +331,7 @@ fn a_backup_outlives_the_request_that_started_it() {
     let running = |env: &Env| backups_json(env).iter().any(|b| b["status"] == "RUNNING");
 
     // Archiving broken: the backup waits for its WAL while the client gives up and disconnects.
+    let failed = pg.archiver().2;
     set_archive_command(&pg, "false");
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let body = r#"{"name":"orphan"}"#;
@@ -338,11 +342,14 @@ fn a_backup_outlives_the_request_that_started_it() {
     )
     .unwrap();
     PgCluster::wait_for("the backup to be RUNNING", Duration::from_secs(30), || running(&env));
-    std::thread::sleep(Duration::from_secs(1));
+    // Past pg_backup_stop, waiting for its WAL, when the client goes away.
+    PgCluster::wait_for("the backup to wait for its WAL", Duration::from_secs(30), || pg.archiver().2 > failed);
     s.shutdown(std::net::Shutdown::Both).unwrap();
     drop(s);
-    // The agent notices the closed connection; the backup must go on regardless.
-    std::thread::sleep(Duration::from_secs(1));
+    // The agent notices the closed connection on its next read; the backup must go on
+    // regardless, and it cannot finish before archiving is back.
+    let (status, _) = http(port, "GET", "/v1/health", "", None);
+    assert!(status == 200 || status == 503);
     set_archive_command(&pg, &env.archive_command());
     PgCluster::wait_for("the orphaned backup to finish DONE", Duration::from_secs(90), || {
         let list = backups_json(&env);

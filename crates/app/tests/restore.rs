@@ -414,12 +414,15 @@ fn interrupted_backup_is_never_done() {
         .env("PGUSER", "postgres")
         .spawn()
         .unwrap();
-    // Kill it once it has started writing parts.
+    // Kill it once it has written a part (a file below backups/<id>/data/).
     let backups = env.dir.path().join("repo/backups");
-    PgCluster::wait_for("the backup to start", WAIT, || {
-        std::fs::read_dir(&backups).map(|mut r| r.next().is_some()).unwrap_or(false)
+    PgCluster::wait_for("the backup to write a part", WAIT, || {
+        std::fs::read_dir(&backups).into_iter().flatten().flatten().any(|b| {
+            std::fs::read_dir(b.path().join("data"))
+                .map(|mut r| r.any(|e| e.is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.'))))
+                .unwrap_or(false)
+        })
     });
-    sleep(300);
     child.kill().unwrap();
     let _ = child.wait();
     let o = env.walnut(&["--json", "backup-list"]);
