@@ -5,14 +5,15 @@
 //! newest timeline descending from it (the planner's own timeline walk); that history files and
 //! segments agree (parents known, no segment before a switch point, every later timeline has its
 //! history file, each end-of-recovery record sits where its history file puts the switch); and
-//! that every segment object is a readable walnut object (its header, by a range read). With
-//! `deep` it downloads every segment, verifies its checksum and decodes all of it.
+//! that every segment object is a readable walnut object whose metadata (the summary the planner
+//! relies on) matches its checksum, by range reads. With `deep` it downloads every segment,
+//! verifies the content's checksum and decodes all of it.
 
 use crate::plan::{self, BackupPoint, Request, Target, TimelineChoice, WalInventory};
 use crate::repo::{RepoError, Repository};
 use crate::restore::{RestoreError, backup_points};
 use crate::wal::WalError;
-use crate::{backup, envelope, layout};
+use crate::{backup, layout};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::Serialize;
@@ -255,11 +256,8 @@ pub async fn verify(repo: &Repository, deep: bool, now: DateTime<Utc>) -> Result
                     Err(e) => Some(e.to_string()),
                 }
             } else {
-                match repo.store().get_range(&key, 0..64).await {
-                    Ok(b) if envelope::meta_from_prefix(&b).is_ok() => None,
-                    Ok(_) => Some(format!("{key}: not a walnut object")),
-                    Err(e) => Some(format!("{key}: {e}")),
-                }
+                // The header and the metadata (the summary planners rely on), checksum included.
+                repo.object_meta(&key).await.err().map(|e| e.to_string())
             }
         })
         .buffer_unordered(16)

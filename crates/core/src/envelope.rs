@@ -2,11 +2,12 @@
 //!
 //! ```text
 //! "WLNT"            4 bytes magic
-//! version           u8  (1)
+//! version           u8  (2; version 1 has no metadata checksum and is still read)
 //! n                 u8  number of codecs in the chain
 //! codec ids         n bytes, in the order they were applied on write (compression, later encryption)
 //! meta length       u32 LE
 //! meta              JSON object (may be empty: length 0)
+//! meta SHA-256      32 bytes (version 2): what planners read without the payload is verified too
 //! payload           the content after every codec
 //! content length    u64 LE   } trailer: written last, so a writer can stream; a reader verifies
 //! content SHA-256   32 bytes } the decoded content against it before anything is used
@@ -21,7 +22,25 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 4] = b"WLNT";
-const VERSION: u8 = 1;
+/// The version written.
+const VERSION: u8 = 2;
+/// Versions read: 1 (no metadata checksum) and 2.
+fn known_version(v: u8) -> bool {
+    v == 1 || v == 2
+}
+/// Bytes of the metadata checksum in `version`'s header.
+fn meta_sum_len(version: u8) -> usize {
+    if version >= 2 { 32 } else { 0 }
+}
+
+/// Checks the metadata against its checksum (version 2).
+fn check_meta(meta: &[u8], sum: &[u8]) -> Result<(), EnvelopeError> {
+    if sum.is_empty() || sha256(meta)[..] == *sum {
+        Ok(())
+    } else {
+        Err(EnvelopeError::Corrupt("metadata checksum mismatch (the object's metadata was altered)".into()))
+    }
+}
 const TRAILER: usize = 40;
 /// The longest metadata a reader accepts.
 pub const MAX_META: usize = 64 << 20;
@@ -113,6 +132,7 @@ pub fn encode(content: &[u8], meta: &serde_json::Value, codec: Codec) -> Bytes {
     out.extend_from_slice(&ids);
     out.extend_from_slice(&(meta_bytes.len() as u32).to_le_bytes());
     out.extend_from_slice(&meta_bytes);
+    out.extend_from_slice(&sha256(&meta_bytes));
     out.extend_from_slice(&payload);
     out.extend_from_slice(&(content.len() as u64).to_le_bytes());
     out.extend_from_slice(&sha256(content));
@@ -127,9 +147,10 @@ pub fn meta_from_prefix(prefix: &[u8]) -> Result<Option<serde_json::Value>, Enve
     if &prefix[..4] != MAGIC {
         return Err(EnvelopeError::NotAnObject);
     }
-    if prefix[4] != VERSION {
+    if !known_version(prefix[4]) {
         return Err(EnvelopeError::Version(prefix[4]));
     }
+    let sum_len = meta_sum_len(prefix[4]);
     let n = prefix[5] as usize;
     let Some(len) = prefix.get(6 + n..10 + n).and_then(|b| <[u8; 4]>::try_from(b).ok()) else { return Ok(None) };
     let len = u32::from_le_bytes(len) as usize;
@@ -137,6 +158,8 @@ pub fn meta_from_prefix(prefix: &[u8]) -> Result<Option<serde_json::Value>, Enve
         return Err(EnvelopeError::Corrupt(format!("metadata length {len} is over the {MAX_META}-byte limit")));
     }
     let Some(meta) = prefix.get(10 + n..10 + n + len) else { return Ok(None) };
+    let Some(sum) = prefix.get(10 + n + len..10 + n + len + sum_len) else { return Ok(None) };
+    check_meta(meta, sum)?;
     if len == 0 {
         return Ok(Some(serde_json::Value::Null));
     }
@@ -159,9 +182,10 @@ pub fn decode(object: &[u8]) -> Result<Decoded, EnvelopeError> {
     if object.len() < 6 + 4 + TRAILER || &object[..4] != MAGIC {
         return Err(EnvelopeError::NotAnObject);
     }
-    if object[4] != VERSION {
+    if !known_version(object[4]) {
         return Err(EnvelopeError::Version(object[4]));
     }
+    let sum_len = meta_sum_len(object[4]);
     let corrupt = |why: String| EnvelopeError::Corrupt(why);
     let n = object[5] as usize;
     let mut pos = 6;
@@ -174,15 +198,16 @@ pub fn decode(object: &[u8]) -> Result<Decoded, EnvelopeError> {
         .ok_or_else(|| corrupt("truncated header".into()))?;
     pos += 4;
     let body_end = object.len() - TRAILER;
-    if pos > body_end || meta_len > body_end - pos {
+    if pos > body_end || meta_len.saturating_add(sum_len) > body_end - pos {
         return Err(corrupt(format!("metadata length {meta_len} is longer than the object ({} bytes)", object.len())));
     }
+    check_meta(&object[pos..pos + meta_len], &object[pos + meta_len..pos + meta_len + sum_len])?;
     let meta = if meta_len == 0 {
         serde_json::Value::Null
     } else {
         serde_json::from_slice(&object[pos..pos + meta_len]).map_err(|e| corrupt(format!("metadata: {e}")))?
     };
-    pos += meta_len;
+    pos += meta_len + sum_len;
     let payload = &object[pos..body_end];
     let (declared, expected_sum) = split_trailer(&object[body_end..]);
     if let Some(unknown) = ids.iter().find(|&&id| !matches!(id, 1 | 2 | LZ4_FRAME)) {
@@ -334,18 +359,34 @@ mod tests {
             assert_eq!(d.content.as_ref(), data.as_slice());
             assert_eq!(d.meta, meta);
             assert_eq!(stored_checksum(&obj), Some(sha256(&data)));
-            assert_eq!(meta_from_prefix(&obj[..40]).unwrap(), Some(meta.clone()));
+            assert_eq!(meta_from_prefix(&obj[..80]).unwrap(), Some(meta.clone()));
             assert_eq!(meta_from_prefix(&obj[..12]).unwrap(), None, "needs more bytes");
             if compression != Compression::None {
                 assert!(obj.len() < data.len() / 2, "{compression:?} compresses");
             }
             if compression == Compression::Zstd {
                 // The frame header confirms the length: decode's one-call path.
-                let payload = &obj[6 + 1 + 4 + serde_json::to_vec(&meta).unwrap().len()..obj.len() - TRAILER];
+                let payload = &obj[6 + 1 + 4 + serde_json::to_vec(&meta).unwrap().len() + 32..obj.len() - TRAILER];
                 let size = zstd::zstd_safe::get_frame_content_size(payload).unwrap();
                 assert_eq!(size, Some(data.len() as u64));
             }
         }
+    }
+
+    /// Metadata (a WAL segment's summary, read by planners without the payload) is checked too.
+    #[test]
+    fn a_flipped_byte_in_the_metadata_is_detected() {
+        let meta = serde_json::json!({"summary": {"last_commit": "2026-01-01T12:00:00Z", "xid_max": 1234}});
+        let obj = encode(b"content", &meta, Codec { compression: Compression::Zstd, level: 1 });
+        let start = 6 + 1 + 4;
+        let len = serde_json::to_vec(&meta).unwrap().len();
+        for pos in start..start + len + 32 {
+            let mut bad = obj.to_vec();
+            bad[pos] ^= 0x01;
+            assert!(decode(&bad).is_err(), "flip at {pos} in the metadata went unnoticed by decode");
+            assert!(meta_from_prefix(&bad).is_err(), "flip at {pos} went unnoticed by meta_from_prefix");
+        }
+        assert_eq!(meta_from_prefix(&obj).unwrap().unwrap(), meta);
     }
 
     #[test]
@@ -553,6 +594,7 @@ pub fn stream_header(codec: Codec) -> Vec<u8> {
     out.push(ids.len() as u8);
     out.extend_from_slice(&ids);
     out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&sha256(&[]));
     out
 }
 
@@ -650,7 +692,7 @@ impl<R: std::io::Read> PayloadReader<R> {
         if &head[..4] != MAGIC {
             return Err(EnvelopeError::NotAnObject);
         }
-        if head[4] != VERSION {
+        if !known_version(head[4]) {
             return Err(EnvelopeError::Version(head[4]));
         }
         let mut codecs = vec![0u8; head[5] as usize];
@@ -668,6 +710,9 @@ impl<R: std::io::Read> PayloadReader<R> {
         if meta.len() != len {
             return Err(EnvelopeError::Corrupt("truncated metadata".into()));
         }
+        let mut sum = vec![0u8; meta_sum_len(head[4])];
+        inner.read_exact(&mut sum).map_err(|_| EnvelopeError::Corrupt("truncated header".into()))?;
+        check_meta(&meta, &sum)?;
         Ok(PayloadReader { inner, buf: Vec::new(), pos: 0, eof: false, codecs })
     }
 

@@ -56,7 +56,11 @@ pub async fn verify(ctx: &Ctx, deep: bool) -> Result<()> {
         println!(
             "{} segments checked{}",
             r.segments_checked,
-            if deep { " (downloaded, checksummed and decoded)" } else { " (headers read; --deep checks checksums)" }
+            if deep {
+                " (downloaded, checksummed and decoded)"
+            } else {
+                " (headers and summaries checked; --deep checks the content too)"
+            }
         );
         for p in &r.problems {
             println!("PROBLEM: {p}");
