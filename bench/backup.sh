@@ -9,7 +9,8 @@
 #
 # Knobs (environment): SCALE=100 (pgbench -i -s), ROWS=5200000 (realistic rows), DATASETS="pgbench
 # realistic", STEP_TIMEOUT=900 (seconds, any one timed command), SKIP_PGBACKREST=1, SKIP_S3=1,
-# PGBR_VARIANTS="lz4 zst zst1" (zst1 = zst at level 1, walnut's level), NO_WAIT=1 (do not wait
+# PGBR_VARIANTS="lz4 zst zst1" (zst1 = zst at level 1, walnut's level), REPEAT=3 (runs of every
+# walnut and pgBackRest figure; the table shows the median, the spread is min-max), NO_WAIT=1 (do not wait
 # for bench/wal.sh), KEEP=1 (keep the work directory). Needs root (PostgreSQL 15 runs as the
 # `postgres` OS user), PostgreSQL 15 in /usr/lib/postgresql/15/bin, ~12 GB free in /tmp.
 #
@@ -30,7 +31,7 @@ export LC_ALL=C
 cd "$(dirname "$0")/.."
 SRC=$(pwd)
 SCALE=${SCALE:-100} ROWS=${ROWS:-5200000} DATASETS=${DATASETS:-pgbench realistic}
-STEP_TIMEOUT=${STEP_TIMEOUT:-900} PGBR_VARIANTS=${PGBR_VARIANTS:-lz4 zst zst1}
+STEP_TIMEOUT=${STEP_TIMEOUT:-900} PGBR_VARIANTS=${PGBR_VARIANTS:-lz4 zst zst1} REPEAT=${REPEAT:-3}
 PGBIN=/usr/lib/postgresql/15/bin PORT=54339 LOCK=/tmp/walnut-bench.lock
 [[ $(id -u) == 0 ]] || { echo "run as root (PostgreSQL is run as the postgres OS user)" >&2; exit 2; }
 [[ -x $PGBIN/postgres ]] || { echo "PostgreSQL 15 not found in $PGBIN (bash scripts/setup.sh)" >&2; exit 2; }
@@ -201,7 +202,10 @@ step() {
   wait "$STEP_PID" || rc=$?
   t1=$EPOCHREALTIME STEP_PID=''
   kill "$SAMPLER_PID" 2>/dev/null; wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=''
-  awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f\n", b - a}' >"$f.secs"
+  # Every run's time is kept; .secs is their median, .spread their min and max.
+  awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f\n", b - a}' >>"$f.runs"
+  sort -n "$f.runs" | awk '{a[NR] = $1} END {printf "%.2f\n", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}' >"$f.secs"
+  sort -n "$f.runs" | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.2f %.2f %d\n", lo, hi, NR}' >"$f.spread"
   awk -F': ' '/Maximum resident set size/ {print $2}' "$f.time" >"$f.rss"
   awk -F': ' '/(User|System) time \(seconds\)/ {s += $2} END {printf "%.2f\n", s}' "$f.time" >"$f.cpu"
   if ((rc)); then
@@ -342,10 +346,14 @@ pgbr_runs() { # DS VARIANT
 BENCH_T0=$SECONDS
 for ds in $DATASETS; do
   make_cluster "$ds"
-  walnut_runs "$ds" file
-  ((HAVE_S3)) && walnut_runs "$ds" s3
+  # Interleaved repeats, so a noisy minute hits every tool alike.
+  for ((rep = 1; rep <= REPEAT; rep++)); do
+    say "$ds: round $rep of $REPEAT"
+    walnut_runs "$ds" file
+    ((HAVE_S3)) && walnut_runs "$ds" s3
+    if ((HAVE_PGBR)); then for v in $PGBR_VARIANTS; do pgbr_runs "$ds" "$v"; done; fi
+  done
   basebackup_runs "$ds"
-  if ((HAVE_PGBR)); then for v in $PGBR_VARIANTS; do pgbr_runs "$ds" "$v"; done; fi
   set_archive /bin/true
   pg_stop
   rm -rf "$PGDATA" "$W/$ds"
@@ -461,16 +469,24 @@ if ((HAVE_PGBR)); then
       [[ $(num "$R/$ds.$v.push.status") == ok ]] || continue
       awk -v ds="$ds" -v v="$(label "$v.push" | awk '{print $NF}')" -v d="$(cat "$R/$ds.data")" \
         -v wt="$(cat "$R/$ds.wfile.push.secs")" -v ws="$(cat "$R/$ds.wfile.push.stored")" -v pt="$(cat "$R/$ds.$v.push.secs")" -v ps="$(cat "$R/$ds.$v.push.stored")" \
-        -v wr="$(num "$R/$ds.wfile.restore.secs")" -v pr="$(num "$R/$ds.$v.restore.secs")" '
-        function vs(a, b) { return a < b * 0.95 ? "faster" : a > b * 1.05 ? "SLOWER" : "tie, within 5%" }
+        -v wr="$(num "$R/$ds.wfile.restore.secs")" -v pr="$(num "$R/$ds.$v.restore.secs")" \
+        -v wtsp="$(num "$R/$ds.wfile.push.spread")" -v ptsp="$(num "$R/$ds.$v.push.spread")" \
+        -v wrsp="$(num "$R/$ds.wfile.restore.spread")" -v prsp="$(num "$R/$ds.$v.restore.spread")" '
+        # A win or a loss only outside the spreads (min..max of the repeated runs), else a tie.
+        function vs(a, b, asp, bsp,   x, y) {
+          split(asp, x, " "); split(bsp, y, " ")
+          if (x[3] < 2 || y[3] < 2) return "one run each: no verdict"
+          return x[2] < y[1] ? "faster" : x[1] > y[2] ? "SLOWER" : "tie, spreads overlap"
+        }
+        function sp(s,   x) { split(s, x, " "); return sprintf("%.1f-%.1f", x[1], x[2]) }
         BEGIN {
-          printf "  %-10s vs pgBackRest %-6s backup %6.1f s vs %6.1f s (%s), ratio %.2f vs %.2f (%s)", ds, v, wt, pt, vs(wt, pt), d / ws, d / ps, ((d / ws) >= (d / ps) * 0.98 ? "same or better" : "LOWER")
-          if (wr != "" && pr != "") printf ", restore %6.1f s vs %6.1f s (%s)", wr, pr, vs(wr, pr)
+          printf "  %-10s vs pgBackRest %-6s backup median %6.1f s [%s] vs %6.1f s [%s] (%s), ratio %.2f vs %.2f (%s)", ds, v, wt, sp(wtsp), pt, sp(ptsp), vs(wt, pt, wtsp, ptsp), d / ws, d / ps, ((d / ws) >= (d / ps) * 0.98 ? "same or better" : "LOWER")
+          if (wr != "" && pr != "") printf ", restore median %6.1f s [%s] vs %6.1f s [%s] (%s)", wr, sp(wrsp), pr, sp(prsp), vs(wr, pr, wrsp, prsp)
           printf "\n" }'
     done
   done
 fi
-echo "  (single runs on a shared machine: differences under ~20% are within run-to-run noise; ran in $((SECONDS - BENCH_T0)) s)"
+echo "  (medians of $REPEAT interleaved runs, [min-max]; a verdict only outside both spreads; ran in $((SECONDS - BENCH_T0)) s)"
 if ((${#FAILED[@]})); then
   echo
   echo "FAILED steps:"; printf '  %s\n' "${FAILED[@]}"

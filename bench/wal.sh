@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # bench/wal.sh: WAL archiving figures for walnut, measured in one run next to two references:
-# `cp %p DIR/%f && sync DIR/%f` and pgBackRest archive-push/archive-get (zst and lz4, synchronous).
+# `cp %p DIR/%f && sync DIR/%f` and pgBackRest archive-push/archive-get (zst and lz4 at level 1, as
+# walnut; synchronous for latency, and both synchronous and archive-async process-max=4 under load,
+# against walnut's upload_ahead = 4).
 #
 #   bash bench/wal.sh                       # builds this checkout (release), then measures
 #   WALNUT_REV=HEAD bash bench/wal.sh       # builds a git revision instead (for a dirty tree)
@@ -136,14 +138,24 @@ make_dataset realistic
 set_archive ''
 
 # ---------------------------------------------------------------- pgBackRest repos (one stanza each)
-pgbr_setup() { # NAME COMPRESS_TYPE; prints the config path
-  local f=$W/pgbr/$1.conf
+pgbr_setup() { # NAME COMPRESS_TYPE [async]; prints the config path
+  local f=$W/pgbr/$1.conf async=n extra=''
   mkdir -p "$W/pgbr/$1" && chown postgres:postgres "$W/pgbr/$1"
+  # Like for like: compression level 1 as walnut's default; async = 4 processes, as walnut's
+  # upload_ahead = 4.
+  if [[ ${3:-} == async ]]; then
+    async=y
+    mkdir -p "$W/pgbr/spool-$1" && chown postgres:postgres "$W/pgbr/spool-$1"
+    extra="spool-path=$W/pgbr/spool-$1
+process-max=4"
+  fi
   cat >"$f" <<EOF
 [global]
 repo1-path=$W/pgbr/$1
 compress-type=$2
-archive-async=n
+compress-level=1
+archive-async=$async
+$extra
 log-level-console=warn
 log-level-file=off
 lock-path=$W/pgbr/lock
@@ -267,14 +279,15 @@ load_run cp-sync "cp %p $W/arch/load/%f && sync $W/arch/load/%f"
 LOAD_TARGETS=(walnut-file walnut-s3 cp-sync)
 if ((HAVE_PGBR)); then
   load_run pgbr-zst "pgbackrest --config=$(pgbr_setup load-zst zst) --stanza=bench archive-push %p"
-  LOAD_TARGETS+=(pgbr-zst)
+  load_run pgbr-zst-async "pgbackrest --config=$(pgbr_setup load-zst-async zst async) --stanza=bench archive-push %p"
+  LOAD_TARGETS+=(pgbr-zst pgbr-zst-async)
 fi
 
 # ---------------------------------------------------------------- report
 echo
 echo "walnut WAL benchmark  walnut $REV_DESC  $(date -u +%Y-%m-%dT%H:%MZ)  $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)  PostgreSQL $("$PGBIN/postgres" -V | awk '{print $3}')  $( ((HAVE_PGBR)) && pgbackrest version || echo 'pgBackRest: not installed')"
 echo "Load average (1/5/15 min) at start: $LOAD_START, at end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every figure)"
-echo "Segments: $SEGS x 16 MiB per dataset, each call a fresh process (sh -c as postgres); walnut upload_ahead=0 prefetch=0; zstd level 1 (walnut default), pgBackRest defaults (zst level 3, lz4 level 1)"
+echo "Segments: $SEGS x 16 MiB per dataset, each call a fresh process (sh -c as postgres); walnut upload_ahead=0 prefetch=0 for latency; every tool at compression level 1 (zst and lz4); under load walnut upload_ahead=4 against pgBackRest synchronous and archive-async with process-max=4"
 for ds in pgbench realistic; do
   echo
   echo "== Latency per segment, dataset: $ds =="
