@@ -15,6 +15,8 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     init_logging(&cli);
+    // Crash tests only: stop dead at a named point (see walnut_storage::crashpoint).
+    walnut_storage::crashpoint::arm(std::env::var("WALNUT_CRASH_AT").ok());
     // For wal-fetch, every failure must stop recovery (> 125): exit 1 means "not archived", and
     // a panic's 101 would be read the same way.
     let failure = if matches!(cli.command, cli::Command::WalFetch { .. }) { exit::FATAL } else { exit::FAILURE };

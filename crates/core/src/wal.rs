@@ -190,7 +190,10 @@ impl WalPusher {
             if report.confirmed_ahead {
                 Ok((false, false))
             } else {
-                self.store_one(&prepared).await.map(|(up, _)| (up, !up))
+                walnut_storage::crashpoint::hit("wal-push:before-upload");
+                let stored = self.store_one(&prepared).await.map(|(up, _)| (up, !up));
+                walnut_storage::crashpoint::hit("wal-push:after-upload");
+                stored
             }
         };
         let others = self.upload_ahead(state, ahead, &identity);

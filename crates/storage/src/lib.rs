@@ -16,6 +16,7 @@
 
 #[cfg(feature = "testing")]
 pub mod conformance;
+pub mod crashpoint;
 pub mod local;
 pub mod remote;
 mod url;

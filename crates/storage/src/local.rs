@@ -119,6 +119,10 @@ impl LocalStore {
             hand_over(&tmp, owner);
             f.sync_all()?;
             drop(f);
+            // Written and fsynced under a temporary name, not yet in place.
+            if let Some(top) = path.parent().and_then(|p| p.parent()).and_then(|p| p.file_name()) {
+                crate::crashpoint::hit(&format!("put-before-commit:{}", top.to_string_lossy()));
+            }
             match mode {
                 PutMode::Create => fs::hard_link(&tmp, path)?,
                 PutMode::Overwrite => fs::rename(&tmp, path)?,

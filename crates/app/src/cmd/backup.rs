@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use walnut_core::backup::{self, Progress, Status};
-use walnut_core::restore::{TablespaceTarget, check_dest, clean_dest, create_dest, tablespace_targets};
+use walnut_core::restore::{TablespaceTarget, check_dest, clean_dest, mark_done, mark_in_progress, tablespace_targets};
 
 pub async fn push(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>) -> Result<()> {
     let repo = ctx.repository()?;
@@ -144,7 +144,12 @@ pub async fn fetch_into(
     tablespaces: &[TablespaceTarget],
 ) -> Result<Duration> {
     let existed = check_dest(dest)?;
-    create_dest(dest)?;
+    // Until the caller says it is done, every directory written holds the in-progress marker:
+    // a re-run after a crash starts over instead of refusing a non-empty directory.
+    mark_in_progress(dest)?;
+    for t in tablespaces {
+        mark_in_progress(&t.dir)?;
+    }
     let progress = Arc::new(Progress::default());
     let start = Instant::now();
     let dirs = tablespaces.iter().map(|t| (t.oid.clone(), t.dir.clone())).collect();
@@ -171,6 +176,10 @@ pub async fn fetch(ctx: &Ctx, dest: &Path, reference: &str, tablespace_maps: &[S
     let manifest = dest.join("backup_manifest");
     walnut_core::durable::write(&manifest, backup::postgres_manifest(&m).as_bytes())
         .with_context(|| format!("write {}", manifest.display()))?;
+    for t in &tablespaces {
+        mark_done(&t.dir)?;
+    }
+    mark_done(dest)?;
     if !ctx.global.quiet {
         println!(
             "fetched backup {} into {}: {} in {:.1?} ({}). No recovery configuration was written: use `walnut restore` for PITR.",

@@ -195,6 +195,11 @@ pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
         return Err(e);
     }
     let port = configured.expect("checked");
+    // Complete: the data directory is no longer an interrupted restore that a re-run may wipe.
+    for t in &tablespaces {
+        restore::mark_done(&t.dir)?;
+    }
+    restore::mark_done(&a.dest)?;
     say(if a.archive {
         format!("the restored cluster archives to {} on its new timeline (--archive)", repo.describe())
     } else {

@@ -297,6 +297,7 @@ pub async fn fetch(
                 .await
                 .expect("extract task panicked");
                 forward.abort();
+                walnut_storage::crashpoint::hit("backup-fetch:after-a-part");
                 r
             }
         })

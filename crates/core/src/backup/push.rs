@@ -210,6 +210,7 @@ pub(super) async fn upload_stream(
                         content_bytes: content_len,
                         content_sha256: hex::encode(sha256),
                     });
+                    walnut_storage::crashpoint::hit("backup-push:after-a-part");
                 }
             }
         }
@@ -294,6 +295,7 @@ pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>
             return Err(e);
         }
     };
+    walnut_storage::crashpoint::hit("backup-push:started");
     let heartbeat = {
         let repo = repo.clone();
         let key = layout::backup_running(&id);
@@ -472,6 +474,7 @@ pub(super) async fn push_inner(
         parent: None,
     };
     // Commit: the manifest, create-only, last.
+    walnut_storage::crashpoint::hit("backup-push:before-manifest");
     repo.store().put(&layout::backup_manifest(id), json_object(&manifest), PutMode::Create).await?;
     Ok(manifest)
 }

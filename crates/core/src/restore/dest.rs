@@ -11,11 +11,22 @@ fn invalid(msg: String) -> RestoreError {
     RestoreError::Invalid(msg)
 }
 
-/// Checks that `dest` is absent or an empty directory; returns whether it existed.
+/// The file a restore (or backup-fetch) keeps in each directory it writes until it is done: a
+/// directory holding it is an interrupted restore (killed, the machine lost power), which a re-run
+/// may remove and start over; a directory without it is never touched.
+pub const IN_PROGRESS: &str = ".walnut-restore-in-progress";
+
+/// Checks that `dest` is absent or an empty directory (or an interrupted restore's, which is
+/// emptied); returns whether it existed.
 pub fn check_dest(dest: &Path) -> Result<bool, RestoreError> {
     match std::fs::read_dir(dest) {
         Ok(mut rd) => {
             if rd.next().is_some() {
+                if dest.join(IN_PROGRESS).exists() {
+                    tracing::warn!("{} holds an interrupted walnut restore: starting over", dest.display());
+                    clean_dest(dest, true);
+                    return Ok(true);
+                }
                 return Err(invalid(format!(
                     "{} is not empty: restore into an empty or new directory",
                     dest.display()
@@ -37,6 +48,29 @@ pub fn create_dest(dest: &Path) -> Result<(), RestoreError> {
     std::fs::create_dir_all(dest).map_err(RestoreError::io(format!("create {}", dest.display())))?;
     std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o700))
         .map_err(RestoreError::io(format!("chmod {}", dest.display())))
+}
+
+/// Marks `dir` as being written by a restore (see [`IN_PROGRESS`]), creating it (0700) if needed.
+pub fn mark_in_progress(dir: &Path) -> Result<(), RestoreError> {
+    create_dest(dir)?;
+    let marker = dir.join(IN_PROGRESS);
+    crate::durable::write(
+        &marker,
+        b"walnut is restoring into this directory; it is incomplete until this file is gone\n",
+    )
+    .map_err(RestoreError::io(format!("write {}", marker.display())))
+}
+
+/// The restore into `dir` is complete: removes the marker (durably).
+pub fn mark_done(dir: &Path) -> Result<(), RestoreError> {
+    let marker = dir.join(IN_PROGRESS);
+    match std::fs::remove_file(&marker) {
+        Ok(()) => std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(RestoreError::io(format!("fsync {}", dir.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RestoreError::io(format!("remove {}", marker.display()))(e)),
+    }
 }
 
 /// Removes what a failed restore left in `dest` (which was empty or absent before).

@@ -17,7 +17,9 @@ mod conf;
 pub mod dest;
 
 pub use conf::{RecoveryConf, RecoveryOptions, TargetAction};
-pub use dest::{TablespaceTarget, check_dest, clean_dest, create_dest, tablespace_targets};
+pub use dest::{
+    TablespaceTarget, check_dest, clean_dest, create_dest, mark_done, mark_in_progress, tablespace_targets,
+};
 
 use crate::backup::{self, BackupError, Manifest, Status};
 use crate::plan::{self, BackupPoint, Plan, PlanError, RecoveryTarget, Request};
