@@ -24,7 +24,7 @@ pub struct RestoreArgs {
     #[arg(long, group = "target", value_name = "TIME")]
     pub target_time: Option<String>,
     /// A named restore point, or a backup ID or name (that backup's consistency point).
-    #[arg(long, group = "target", value_name = "NAME")]
+    #[arg(long, group = "target", value_name = "NAME", value_parser = parse_target_name)]
     pub target_name: Option<String>,
     /// A WAL position, like 16/B374D848.
     #[arg(long, group = "target", value_name = "LSN")]
@@ -54,7 +54,7 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub start: bool,
     /// Port for the restored cluster.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Option<u16>,
     /// With --start: give up waiting for recovery after this long, however it progresses
     /// (default: no bound; see --stall-timeout).
@@ -75,6 +75,14 @@ pub struct RestoreArgs {
     /// Restore a tablespace elsewhere than its source location: NAME=DIR or OID=DIR (repeatable).
     #[arg(long, value_name = "NAME=DIR")]
     pub tablespace_map: Vec<String>,
+}
+
+/// A `--target-name`: a restore point name, or a backup ID or name; never empty.
+fn parse_target_name(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("cannot be empty: give a restore point name, or a backup ID or name".into());
+    }
+    Ok(text.to_string())
 }
 
 /// A wait bound: a duration of at least one second.
@@ -105,14 +113,15 @@ fn request(a: &RestoreArgs) -> Result<Request> {
     } else {
         Target::Latest
     };
-    let timeline =
-        match a.target_timeline.as_str() {
-            "latest" => TimelineChoice::Latest,
-            "current" => TimelineChoice::Current,
-            n => TimelineChoice::Id(TimelineId(n.parse().map_err(|_| {
-                anyhow::anyhow!("--target-timeline must be latest, current or a timeline ID, got {n:?}")
-            })?)),
-        };
+    let timeline = match a.target_timeline.as_str() {
+        "latest" => TimelineChoice::Latest,
+        "current" => TimelineChoice::Current,
+        n => match n.parse::<u32>() {
+            Ok(0) => bail!("--target-timeline {n:?} is not a timeline: timeline IDs start at 1"),
+            Ok(id) => TimelineChoice::Id(TimelineId(id)),
+            Err(_) => bail!("--target-timeline must be latest, current or a timeline ID, got {n:?}"),
+        },
+    };
     if a.standby && !matches!(target, Target::Latest) {
         bail!("--standby follows the archive and takes no recovery target");
     }
