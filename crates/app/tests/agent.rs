@@ -176,10 +176,19 @@ fn agent_schedules_serves_the_api_and_keeps_settings() {
         -1.0
     };
     let archived = metric("walnut_wal_archived_total");
+    let archived_bytes = metric("walnut_wal_archived_bytes_total");
     let bytes_before = metric("walnut_last_backup_timestamp_seconds");
     let seg = pg.switch_wal();
     pg.wait_archived(&seg, Duration::from_secs(60));
-    assert!(metric("walnut_wal_archived_total") > archived);
+    let archived_now = metric("walnut_wal_archived_total");
+    assert!(archived_now > archived);
+    // Bytes: the archived count times the cluster's WAL segment size (16 MiB here).
+    assert!(archived_bytes >= 0.0, "walnut_wal_archived_bytes_total is exposed");
+    let segment: f64 = pg.sql("SELECT pg_size_bytes(current_setting('wal_segment_size'))").trim().parse().unwrap();
+    let bytes_now = metric("walnut_wal_archived_bytes_total");
+    assert!(bytes_now > archived_bytes, "the archived bytes move after a switch: {archived_bytes} -> {bytes_now}");
+    // Read after the count (archiving may go on in between): at least count x segment size.
+    assert!(bytes_now >= archived_now * segment && bytes_now % segment == 0.0, "{bytes_now} vs {archived_now}");
     // A second backup in the same second as the last gets an ID of its own (no sleep needed).
     assert_eq!(http(port, "POST", "/v1/backups", "", None).0, 201);
     assert!(metric("walnut_last_backup_timestamp_seconds") > bytes_before);

@@ -252,6 +252,9 @@ fn bad_inputs_fail_with_a_clear_error() {
     rows.push(restore_row("bad timeline", &["--target-timeline", "foo"], &["--target-timeline must be latest"]));
     rows.push(restore_row("bad target action", &["--target-action", "explode"], &["'explode'", "--target-action"]));
     rows.push(restore_row("port out of range", &["--port", "70000"], &["70000", "--port"]));
+    rows.push(restore_row("port zero", &["--port", "0"], &["'0'", "--port", "1..=65535"]));
+    rows.push(restore_row("empty target name", &["--target-name", ""], &["--target-name", "cannot be empty"]));
+    rows.push(restore_row("timeline zero", &["--target-timeline", "0"], &["--target-timeline", "\"0\"", "start at 1"]));
     rows.push(restore_row(
         "standby with a target",
         &["--standby", "--target-time", "2024-07-15T15:17:54Z"],

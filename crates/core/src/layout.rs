@@ -78,6 +78,11 @@ pub fn is_backup_id(id: &str) -> bool {
 /// and hosts (refreshed by the running backup's heartbeat; stale after 3 heartbeats).
 pub const BACKUP_LOCK: &str = "locks/backup.json";
 
+/// A short-lived object `walnut check` writes and deletes (`name` makes it unique to the run).
+pub fn probe(name: &str) -> String {
+    format!("probe/{name}")
+}
+
 pub fn backup_dir(id: &str) -> String {
     format!("{BACKUPS_DIR}/{id}")
 }

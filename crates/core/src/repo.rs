@@ -214,3 +214,84 @@ impl Repository {
         self.store.put(key, object, PutMode::Create).await
     }
 }
+
+/// Whether `store` refuses a create-only put of a key that exists (S3's `If-None-Match: *`):
+/// walnut's never-overwrite guarantee for WAL and manifests rests on it. Writes a probe object
+/// create-only twice (`false` when the second is accepted) and deletes it. A store error other
+/// than the expected refusal is returned as it is.
+pub async fn create_only_honoured(store: &dyn walnut_storage::BlobStore) -> Result<bool, StorageError> {
+    let name = format!("create-only-{}-{}", std::process::id(), chrono::Utc::now().timestamp_micros());
+    let key = layout::probe(&name);
+    let first = store.put(&key, Bytes::from_static(b"walnut check: first"), PutMode::Create).await;
+    let second = match first {
+        Ok(()) => store.put(&key, Bytes::from_static(b"walnut check: second"), PutMode::Create).await,
+        Err(e) => Err(e),
+    };
+    let deleted = store.delete(&key).await;
+    match second {
+        Err(e) if e.is_already_exists() => deleted.map(|()| true),
+        Ok(()) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod create_only_tests {
+    use super::*;
+    use walnut_storage::{BlobStore, ByteStream, ObjectInfo, ObjectWriter};
+
+    /// A store that turns every create-only put into an overwrite (like an S3-compatible server
+    /// that ignores `If-None-Match`).
+    #[derive(Debug)]
+    struct IgnoresCreate(DynStore);
+
+    #[async_trait::async_trait]
+    impl BlobStore for IgnoresCreate {
+        async fn put(&self, key: &str, data: Bytes, _mode: PutMode) -> walnut_storage::Result<()> {
+            self.0.put(key, data, PutMode::Overwrite).await
+        }
+        async fn get(&self, key: &str) -> walnut_storage::Result<Bytes> {
+            self.0.get(key).await
+        }
+        async fn head(&self, key: &str) -> walnut_storage::Result<Option<ObjectInfo>> {
+            self.0.head(key).await
+        }
+        async fn list(&self, dir: &str) -> walnut_storage::Result<Vec<ObjectInfo>> {
+            self.0.list(dir).await
+        }
+        async fn delete(&self, key: &str) -> walnut_storage::Result<()> {
+            self.0.delete(key).await
+        }
+        async fn put_writer(&self, key: &str) -> walnut_storage::Result<Box<dyn ObjectWriter>> {
+            self.0.put_writer(key).await
+        }
+        async fn get_stream(&self, key: &str) -> walnut_storage::Result<ByteStream> {
+            self.0.get_stream(key).await
+        }
+        async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> walnut_storage::Result<Bytes> {
+            self.0.get_range(key, range).await
+        }
+        fn describe(&self) -> String {
+            "ignores create-only".into()
+        }
+    }
+
+    fn memory() -> DynStore {
+        walnut_storage::open("memory://", &walnut_storage::StorageOptions::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_store_that_refuses_the_second_create_honours_it() {
+        let store = memory();
+        assert!(create_only_honoured(store.as_ref()).await.unwrap());
+        assert!(store.list("").await.unwrap().is_empty(), "the probe object is deleted");
+    }
+
+    #[tokio::test]
+    async fn a_store_that_overwrites_on_create_does_not() {
+        let inner = memory();
+        let store = IgnoresCreate(inner.clone());
+        assert!(!create_only_honoured(&store).await.unwrap());
+        assert!(inner.list("").await.unwrap().is_empty(), "the probe object is deleted");
+    }
+}

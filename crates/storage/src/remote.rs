@@ -186,7 +186,7 @@ impl BlobStore for RemoteStore {
         let path = self.path("start upload", key)?;
         let upload = self.inner.put_multipart(&path).await.map_err(|e| map_err("start upload", key, e))?;
         Ok(Box::new(RemoteWriter {
-            inner: object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE),
+            inner: Some(object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
             key: key.to_string(),
         }))
     }
@@ -223,25 +223,43 @@ const PART_SIZE: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 4;
 
 struct RemoteWriter {
-    inner: object_store::WriteMultipart,
+    /// `None` once finished or aborted.
+    inner: Option<object_store::WriteMultipart>,
     key: String,
 }
 
 #[async_trait]
 impl ObjectWriter for RemoteWriter {
     async fn write(&mut self, data: Bytes) -> Result<()> {
-        self.inner.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(|e| map_err("upload", &self.key, e))?;
-        self.inner.put(data);
+        let inner = self.inner.as_mut().expect("writer used after finish or abort");
+        inner.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(|e| map_err("upload", &self.key, e))?;
+        inner.put(data);
         Ok(())
     }
 
-    async fn finish(self: Box<Self>) -> Result<()> {
-        let key = self.key.clone();
-        self.inner.finish().await.map(|_| ()).map_err(|e| map_err("complete upload", &key, e))
+    async fn finish(mut self: Box<Self>) -> Result<()> {
+        let inner = self.inner.take().expect("writer used after finish or abort");
+        inner.finish().await.map(|_| ()).map_err(|e| map_err("complete upload", &self.key, e))
     }
 
-    async fn abort(self: Box<Self>) -> Result<()> {
-        let key = self.key.clone();
-        self.inner.abort().await.map_err(|e| map_err("abort upload", &key, e))
+    async fn abort(mut self: Box<Self>) -> Result<()> {
+        let mut inner = self.inner.take().expect("writer used after finish or abort");
+        // Parts still in flight first: a part the server stores after the abort would be kept
+        // (and billed) with no upload left to abort it.
+        let _ = inner.wait_for_capacity(0).await;
+        inner.abort().await.map_err(|e| map_err("abort upload", &self.key, e))
+    }
+}
+
+/// A writer dropped before `finish` or `abort` (its task was cancelled) aborts its multipart
+/// upload in the background, so that the store does not keep (and bill) its parts. Best effort:
+/// without a runtime there is nothing to run the request on.
+impl Drop for RemoteWriter {
+    fn drop(&mut self) {
+        if let (Some(inner), Ok(rt)) = (self.inner.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = inner.abort().await;
+            });
+        }
     }
 }

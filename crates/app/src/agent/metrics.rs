@@ -4,6 +4,8 @@ use super::*;
 
 pub(super) struct Archiver {
     archived: i64,
+    /// The cluster's WAL segment size in bytes.
+    segment_bytes: i64,
     failed: i64,
     failing: bool,
     lag_seconds: f64,
@@ -15,12 +17,19 @@ pub(super) async fn archiver(ctx: &Ctx) -> Result<Archiver> {
         .query_one(
             "SELECT archived_count, failed_count, \
              coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false), \
-             coalesce(extract(epoch FROM now() - last_archived_time)::float8, -1) FROM pg_stat_archiver",
+             coalesce(extract(epoch FROM now() - last_archived_time)::float8, -1), \
+             pg_size_bytes(current_setting('wal_segment_size'))::int8 FROM pg_stat_archiver",
             &[],
         )
         .await
         .map_err(|e| anyhow::anyhow!("{}", walnut_core::backup::pg_error(&e)))?;
-    Ok(Archiver { archived: r.get(0), failed: r.get(1), failing: r.get(2), lag_seconds: r.get(3) })
+    Ok(Archiver {
+        archived: r.get(0),
+        failed: r.get(1),
+        failing: r.get(2),
+        lag_seconds: r.get(3),
+        segment_bytes: r.get(4),
+    })
 }
 
 pub(super) async fn health(State(a): State<Arc<Agent>>) -> Response {
@@ -106,6 +115,13 @@ pub(super) async fn metrics(State(a): State<Arc<Agent>>) -> Response {
             "WAL files archived (pg_stat_archiver).",
             COUNTER,
             ar.archived.to_string(),
+        ));
+        samples.push((
+            "walnut_wal_archived_bytes_total",
+            "Bytes of WAL archived: walnut_wal_archived_total times the cluster's WAL segment size \
+             (wal_segment_size; the few small .history and .backup files count as segments too).",
+            COUNTER,
+            ar.archived.saturating_mul(ar.segment_bytes).to_string(),
         ));
         samples.push((
             "walnut_wal_failed_total",

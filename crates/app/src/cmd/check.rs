@@ -112,6 +112,29 @@ pub async fn run(ctx: &Ctx) -> Result<()> {
                 Ok(()) => {
                     let _ = repo.store().delete(&probe).await;
                     add(&mut checks, "repository reachable and writable", true, repo.describe(), "");
+                    match walnut_core::repo::create_only_honoured(repo.store().as_ref()).await {
+                        Ok(honoured) => add(
+                            &mut checks,
+                            "create-only writes refused if taken",
+                            honoured,
+                            if honoured {
+                                "a second create-only write of a probe object was refused".to_string()
+                            } else {
+                                "this store does not honour create-only writes (If-None-Match): walnut's \
+                                 never-overwrite guarantee depends on it"
+                                    .to_string()
+                            },
+                            "use a store with conditional writes (AWS S3, GCS, Azure, a MinIO or other S3-compatible \
+                             server recent enough to honour If-None-Match: *) or a file:// repository",
+                        ),
+                        Err(e) => add(
+                            &mut checks,
+                            "create-only writes refused if taken",
+                            false,
+                            format!("the probe failed: {e}"),
+                            "check the repository's permissions (walnut writes and deletes probe/ objects)",
+                        ),
+                    }
                     match repo.identity().await {
                         Ok(Some(id)) => {
                             let ok = sysid.as_ref().is_none_or(|s| *s == id.system_identifier.to_string());

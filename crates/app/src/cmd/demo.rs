@@ -178,6 +178,8 @@ async fn demo(bindir: &Path, root: &Path) -> Result<()> {
         standby: false,
         start: true,
         port: None,
+        start_timeout: None,
+        stall_timeout: std::time::Duration::from_secs(600),
         archive: false,
         set_password: None,
         dry_run: false,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use walnut_core::backup;
 use walnut_core::plan::{self, Plan, RecoveryTarget, Request, Target, TimelineChoice};
 use walnut_core::restore::{self, CatchUp, RecoveryConf, RecoveryOptions, check_dest, clean_dest, tablespace_targets};
-use walnut_pg::TimelineId;
+use walnut_pg::{Lsn, TimelineId};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RestoreArgs {
@@ -24,7 +24,7 @@ pub struct RestoreArgs {
     #[arg(long, group = "target", value_name = "TIME")]
     pub target_time: Option<String>,
     /// A named restore point, or a backup ID or name (that backup's consistency point).
-    #[arg(long, group = "target", value_name = "NAME")]
+    #[arg(long, group = "target", value_name = "NAME", value_parser = parse_target_name)]
     pub target_name: Option<String>,
     /// A WAL position, like 16/B374D848.
     #[arg(long, group = "target", value_name = "LSN")]
@@ -54,8 +54,15 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub start: bool,
     /// Port for the restored cluster.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Option<u16>,
+    /// With --start: give up waiting for recovery after this long, however it progresses
+    /// (default: no bound; see --stall-timeout).
+    #[arg(long, value_name = "DURATION", value_parser = parse_wait)]
+    pub start_timeout: Option<Duration>,
+    /// With --start: give up when replay has not moved for this long.
+    #[arg(long, value_name = "DURATION", default_value = "10min", value_parser = parse_wait)]
+    pub stall_timeout: Duration,
     /// Keep archiving to the same repository (replacing a lost primary).
     #[arg(long)]
     pub archive: bool,
@@ -68,6 +75,23 @@ pub struct RestoreArgs {
     /// Restore a tablespace elsewhere than its source location: NAME=DIR or OID=DIR (repeatable).
     #[arg(long, value_name = "NAME=DIR")]
     pub tablespace_map: Vec<String>,
+}
+
+/// A `--target-name`: a restore point name, or a backup ID or name; never empty.
+fn parse_target_name(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("cannot be empty: give a restore point name, or a backup ID or name".into());
+    }
+    Ok(text.to_string())
+}
+
+/// A wait bound: a duration of at least one second.
+fn parse_wait(text: &str) -> Result<Duration, String> {
+    let d = crate::config::parse_config_duration(text)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{text:?} is too short: at least 1s"));
+    }
+    Ok(d)
 }
 
 /// Parses a target time (see [`walnut_core::plan::parse_target_time`]).
@@ -89,14 +113,15 @@ fn request(a: &RestoreArgs) -> Result<Request> {
     } else {
         Target::Latest
     };
-    let timeline =
-        match a.target_timeline.as_str() {
-            "latest" => TimelineChoice::Latest,
-            "current" => TimelineChoice::Current,
-            n => TimelineChoice::Id(TimelineId(n.parse().map_err(|_| {
-                anyhow::anyhow!("--target-timeline must be latest, current or a timeline ID, got {n:?}")
-            })?)),
-        };
+    let timeline = match a.target_timeline.as_str() {
+        "latest" => TimelineChoice::Latest,
+        "current" => TimelineChoice::Current,
+        n => match n.parse::<u32>() {
+            Ok(0) => bail!("--target-timeline {n:?} is not a timeline: timeline IDs start at 1"),
+            Ok(id) => TimelineChoice::Id(TimelineId(id)),
+            Err(_) => bail!("--target-timeline must be latest, current or a timeline ID, got {n:?}"),
+        },
+    };
     if a.standby && !matches!(target, Target::Latest) {
         bail!("--standby follows the archive and takes no recovery target");
     }
@@ -284,19 +309,15 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
         cfg.password(pw);
     }
     let tty = std::io::stderr().is_terminal() && !ctx.global.quiet;
-    let deadline = Instant::now() + Duration::from_secs(3600);
     let mut last_report = Instant::now() - Duration::from_secs(10);
-    let target_lsn = match &p.recovery_target {
-        RecoveryTarget::Lsn(l) | RecoveryTarget::PinnedEnd(l) => *l,
-        _ => p.restorable.latest_lsn,
+    // An LSN target is where replay ends; otherwise the end of the archive bounds it.
+    let (target_lsn, target_what) = match &p.recovery_target {
+        RecoveryTarget::Lsn(l) | RecoveryTarget::PinnedEnd(l) => (*l, "target"),
+        _ => (p.restorable.latest_lsn, "archive end"),
     };
+    let mut watch = ReplayWatch::new(a.start_timeout, a.stall_timeout, Some(target_lsn));
+    let mut restored_log = LogCounter::default();
     loop {
-        if Instant::now() > deadline {
-            bail!(
-                "recovery did not finish within an hour; the server is still running on port {port}{}",
-                pgserver::tail(&log, 10)
-            );
-        }
         if !pgserver::running(&a.dest) {
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();
             // PostgreSQL logs this when it stops as asked (not on a crash or a failed recovery).
@@ -326,12 +347,20 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
             }
             Err(_) => None,
         };
+        // Replay progresses when the replayed LSN moves or, before the server accepts
+        // connections (not consistent yet), when it restores another segment from the archive.
+        let replayed_lsn = state.as_ref().and_then(|(_, _, r, _)| r.parse::<Lsn>().ok());
+        let sample = Sample { at: t0.elapsed(), lsn: replayed_lsn, restored: restored_log.count(&log) };
+        if let Verdict::GiveUp(why) = watch.observe(sample) {
+            bail!(
+                "{why}; the server is still running on port {port} (stop it with pg_ctl -D {} stop){}",
+                a.dest.display(),
+                pgserver::tail(&log, 10)
+            );
+        }
         if let Some((client, in_recovery, replayed, pause)) = state {
             if last_report.elapsed() > Duration::from_secs(if tty { 1 } else { 10 }) && in_recovery {
-                eprintln!(
-                    "recovering: replayed up to {replayed} (archive end {target_lsn}), {:.0?} elapsed",
-                    t0.elapsed()
-                );
+                eprintln!("recovering: replayed up to {replayed}{}", watch.progress(target_what));
                 last_report = Instant::now();
             }
             if a.standby && in_recovery {
@@ -373,9 +402,203 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
     }
 }
 
+/// One look at a recovering server: when (since the start), the replayed LSN if the server
+/// answered, and how many segments it has restored from the archive so far (from its log).
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Duration,
+    lsn: Option<Lsn>,
+    restored: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    KeepWaiting,
+    GiveUp(String),
+}
+
+/// The wait for recovery, pure: keeps waiting as long as replay progresses, gives up after
+/// `stall` without progress or, when set, after `limit` in all. Keeps the recent samples for the
+/// replay rate and the ETA.
+#[derive(Debug)]
+struct ReplayWatch {
+    limit: Option<Duration>,
+    stall: Duration,
+    target: Option<Lsn>,
+    last: Option<Sample>,
+    last_progress: Duration,
+    /// (time, LSN) over the last [`RATE_WINDOW`], oldest first.
+    recent: std::collections::VecDeque<(Duration, Lsn)>,
+}
+
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+impl ReplayWatch {
+    fn new(limit: Option<Duration>, stall: Duration, target: Option<Lsn>) -> ReplayWatch {
+        ReplayWatch { limit, stall, target, last: None, last_progress: Duration::ZERO, recent: Default::default() }
+    }
+
+    fn observe(&mut self, s: Sample) -> Verdict {
+        let moved = match self.last {
+            None => true,
+            Some(l) => {
+                s.lsn.zip(l.lsn).is_some_and(|(now, before)| now > before)
+                    || (s.lsn.is_some() && l.lsn.is_none())
+                    || s.restored > l.restored
+            }
+        };
+        if moved {
+            self.last_progress = s.at;
+        }
+        if let Some(lsn) = s.lsn {
+            if self.recent.back().is_none_or(|&(_, l)| lsn >= l) {
+                self.recent.push_back((s.at, lsn));
+            }
+            while self.recent.len() > 2 && self.recent.front().is_some_and(|&(t, _)| s.at - t > RATE_WINDOW) {
+                self.recent.pop_front();
+            }
+        }
+        self.last = Some(s);
+        let human = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
+        if let Some(limit) = self.limit
+            && s.at >= limit
+        {
+            return Verdict::GiveUp(format!(
+                "recovery did not finish within --start-timeout {} (replayed up to {})",
+                human(limit),
+                s.lsn.map(|l| l.to_string()).unwrap_or_else(|| "an unknown position".into())
+            ));
+        }
+        if s.at.saturating_sub(self.last_progress) >= self.stall {
+            return Verdict::GiveUp(format!(
+                "recovery made no progress for {} (--stall-timeout; replay stuck at {}): read the server log below",
+                human(self.stall),
+                s.lsn.map(|l| l.to_string()).unwrap_or_else(|| "an unknown position, before consistency".into())
+            ));
+        }
+        Verdict::KeepWaiting
+    }
+
+    /// Replay speed in bytes a second over the recent samples.
+    fn rate(&self) -> Option<f64> {
+        let (&(t0, l0), &(t1, l1)) = (self.recent.front()?, self.recent.back()?);
+        let secs = (t1 - t0).as_secs_f64();
+        (secs > 0.0 && l1 > l0).then(|| (l1.0 - l0.0) as f64 / secs)
+    }
+
+    /// `, 12.5 MiB/s, ETA 3m 20s to target 0/5000000, 40s elapsed` (what is known of it).
+    fn progress(&self, target_what: &str) -> String {
+        let mut out = String::new();
+        let rate = self.rate();
+        if let Some(r) = rate {
+            out += &format!(", {}/s", crate::output::bytes(r as u64));
+        }
+        if let Some(t) = self.target {
+            let now = self.last.and_then(|s| s.lsn);
+            match (now, rate) {
+                (Some(n), Some(r)) if n < t => {
+                    let eta = Duration::from_secs(((t.0 - n.0) as f64 / r).ceil() as u64);
+                    out += &format!(", ETA {} to {target_what} {t}", humantime::format_duration(eta));
+                }
+                _ => out += &format!(" ({target_what} {t})"),
+            }
+        }
+        let at = self.last.map(|s| s.at).unwrap_or_default();
+        out += &format!(", {} elapsed", humantime::format_duration(Duration::from_secs(at.as_secs())));
+        out
+    }
+}
+
+/// Counts the server log's "restored log file" lines, reading only what was added since.
+#[derive(Debug, Default)]
+struct LogCounter {
+    offset: u64,
+    count: usize,
+    partial: String,
+}
+
+impl LogCounter {
+    fn count(&mut self, log: &std::path::Path) -> usize {
+        use std::io::{Read, Seek};
+        let Ok(mut f) = std::fs::File::open(log) else { return self.count };
+        if f.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
+            return self.count;
+        }
+        let mut added = Vec::new();
+        if f.take(8 << 20).read_to_end(&mut added).is_err() {
+            return self.count;
+        }
+        self.offset += added.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&added));
+        // Whole lines only: keep an unfinished last line for the next read.
+        let keep = self.partial.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let done: String = self.partial.drain(..keep).collect();
+        self.count += done.lines().filter(|l| l.contains("restored log file")).count();
+        self.count
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(secs: u64, lsn: Option<u64>, restored: usize) -> Sample {
+        Sample { at: Duration::from_secs(secs), lsn: lsn.map(Lsn), restored }
+    }
+
+    #[test]
+    fn waits_while_replay_moves_and_gives_up_after_the_stall_bound() {
+        let mut w = ReplayWatch::new(None, Duration::from_secs(600), Some(Lsn(100 << 20)));
+        // Before consistency: no LSN, but segments keep arriving from the archive.
+        for i in 0..100 {
+            assert_eq!(w.observe(at(i * 60, None, i as usize)), Verdict::KeepWaiting, "minute {i}");
+        }
+        // Hours of steady replay: no fixed bound.
+        for i in 0..300u64 {
+            assert_eq!(w.observe(at(6000 + i * 60, Some(i << 20), 100)), Verdict::KeepWaiting);
+        }
+        let stuck = 6000 + 299 * 60;
+        assert_eq!(w.observe(at(stuck + 599, Some(299 << 20), 100)), Verdict::KeepWaiting);
+        let Verdict::GiveUp(why) = w.observe(at(stuck + 600, Some(299 << 20), 100)) else {
+            panic!("ten minutes without progress must give up")
+        };
+        assert!(why.contains("no progress for 10m") && why.contains("--stall-timeout"), "{why}");
+        assert!(why.contains(&Lsn(299 << 20).to_string()), "{why}");
+    }
+
+    #[test]
+    fn a_failing_restore_command_is_no_progress() {
+        // The log grows with errors but no segment is restored and the LSN stands still.
+        let mut w = ReplayWatch::new(None, Duration::from_secs(120), None);
+        assert_eq!(w.observe(at(0, Some(5), 3)), Verdict::KeepWaiting);
+        assert_eq!(w.observe(at(119, Some(5), 3)), Verdict::KeepWaiting);
+        assert!(matches!(w.observe(at(120, Some(5), 3)), Verdict::GiveUp(_)));
+    }
+
+    #[test]
+    fn the_overall_bound_applies_even_while_progressing() {
+        let mut w = ReplayWatch::new(Some(Duration::from_secs(3600)), Duration::from_secs(600), None);
+        for i in 0..60u64 {
+            assert_eq!(w.observe(at(i * 60, Some(i << 20), 0)), Verdict::KeepWaiting);
+        }
+        let Verdict::GiveUp(why) = w.observe(at(3600, Some(61 << 20), 0)) else { panic!("the bound is an hour") };
+        assert!(why.contains("--start-timeout 1h"), "{why}");
+    }
+
+    #[test]
+    fn progress_reports_the_rate_and_the_eta() {
+        let mut w = ReplayWatch::new(None, Duration::from_secs(600), Some(Lsn(200 << 20)));
+        w.observe(at(10, Some(100 << 20), 0));
+        w.observe(at(20, Some(110 << 20), 0));
+        let line = w.progress("target");
+        // 10 MiB in 10 s: 1 MiB/s, 90 MiB left: 90 s.
+        assert!(line.contains("1.0 MiB/s") || line.contains("1 MiB/s"), "{line}");
+        assert!(line.contains("ETA 1m 30s to target"), "{line}");
+        assert!(line.contains("20s elapsed"), "{line}");
+        // Nothing known yet: no rate, no ETA, still the target.
+        let w = ReplayWatch::new(None, Duration::from_secs(600), Some(Lsn(1)));
+        assert!(!w.progress("archive end").contains("ETA"));
+    }
     #[test]
     fn target_times() {
         let want = chrono::DateTime::parse_from_rfc3339("2024-07-15T15:17:54Z").unwrap();

@@ -35,6 +35,9 @@ impl Drop for MarkerGuard {
     }
 }
 
+/// How long a cancelled backup waits for its uploads to abort.
+const UPLOADS_ABORT_WAIT: Duration = Duration::from_secs(30);
+
 pub struct PushOptions {
     pub pg: tokio_postgres::Config,
     /// The data directory as this process sees it (default: `SHOW data_directory`).
@@ -175,34 +178,57 @@ pub(super) fn produce_stream(
     Ok(entries)
 }
 
-/// Uploads what one stream produces.
+/// Uploads what one stream produces. Every part's multipart upload is either finished or
+/// aborted: on an upload error, when `stop` is cancelled (the backup was cancelled or its future
+/// dropped), and when the producer stops in the middle of a part.
 pub(super) async fn upload_stream(
     repo: Repository,
     codec: Codec,
     mut rx: mpsc::Receiver<Msg>,
+    stop: tokio_util::sync::CancellationToken,
 ) -> Result<Vec<PartEntry>, BackupError> {
     let mut parts = Vec::new();
     let mut current: Option<(Box<dyn walnut_storage::ObjectWriter>, String, u64)> = None;
+    let abandoned = || BackupError::Abandoned("walnut was asked to stop".into());
+    // Only waits are raced with `stop`: starting an upload and completing one are not (each is
+    // bounded by the store's deadline), since a dropped start or completion request can leave an
+    // upload open that no one knows the ID of.
     let result = async {
-        while let Some(msg) = rx.recv().await {
+        loop {
+            let msg = tokio::select! {
+                m = rx.recv() => m,
+                _ = stop.cancelled() => return Err(abandoned()),
+            };
+            let Some(msg) = msg else { return Ok(()) };
             match msg {
                 Msg::Start(key) => {
-                    let mut w = repo.store().put_writer(&key).await?;
+                    let w = repo.store().put_writer(&key).await?;
                     let header = envelope::stream_header(codec);
                     let n = header.len() as u64;
-                    w.write(header.into()).await?;
-                    current = Some((w, key, n));
+                    let (w, _, _) = current.insert((w, key, n));
+                    tokio::select! {
+                        r = w.write(header.into()) => r?,
+                        _ = stop.cancelled() => return Err(abandoned()),
+                    }
                 }
                 Msg::Data(b) => {
                     let (w, _, n) = current.as_mut().expect("part started");
                     *n += b.len() as u64;
-                    w.write(b).await?;
+                    tokio::select! {
+                        r = w.write(b) => r?,
+                        _ = stop.cancelled() => return Err(abandoned()),
+                    }
                 }
                 Msg::End { content_len, sha256 } => {
-                    let (mut w, key, n) = current.take().expect("part started");
+                    let (w, _, n) = current.as_mut().expect("part started");
                     let trailer = envelope::stream_trailer(content_len, sha256);
-                    let stored = n + trailer.len() as u64;
-                    w.write(trailer.into()).await?;
+                    let stored = *n + trailer.len() as u64;
+                    tokio::select! {
+                        r = w.write(trailer.into()) => r?,
+                        _ = stop.cancelled() => return Err(abandoned()),
+                    }
+                    // finish aborts the upload itself when it fails.
+                    let (w, key, _) = current.take().expect("part started");
                     w.finish().await?;
                     parts.push(PartEntry {
                         key,
@@ -214,16 +240,14 @@ pub(super) async fn upload_stream(
                 }
             }
         }
-        Ok::<_, BackupError>(())
     }
     .await;
-    if let Err(e) = result {
-        if let Some((w, _, _)) = current.take() {
-            let _ = w.abort().await;
-        }
-        return Err(e);
+    // A part still open here was cut short (an error, a stop, or a producer that failed and
+    // dropped its sender; its own error is the one reported): discard its upload.
+    if let Some((w, _, _)) = current.take() {
+        let _ = w.abort().await;
     }
-    Ok(parts)
+    result.map(|()| parts)
 }
 
 pub(super) fn parse_label_field<'a>(label: &'a str, field: &str) -> Option<&'a str> {
@@ -319,11 +343,17 @@ pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>
         }),
         heartbeat: Some(heartbeat),
     };
-    let inner = push_inner(repo, opts, &client, &id, &pgdata, started, &server, progress);
+    let uploads = tokio_util::task::TaskTracker::new();
+    let inner = push_inner(repo, opts, &client, &id, &pgdata, started, &server, progress, &uploads);
     let result = tokio::select! {
         r = inner => r,
         _ = opts.cancel.cancelled() => Err(BackupError::Abandoned("walnut was asked to stop".into())),
     };
+    // The uploads of a cancelled backup abort their multipart uploads; wait for that (each
+    // abort is bounded by the store's deadline) so that nothing is left open when the process
+    // exits right after.
+    uploads.close();
+    let _ = tokio::time::timeout(UPLOADS_ABORT_WAIT, uploads.wait()).await;
     guard.disarm();
     let _ = repo.store().delete(layout::BACKUP_LOCK).await;
     match result {
@@ -358,6 +388,7 @@ pub(super) async fn push_inner(
     started: chrono::DateTime<chrono::Utc>,
     server: &ServerInfo,
     progress: Arc<Progress>,
+    uploads: &tokio_util::task::TaskTracker,
 ) -> Result<Manifest, BackupError> {
     let ServerInfo { version_num, major, seg, sysid } = server;
     let (version_num, major, seg) = (*version_num, *major, *seg);
@@ -377,6 +408,9 @@ pub(super) async fn push_inner(
     progress.total.store(files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
 
     let streams = balance(files, opts.parallel);
+    // Cancelled with the backup, or when this future is dropped: the uploads then abort.
+    let stop = opts.cancel.child_token();
+    let _stop_when_dropped = stop.clone().drop_guard();
     let mut producers = Vec::new();
     let mut uploaders = Vec::new();
     for (i, files) in streams.into_iter().enumerate() {
@@ -384,7 +418,7 @@ pub(super) async fn push_inner(
         let (id, codec, part_size, progress) = (id.to_string(), opts.codec, opts.part_size, progress.clone());
         producers
             .push(tokio::task::spawn_blocking(move || produce_stream(&id, i, files, codec, part_size, tx, &progress)));
-        uploaders.push(tokio::spawn(upload_stream(repo.clone(), opts.codec, rx)));
+        uploaders.push(uploads.spawn(upload_stream(repo.clone(), opts.codec, rx, stop.clone())));
     }
     let mut file_entries = Vec::new();
     let mut parts = Vec::new();
