@@ -46,16 +46,7 @@ fn a_cancelled_backup_leaves_no_open_multipart_upload() {
     let env = Env::with_extra(Backend::S3, "compression = \"none\"\n[backup]\nparallel = 2\npart_size_mb = 1\n");
     let pg = env.cluster();
     pg.sql("CREATE TABLE big AS SELECT g, md5(g::text) || md5((g + 1)::text) AS h FROM generate_series(1, 250000) g");
-    let child = std::process::Command::new(walnut_bin())
-        .arg("--config")
-        .arg(&env.config)
-        .args(["backup-push", "--pgdata", pg.pgdata.to_str().unwrap()])
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", pg.port.to_string())
-        .env("PGUSER", "postgres")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = backup_push_cmd(&env, &pg).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Mid-stream: a part is complete and another upload is open.
     PgCluster::wait_for("a part uploaded and another upload open", WAIT, || {
         finished_parts(&env) >= 1 && !open_uploads(&env).is_empty()

@@ -405,15 +405,7 @@ fn interrupted_backup_is_never_done() {
     let env = Env::with_extra(Backend::File, "[backup]\nparallel = 1\npart_size_mb = 1\n");
     let pg = env.cluster();
     pg.sql("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 300000) g");
-    let mut child = std::process::Command::new(walnut_bin())
-        .arg("--config")
-        .arg(&env.config)
-        .args(["backup-push", "--pgdata", pg.pgdata.to_str().unwrap()])
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", pg.port.to_string())
-        .env("PGUSER", "postgres")
-        .spawn()
-        .unwrap();
+    let mut child = backup_push_cmd(&env, &pg).spawn().unwrap();
     // Kill it once it has written a part (a file below backups/<id>/data/).
     let backups = env.dir.path().join("repo/backups");
     PgCluster::wait_for("the backup to write a part", WAIT, || {
@@ -762,13 +754,7 @@ fn two_backups_at_once_one_is_refused() {
     pg.sql("ALTER SYSTEM SET archive_command = 'false'");
     pg.sql("SELECT pg_reload_conf()");
     let spawn = || {
-        std::process::Command::new(walnut_bin())
-            .arg("--config")
-            .arg(&env.config)
-            .args(["backup-push", "--pgdata", pg.pgdata.to_str().unwrap()])
-            .env("PGHOST", "127.0.0.1")
-            .env("PGPORT", pg.port.to_string())
-            .env("PGUSER", "postgres")
+        backup_push_cmd(&env, &pg)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

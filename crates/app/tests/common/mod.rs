@@ -210,6 +210,18 @@ pub fn restore_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
     (d, p)
 }
 
+/// `walnut backup-push` of `pg` with this environment's config, ready to run or spawn.
+pub fn backup_push_cmd(env: &Env, pg: &PgCluster) -> Command {
+    let mut c = Command::new(walnut_bin());
+    c.arg("--config")
+        .arg(&env.config)
+        .args(["backup-push", "--pgdata", pg.pgdata.to_str().unwrap()])
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", pg.port.to_string())
+        .env("PGUSER", "postgres");
+    c
+}
+
 /// Takes a backup with walnut against `pg`.
 pub fn backup_push(env: &Env, pg: &PgCluster, name: Option<&str>) -> Output {
     let mut args = vec!["backup-push".to_string(), "--pgdata".into(), pg.pgdata.display().to_string()];
