@@ -41,16 +41,14 @@ pub fn pg_config(url: Option<&str>) -> Result<tokio_postgres::Config> {
     Ok(c)
 }
 
-/// Connects, spawning the connection task.
+/// Connects (core's session: bounded, the connection driven on its own task).
 pub async fn connect(c: &tokio_postgres::Config) -> Result<tokio_postgres::Client> {
-    let (client, conn) = tokio::time::timeout(Duration::from_secs(15), c.connect(tokio_postgres::NoTls))
-        .await
-        .map_err(|_| anyhow::anyhow!("connect to PostgreSQL: timed out"))?
-        .map_err(|e| anyhow::anyhow!("connect to PostgreSQL: {}", walnut_core::backup::pg_error(&e)))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    walnut_core::backup::connect(c).await.map_err(|e| match e {
+        walnut_core::backup::BackupError::Postgres(m) => {
+            anyhow::anyhow!("connect to PostgreSQL: {}", m.strip_prefix("connect: ").unwrap_or(&m))
+        }
+        other => anyhow::anyhow!("connect to PostgreSQL: {other}"),
+    })
 }
 
 /// The directory holding initdb, pg_ctl and postgres.

@@ -1,5 +1,6 @@
 //! Base backups and point-in-time restore, end to end: a real PostgreSQL 15, `file://` and the
-//! local S3 server.
+//! local S3 server. (A long file on purpose: one scenario per test, each starting its own cluster,
+//! with the shared helpers at the top.)
 
 mod common;
 

@@ -33,7 +33,7 @@ pub struct Identity {
     pub instance: Option<String>,
 }
 
-mod sysid_text {
+pub(crate) mod sysid_text {
     use serde::{Deserialize, Deserializer, Serializer};
     use walnut_pg::SystemId;
     pub fn serialize<S: Serializer>(v: &SystemId, s: S) -> Result<S::Ok, S::Error> {

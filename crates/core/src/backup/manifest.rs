@@ -48,7 +48,8 @@ pub struct Manifest {
     pub name: Option<String>,
     /// Taken by the agent's schedule (true) or on demand (false).
     pub scheduled: bool,
-    pub system_identifier: String,
+    #[serde(with = "crate::repo::sysid_text")]
+    pub system_identifier: SystemId,
     pub pg_version_num: u32,
     pub pg_major: PgMajor,
     pub wal_segment_size: u64,

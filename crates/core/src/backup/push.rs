@@ -485,7 +485,10 @@ pub(super) async fn push_inner(
         id: id.to_string(),
         name: opts.name.clone(),
         scheduled: opts.scheduled,
-        system_identifier: sysid.to_string(),
+        system_identifier: sysid
+            .parse()
+            .map(SystemId)
+            .map_err(|_| BackupError::Invalid(format!("bad system identifier {sysid}")))?,
         pg_version_num: version_num,
         pg_major: major,
         wal_segment_size: seg.bytes(),

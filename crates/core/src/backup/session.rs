@@ -1,8 +1,10 @@
-//! The PostgreSQL session a backup runs in: connecting, and error text with detail.
+//! The PostgreSQL session walnut works in (a backup's, and every other command's: the binary
+//! connects through [`connect`] too): connecting with a bound, and error text with detail.
 
 use super::*;
 
-pub(super) async fn connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, BackupError> {
+/// Connects (at most 30 s) and drives the connection on its own task.
+pub async fn connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, BackupError> {
     let (client, conn) = tokio::time::timeout(Duration::from_secs(30), pg.connect(tokio_postgres::NoTls))
         .await
         .map_err(|_| BackupError::Postgres("connect: timed out after 30s".into()))?
