@@ -27,7 +27,10 @@ fn main() {
                 State::Done
             };
             Candidate {
-                id: format!("{}", (t0 + Days::hours(i as i64)).format("%Y%m%dT%H%M%S")),
+                id: walnut_core::backup::BackupId::parse(
+                    &(t0 + Days::hours(i as i64)).format("%Y%m%dT%H%M%S").to_string(),
+                )
+                .expect("an ID"),
                 state,
                 time: t0 + Days::hours(i as i64),
                 start: Lsn(size.bytes() * (i as u64 * step + 1)),

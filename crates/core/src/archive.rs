@@ -124,7 +124,7 @@ pub fn timelines(c: &Contents, now: DateTime<Utc>) -> Vec<TimelineReport> {
             first_commit: sums.iter().filter_map(|s| s.first_commit).min().map(|t| t.to_rfc3339()),
             last_commit: sums.iter().filter_map(|s| s.last_commit).max().map(|t| t.to_rfc3339()),
             restore_points: sums.iter().flat_map(|s| s.restore_points.clone()).collect(),
-            backups: points.iter().filter(|b| b.tli == t).map(|b| b.id.clone()).collect(),
+            backups: points.iter().filter(|b| b.tli == t).map(|b| b.id.to_string()).collect(),
             restorable,
         });
     }
@@ -169,7 +169,7 @@ pub async fn verify(repo: &Repository, deep: bool, now: DateTime<Utc>) -> Result
     let mut backups = Vec::new();
     let newest_tli = inv.segments.keys().chain(inv.histories.keys()).max().copied();
     for b in points {
-        let req = Request { target: Target::Latest, backup: Some(b.id.clone()), timeline: TimelineChoice::Latest };
+        let req = Request { target: Target::Latest, backup: Some(b.id.to_string()), timeline: TimelineChoice::Latest };
         let status = match (plan::plan(points, inv, size, &req, now), first_gap(inv, b, size)) {
             (Ok(p), None) => format!(
                 "PITR possible up to {} (LSN {})",
@@ -185,7 +185,7 @@ pub async fn verify(repo: &Repository, deep: bool, now: DateTime<Utc>) -> Result
                 format!("not restorable: {e}")
             }
         };
-        backups.push(BackupVerdict { backup: b.id.clone(), timeline: b.tli.0, status });
+        backups.push(BackupVerdict { backup: b.id.to_string(), timeline: b.tli.0, status });
     }
     // History files agree with the segments: the parent exists and the child starts at the switch.
     for (t, h) in &inv.histories {

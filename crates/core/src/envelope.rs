@@ -533,7 +533,7 @@ mod tests {
                     let at = p % o.len();
                     o[at] = *b;
                 }
-                Mutation::MetaLen(l) if o.len() > 10 + o[5] as usize => o = meta_len_patched(&o, *l),
+                Mutation::MetaLen(l) if o.len() > 5 && o.len() > 10 + o[5] as usize => o = meta_len_patched(&o, *l),
                 Mutation::ContentLen(l) if o.len() >= TRAILER => o = declaring(&o, *l),
                 Mutation::Truncate(n) => o.truncate(n % (o.len() + 1)),
                 Mutation::Extend(b) => o.extend_from_slice(b),

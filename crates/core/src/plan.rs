@@ -49,7 +49,7 @@ pub fn parse_target_time(text: &str) -> Result<DateTime<Utc>, String> {
 
 #[derive(Debug, Clone)]
 pub struct BackupPoint {
-    pub id: String,
+    pub id: crate::backup::BackupId,
     pub name: Option<String>,
     pub tli: TimelineId,
     pub start: Lsn,
@@ -150,7 +150,7 @@ impl std::fmt::Display for Range {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
-    pub backup_id: String,
+    pub backup_id: crate::backup::BackupId,
     pub backup_name: Option<String>,
     pub backup_timeline: TimelineId,
     pub backup_end_lsn: Lsn,

@@ -19,7 +19,7 @@ pub use crate::backup::Status as State;
 
 #[derive(Debug, Clone)]
 pub struct Candidate {
-    pub id: String,
+    pub id: crate::backup::BackupId,
     pub state: State,
     /// Consistency time (DONE) or last sign of life (RUNNING/FAILED).
     pub time: DateTime<Utc>,
@@ -46,7 +46,7 @@ pub enum Rule {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Decision {
-    pub id: String,
+    pub id: crate::backup::BackupId,
     pub keep: bool,
     pub reason: String,
 }
@@ -277,7 +277,7 @@ mod tests {
         fn invariants(days in proptest::collection::vec((0i64..400, 0u8..10), 1..30), window in 1u64..60, redundancy in 0u32..5, now_day in 0i64..500) {
             let bs: Vec<Candidate> = days.iter().enumerate().map(|(i, (d, s))| {
                 let state = match s { 0 => State::Running, 1 => State::Failed, _ => State::Done };
-                Candidate { id: format!("b{i}"), state, time: day(*d), start: Lsn((*d as u64 + 1) << 24) }
+                Candidate { id: format!("b{i}").as_str().into(), state, time: day(*d), start: Lsn((*d as u64 + 1) << 24) }
             }).collect();
             let policy = Policy { recovery_window: Duration::from_secs(window * 86400), minimum_redundancy: redundancy };
             let now = day(now_day.max(days.iter().map(|d| d.0).max().unwrap()));

@@ -358,7 +358,7 @@ mod tests {
 
     fn info(id: &str, scheduled: bool, start: &str, end: &str) -> backup::BackupInfo {
         backup::BackupInfo {
-            id: id.into(),
+            id: walnut_core::backup::BackupId::parse(id).expect("a backup ID"),
             status: Status::Done,
             error: None,
             manifest: Some(backup::ManifestSummary {
@@ -384,8 +384,8 @@ mod tests {
     #[test]
     fn the_schedule_is_anchored_on_starts() {
         let list = [
-            info("A", true, "2026-01-01T00:00:00Z", "2026-01-01T09:00:00Z"),
-            info("B", false, "2026-01-01T12:00:00Z", "2026-01-01T12:10:00Z"),
+            info("20260101T000000", true, "2026-01-01T00:00:00Z", "2026-01-01T09:00:00Z"),
+            info("20260101T120000", false, "2026-01-01T12:00:00Z", "2026-01-01T12:10:00Z"),
         ];
         let anchor = schedule_anchor(&list).unwrap();
         assert_eq!(anchor.to_rfc3339(), "2026-01-01T00:00:00+00:00");

@@ -61,7 +61,7 @@ pub async fn list(ctx: &Ctx, detail: bool) -> Result<()> {
     for b in &all {
         let m = b.manifest.as_ref();
         let mut row = vec![
-            b.id.clone(),
+            b.id.to_string(),
             m.and_then(|m| m.name.clone()).unwrap_or_else(|| "-".into()),
             b.status.to_string(),
             m.map(|m| m.end_time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)).unwrap_or_else(|| "-".into()),

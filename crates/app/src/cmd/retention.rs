@@ -80,7 +80,7 @@ async fn apply(ctx: &Ctx, repo: &walnut_core::Repository, rule: &Rule, confirm: 
         let rows: Vec<Vec<String>> = plan
             .backups
             .iter()
-            .map(|d| vec![d.id.clone(), if d.keep { "keep".into() } else { "DELETE".into() }, d.reason.clone()])
+            .map(|d| vec![d.id.to_string(), if d.keep { "keep".into() } else { "DELETE".into() }, d.reason.clone()])
             .collect();
         print_table(&["ID", "ACTION", "REASON"], &rows);
         println!(

@@ -28,7 +28,8 @@ pub async fn list(repo: &Repository) -> Result<Vec<BackupInfo>, BackupError> {
     let mut ids: Vec<_> = ids.into_iter().collect();
     ids.sort_by(|a, b| a.0.cmp(&b.0));
     let loaded = futures::stream::iter(ids)
-        .map(|(id, (has_manifest, marker))| async move {
+        .map(|(key_id, (has_manifest, marker))| async move {
+            let id = BackupId::new_unchecked(key_id);
             if has_manifest {
                 let m = load_manifest(repo, &id).await?;
                 return Ok(BackupInfo { id, status: Status::Done, manifest: Some((&m).into()), error: None });

@@ -44,7 +44,7 @@ impl Tablespace {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
-    pub id: String,
+    pub id: crate::backup::BackupId,
     pub name: Option<String>,
     /// Taken by the agent's schedule (true) or on demand (false).
     pub scheduled: bool,
@@ -98,7 +98,7 @@ impl std::fmt::Display for Status {
 /// One line of a listing.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupInfo {
-    pub id: String,
+    pub id: crate::backup::BackupId,
     pub status: Status,
     #[serde(flatten)]
     pub manifest: Option<ManifestSummary>,

@@ -38,6 +38,67 @@ mod session;
 mod source;
 
 pub use catalog::*;
+
+/// A backup's ID: the UTC time it started, `YYYYMMDDTHHMMSS`, with `-N` when several started in
+/// the same second. Serializes as that text.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BackupId(String);
+
+impl BackupId {
+    /// `Some` only for text shaped like a backup ID.
+    pub fn parse(text: &str) -> Option<BackupId> {
+        layout::is_backup_id(text).then(|| BackupId(text.to_string()))
+    }
+
+    /// Builds an ID known to be well formed (a claimed one, or one read back from a key).
+    pub(crate) fn new_unchecked(text: String) -> BackupId {
+        BackupId(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for BackupId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for BackupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Tests name backups freely ("A", "b").
+#[cfg(test)]
+impl From<&str> for BackupId {
+    fn from(s: &str) -> BackupId {
+        BackupId(s.to_string())
+    }
+}
+
+impl PartialEq<str> for BackupId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<String> for BackupId {
+    fn eq(&self, other: &String) -> bool {
+        &self.0 == other
+    }
+}
+
+impl PartialEq<&str> for BackupId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
 pub use fetch::*;
 pub use manifest::*;
 pub use push::*;

@@ -482,7 +482,7 @@ pub(super) async fn push_inner(
     }
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
-        id: id.to_string(),
+        id: BackupId::new_unchecked(id.to_string()),
         name: opts.name.clone(),
         scheduled: opts.scheduled,
         system_identifier: sysid
