@@ -49,6 +49,8 @@ pub struct FaultStats {
     pub stalled: u64,
     /// Response bodies throttled.
     pub throttled: u64,
+    /// Response body bytes passed on to clients.
+    pub body_bytes: u64,
 }
 
 impl FaultStats {
@@ -65,6 +67,9 @@ struct Shared {
     eligible: AtomicU64,
     stats: Mutex<FaultStats>,
     stop: AtomicBool,
+    /// Bumped by [`FaultProxy::cut_open_bodies`]: bodies started before are cut.
+    cut_generation: AtomicU64,
+    body_bytes: AtomicU64,
 }
 
 /// The running proxy; stops accepting when dropped.
@@ -88,6 +93,8 @@ impl FaultProxy {
             eligible: AtomicU64::new(0),
             stats: Mutex::new(FaultStats::default()),
             stop: AtomicBool::new(false),
+            cut_generation: AtomicU64::new(0),
+            body_bytes: AtomicU64::new(0),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -118,7 +125,15 @@ impl FaultProxy {
     }
 
     pub fn stats(&self) -> FaultStats {
-        *self.shared.stats.lock().unwrap()
+        let mut s = *self.shared.stats.lock().unwrap();
+        s.body_bytes = self.shared.body_bytes.load(Ordering::SeqCst);
+        s
+    }
+
+    /// Cuts every response body being passed on right now (at its next piece), whatever the
+    /// mode: a break in the middle of a long download.
+    pub fn cut_open_bodies(&self) {
+        self.shared.cut_generation.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -283,6 +298,8 @@ fn forward(s: &Shared, mut client: TcpStream, fault: Fault) {
     };
     let mut sent = 0u64;
     let started = Instant::now();
+    let generation = s.cut_generation.load(Ordering::SeqCst);
+    let cut_now = || s.cut_generation.load(Ordering::SeqCst) != generation;
     let mut pending = body_start;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -294,10 +311,8 @@ fn forward(s: &Shared, mut client: TcpStream, fault: Fault) {
         } else {
             std::mem::take(&mut pending)
         };
-        if let Some(at) = cut
-            && sent + data.len() as u64 >= at
-        {
-            data.truncate((at - sent) as usize);
+        if cut_now() || cut.is_some_and(|at| sent + data.len() as u64 >= at) {
+            data.truncate(cut.map_or(0, |at| at.saturating_sub(sent)) as usize);
             let _ = client.write_all(&data);
             let _ = client.flush();
             count(s, |c| c.resets += 1);
@@ -312,6 +327,7 @@ fn forward(s: &Shared, mut client: TcpStream, fault: Fault) {
                     break;
                 }
                 sent += data.len() as u64;
+                s.body_bytes.fetch_add(data.len() as u64, Ordering::SeqCst);
             }
             Some(bps) => {
                 // Small slices, each sent no earlier than the rate allows.
@@ -321,12 +337,20 @@ fn forward(s: &Shared, mut client: TcpStream, fault: Fault) {
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
                         std::thread::sleep(wait);
                     }
+                    if cut_now() {
+                        count(s, |c| c.resets += 1);
+                        let _ = client.shutdown(Shutdown::Both);
+                        let _ = upstream.shutdown(Shutdown::Both);
+                        let _ = up.join();
+                        return;
+                    }
                     if client.write_all(piece).is_err() {
                         let _ = upstream.shutdown(Shutdown::Both);
                         let _ = up.join();
                         return;
                     }
                     sent += piece.len() as u64;
+                    s.body_bytes.fetch_add(piece.len() as u64, Ordering::SeqCst);
                 }
             }
         }
