@@ -129,3 +129,55 @@ async fn a_slow_download_broken_late_resumes_byte_identical() {
     assert!(got == data[..], "byte-identical after resuming ({} of {} bytes)", got.len(), data.len());
     assert!(proxy.stats().resets >= 1, "{:?}", proxy.stats());
 }
+
+/// Starts a throttled download and waits until more than `bytes` of it went through.
+async fn download_started(
+    proxy: &FaultProxy,
+    store: &DynStore,
+    bytes: u64,
+) -> tokio::task::JoinHandle<walnut_storage::Result<Vec<u8>>> {
+    proxy.set(Fault::Throttle(650_000));
+    let before = proxy.stats().body_bytes;
+    let task = {
+        let store = store.clone();
+        tokio::spawn(async move { download(&store).await })
+    };
+    let wait_until = Instant::now() + Duration::from_secs(20);
+    while proxy.stats().body_bytes - before < bytes {
+        assert!(Instant::now() < wait_until, "the download makes progress: {:?}", proxy.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task
+}
+
+/// A body that goes silent mid-way (the connection stays open) is given up after
+/// request_timeout without a byte, and the rest is fetched from the byte reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_that_goes_silent_mid_body_resumes_byte_identical() {
+    let (_s3, proxy, store, data) = setup().await;
+    let task = download_started(&proxy, &store, 1 << 20).await;
+    proxy.set(Fault::PassThrough);
+    proxy.stall_open_bodies();
+    let got = task.await.unwrap().expect("the download resumes after the link went silent");
+    assert!(got == data[..], "byte-identical after resuming ({} of {} bytes)", got.len(), data.len());
+    assert!(proxy.stats().stalled >= 1, "{:?}", proxy.stats());
+}
+
+/// A body that goes silent mid-way for good fails within the deadline of a silent chunk, with a
+/// timeout error naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_silent_for_good_fails_in_bounded_time_naming_the_key() {
+    let (_s3, proxy, store, _) = setup().await;
+    let task = download_started(&proxy, &store, 1 << 20).await;
+    proxy.set(Fault::Stall);
+    proxy.stall_open_bodies();
+    let t = Instant::now();
+    let e = task.await.unwrap().expect_err("nothing more ever arrives");
+    let took = t.elapsed();
+    let text = e.to_string();
+    eprintln!("silent download failed {took:?} after the link went silent: {text}");
+    assert!(took < DEADLINE + Duration::from_secs(2), "bounded: {took:?} ({text})");
+    assert!(e.is_retryable(), "{e:?}");
+    assert!(text.contains(KEY), "names the key: {text}");
+    assert!(text.contains("timed out") || text.contains("gave up after"), "says it timed out: {text}");
+}

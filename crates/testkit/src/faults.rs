@@ -69,6 +69,8 @@ struct Shared {
     stop: AtomicBool,
     /// Bumped by [`FaultProxy::cut_open_bodies`]: bodies started before are cut.
     cut_generation: AtomicU64,
+    /// Bumped by [`FaultProxy::stall_open_bodies`]: bodies started before go silent.
+    stall_generation: AtomicU64,
     body_bytes: AtomicU64,
 }
 
@@ -94,6 +96,7 @@ impl FaultProxy {
             stats: Mutex::new(FaultStats::default()),
             stop: AtomicBool::new(false),
             cut_generation: AtomicU64::new(0),
+            stall_generation: AtomicU64::new(0),
             body_bytes: AtomicU64::new(0),
         });
         let s = shared.clone();
@@ -128,6 +131,12 @@ impl FaultProxy {
         let mut s = *self.shared.stats.lock().unwrap();
         s.body_bytes = self.shared.body_bytes.load(Ordering::SeqCst);
         s
+    }
+
+    /// Every throttled response body being passed on right now goes silent (at its next piece), the
+    /// connection left open until the client gives up: a link that stops mid-download.
+    pub fn stall_open_bodies(&self) {
+        self.shared.stall_generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Cuts every response body being passed on right now (at its next piece), whatever the
@@ -300,6 +309,8 @@ fn forward(s: &Shared, mut client: TcpStream, fault: Fault) {
     let started = Instant::now();
     let generation = s.cut_generation.load(Ordering::SeqCst);
     let cut_now = || s.cut_generation.load(Ordering::SeqCst) != generation;
+    let stall_generation = s.stall_generation.load(Ordering::SeqCst);
+    let stall_now = || s.stall_generation.load(Ordering::SeqCst) != stall_generation;
     let mut pending = body_start;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -336,6 +347,15 @@ fn forward(s: &Shared, mut client: TcpStream, fault: Fault) {
                     let due = Duration::from_secs_f64((sent + piece.len() as u64) as f64 / bps as f64);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
                         std::thread::sleep(wait);
+                    }
+                    if stall_now() {
+                        count(s, |c| c.stalled += 1);
+                        // Silence: wait for the client to close its side (the request copier
+                        // ends then), sending nothing.
+                        let _ = up.join();
+                        let _ = client.shutdown(Shutdown::Both);
+                        let _ = upstream.shutdown(Shutdown::Both);
+                        return;
                     }
                     if cut_now() {
                         count(s, |c| c.resets += 1);
