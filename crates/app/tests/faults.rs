@@ -217,7 +217,43 @@ fn fault_matrix() {
         assert!(ok, "slow link: {fetched:?}");
     }
 
-    // 4 and 5. A short stall, then a short outage: archiving fails (bounded) while it lasts and
+    // 4. The link goes silent in the middle of a backup download, for good: backup-fetch fails
+    // within its bound with a timeout naming the object (not a corruption) and leaves nothing.
+    {
+        let latest = done_backups(&env, &mut t).pop().unwrap();
+        let (_d, dest) = restore_dir("silent");
+        proxy.set(Fault::Throttle(THROTTLE));
+        let before = proxy.stats();
+        let started = Instant::now();
+        let child = Command::new(walnut_bin())
+            .arg("--config")
+            .arg(&env.config)
+            .args(["backup-fetch", dest.to_str().unwrap(), &latest])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for("the download to be under way", || proxy.stats().body_bytes - before.body_bytes > 512 << 10);
+        proxy.set(Fault::Stall);
+        proxy.stall_open_bodies();
+        let o = child.wait_with_output().unwrap();
+        let took = started.elapsed();
+        t.0.push((format!("backup-fetch {latest} (link silent)"), took, MANY_OBJECTS_BOUND));
+        proxy.set(Fault::PassThrough);
+        let e = stderr(&o);
+        let left_empty = !dest.exists() || std::fs::read_dir(&dest).unwrap().next().is_none();
+        let clear = e.contains("backups/") && (e.contains("gave up after") || e.contains("timed out"));
+        let ok = !o.status.success() && clear && !e.contains("corrupt") && left_empty;
+        injected += 1;
+        survived += ok as u32;
+        report.push(format!(
+            "silent mid-download: backup-fetch failed after {took:?}, clear={clear}, left empty={left_empty}: {}",
+            e.trim().lines().last().unwrap_or("")
+        ));
+        assert!(ok, "silent link: exit {:?}, left empty {left_empty}: {e}", o.status.code());
+    }
+
+    // 5 and 6. A short stall, then a short outage: archiving fails (bounded) while it lasts and
     // catches up after; a backup-push under the fault fails in bounded time and is not DONE.
     for fault in [Fault::Stall, Fault::Outage] {
         let before = proxy.stats();
