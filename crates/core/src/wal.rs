@@ -217,15 +217,22 @@ impl WalPusher {
         let (object, sum) = cpu(move || (envelope::encode(&content, &meta, codec), envelope::sha256(&content))).await;
         let size = object.len() as u64;
         match self.repo.put_new(&key, object).await {
-            Ok(()) => Ok((true, size)),
-            Err(StorageError::AlreadyExists { .. }) => {
-                let stored = self.repo.store().get(&key).await?;
-                match same_sum(&stored, &sum) {
-                    Ok(()) => Ok((false, stored.len() as u64)),
-                    Err((stored, ours)) => Err(WalError::Conflict { name: p.name.to_string(), stored, ours }),
+            Ok(()) => return Ok((true, size)),
+            Err(StorageError::AlreadyExists { .. }) => {}
+            // A store may refuse a create-only PUT of an existing key before it has read the body
+            // (an S3 server answering 412 at once): the client then sees a broken connection, not
+            // the refusal. If the object is there, this is a re-push: compare, as above; else the
+            // transport error stands (PostgreSQL retries).
+            Err(e) => {
+                if !matches!(self.repo.store().head(&key).await, Ok(Some(_))) {
+                    return Err(e.into());
                 }
             }
-            Err(e) => Err(e.into()),
+        }
+        let stored = self.repo.store().get(&key).await?;
+        match same_sum(&stored, &sum) {
+            Ok(()) => Ok((false, stored.len() as u64)),
+            Err((stored, ours)) => Err(WalError::Conflict { name: p.name.to_string(), stored, ours }),
         }
     }
 

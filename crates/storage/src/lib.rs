@@ -6,7 +6,8 @@
 //!   directory fsync. Create-only puts use `link(2)`, which fails atomically if the name exists.
 //! - [`remote::RemoteStore`] backs `s3://`, `gs://`, `az://` and `memory://` over `object_store`,
 //!   whose HTTP client retries transient failures with backoff inside a bounded time.
-//! - [`Bounded`] wraps any store so that every operation has a hard deadline: nothing hangs.
+//! - [`Bounded`] wraps any store so that every operation has a hard deadline: nothing hangs. A
+//!   streamed download is bounded by its idleness, not its length.
 //! - `conformance` (with the `testing` feature) is the one suite every backend must pass, one
 //!   function per behaviour.
 //! - [`StorageError`] says what went wrong by kind, whether a retry can help, and keeps the
@@ -368,7 +369,10 @@ impl BlobStore for Bounded {
     async fn get_stream(&self, key: &str) -> Result<ByteStream> {
         use futures::StreamExt;
         let stream = self.run("get", key, self.inner.get_stream(key)).await?;
-        // Each chunk must arrive within the deadline: a stalled download fails instead of hanging.
+        // The deadline bounds getting the response head (above) and each wait for the next chunk:
+        // a stalled download fails instead of hanging, while a body that keeps moving is never
+        // cut, however long it takes (a big part on a slow link). A remote store resumes a
+        // broken or idle body itself, within this per-chunk deadline.
         let (deadline, key) = (self.deadline, key.to_string());
         Ok(futures::stream::unfold((stream, false), move |(mut s, done)| {
             let key = key.clone();

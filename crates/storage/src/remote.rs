@@ -10,10 +10,19 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutOptions};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How many times in a row a streamed download resumes without receiving a byte in between.
+pub const RESUME_ATTEMPTS: u32 = 4;
 
 #[derive(Debug)]
 pub struct RemoteStore {
     inner: Arc<dyn ObjectStore>,
+    /// The client for streamed downloads: no bound on a whole request, a bound on the wait for
+    /// the response head and on each read (see [`RemoteStore::with_streaming`]).
+    streaming: Arc<dyn ObjectStore>,
+    /// How long a streamed body may go without a byte before it is resumed (or fails).
+    idle: Duration,
     /// The prefix inside the bucket, without leading or trailing `/` (may be empty).
     prefix: String,
     description: String,
@@ -78,7 +87,24 @@ fn transport_failure(e: &(dyn std::error::Error + 'static)) -> Option<bool> {
 
 impl RemoteStore {
     pub fn new(inner: Arc<dyn ObjectStore>, prefix: &str, description: String) -> RemoteStore {
-        RemoteStore { inner, prefix: prefix.trim_matches('/').to_string(), description }
+        RemoteStore {
+            streaming: inner.clone(),
+            inner,
+            prefix: prefix.trim_matches('/').to_string(),
+            description,
+            idle: Duration::from_secs(30),
+        }
+    }
+
+    /// Streams downloads through `streaming`, a client of the same store built without a
+    /// timeout on the whole request (a big part on a slow link streams for longer than any one
+    /// request may take) but with a read timeout, which bounds the wait for the response head
+    /// and each read of the body. A body that goes `idle` without a byte, or breaks, is resumed
+    /// with a range request from the byte reached, [`RESUME_ATTEMPTS`] times in a row at most.
+    pub fn with_streaming(mut self, streaming: Arc<dyn ObjectStore>, idle: Duration) -> RemoteStore {
+        self.streaming = streaming;
+        self.idle = idle;
+        self
     }
 
     /// An in-memory store, for tests.
@@ -194,9 +220,21 @@ impl BlobStore for RemoteStore {
     async fn get_stream(&self, key: &str) -> Result<ByteStream> {
         use futures::StreamExt;
         let path = self.path("get", key)?;
-        let r = self.inner.get(&path).await.map_err(|e| map_err("get", key, e))?;
-        let k = key.to_string();
-        Ok(r.into_stream().map(move |c| c.map_err(|e| map_err("get", &k, e))).boxed())
+        let r = self.streaming.get(&path).await.map_err(|e| map_err("get", key, e))?;
+        let resume = Resume {
+            store: self.streaming.clone(),
+            path,
+            key: key.to_string(),
+            e_tag: r.meta.e_tag.clone(),
+            size: r.meta.size,
+            offset: r.range.start,
+            end: r.range.end,
+            body: Some(r.into_stream()),
+            idle: self.idle,
+            attempts: 0,
+            done: false,
+        };
+        Ok(futures::stream::unfold(resume, |mut s| async move { s.next().await.map(|item| (item, s)) }).boxed())
     }
 
     async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
@@ -261,5 +299,101 @@ impl Drop for RemoteWriter {
                 let _ = inner.abort().await;
             });
         }
+    }
+}
+
+/// A streamed download that resumes: the body of one GET, and when it goes idle or breaks, a
+/// range request for the rest (same ETag: the same object), until the end is reached or
+/// [`RESUME_ATTEMPTS`] resumptions in a row brought nothing.
+struct Resume {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    key: String,
+    e_tag: Option<String>,
+    size: u64,
+    /// The next byte to deliver.
+    offset: u64,
+    /// One past the last byte wanted.
+    end: u64,
+    body: Option<futures::stream::BoxStream<'static, object_store::Result<Bytes>>>,
+    idle: Duration,
+    /// Resumptions since the last byte received.
+    attempts: u32,
+    done: bool,
+}
+
+impl Resume {
+    async fn next(&mut self) -> Option<Result<Bytes>> {
+        use futures::StreamExt;
+        loop {
+            if self.done {
+                return None;
+            }
+            let failure = match self.body.as_mut() {
+                Some(body) => match tokio::time::timeout(self.idle, body.next()).await {
+                    Ok(Some(Ok(bytes))) => {
+                        if !bytes.is_empty() {
+                            self.attempts = 0;
+                        }
+                        self.offset += bytes.len() as u64;
+                        return Some(Ok(bytes));
+                    }
+                    Ok(None) if self.offset >= self.end => {
+                        self.done = true;
+                        return None;
+                    }
+                    Ok(None) => StorageError::Unavailable {
+                        op: "download",
+                        key: self.key.clone(),
+                        source: Some(format!("the body ended at byte {} of {}", self.offset, self.end).into()),
+                    },
+                    Ok(Some(Err(e))) => map_err("download", &self.key, e),
+                    Err(_) => StorageError::Timeout { op: "download", key: self.key.clone(), after: self.idle },
+                },
+                None => match self.reopen().await {
+                    Ok(()) => continue,
+                    Err(e) => e,
+                },
+            };
+            self.body = None;
+            if self.offset >= self.end {
+                // Everything arrived; what broke came after the last byte.
+                self.done = true;
+                return None;
+            }
+            if !failure.is_retryable() || self.attempts >= RESUME_ATTEMPTS {
+                self.done = true;
+                return Some(Err(failure));
+            }
+            self.attempts += 1;
+            tracing::warn!(key = %self.key, offset = self.offset, attempt = self.attempts, error = %failure,
+                "download interrupted; resuming from the byte reached");
+        }
+    }
+
+    /// Asks for the rest of the object, from `offset`.
+    async fn reopen(&mut self) -> Result<()> {
+        let options = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(self.offset..self.end)),
+            if_match: self.e_tag.clone(),
+            ..Default::default()
+        };
+        let r = self.store.get_opts(&self.path, options).await.map_err(|e| map_err("download", &self.key, e))?;
+        if r.meta.size != self.size || r.range.start != self.offset {
+            return Err(StorageError::Other {
+                op: "download",
+                key: self.key.clone(),
+                retryable: false,
+                source: Some(
+                    format!(
+                        "resuming at byte {}: the store answered bytes {:?} of {} (expected size {})",
+                        self.offset, r.range, r.meta.size, self.size
+                    )
+                    .into(),
+                ),
+            });
+        }
+        self.body = Some(r.into_stream());
+        Ok(())
     }
 }

@@ -69,6 +69,18 @@ fn client_options(o: &StorageOptions, allow_http: bool) -> ClientOptions {
         .with_allow_http(allow_http)
 }
 
+/// The client for streamed downloads: no timeout on the whole request, since a big body on a
+/// slow link may stream for longer than `request_timeout` while bytes keep coming; instead the
+/// read timeout (reqwest's: it bounds the wait for the response head, then each read of the
+/// body) gives up on a silent link after `request_timeout`.
+fn streaming_client_options(o: &StorageOptions, allow_http: bool) -> ClientOptions {
+    ClientOptions::new()
+        .with_timeout_disabled()
+        .with_read_timeout(o.request_timeout)
+        .with_connect_timeout(o.request_timeout.min(Duration::from_secs(10)))
+        .with_allow_http(allow_http)
+}
+
 fn retry(o: &StorageOptions) -> RetryConfig {
     RetryConfig {
         backoff: BackoffConfig {
@@ -214,15 +226,17 @@ fn open_s3(repo: &str, url: &url::Url, o: &StorageOptions) -> Result<DynStore> {
         .with_virtual_hosted_style_request(!path_style)
         .with_client_options(client_options(o, allow_http))
         .with_retry(retry(o));
-    let inner = b.build().map_err(|e| StorageError::Config {
-        message: format!("{repo}: cannot set up the S3 client"),
-        source: Some(Box::new(e)),
-    })?;
+    let setup =
+        |e| StorageError::Config { message: format!("{repo}: cannot set up the S3 client"), source: Some(Box::new(e)) };
+    let streaming = b.clone().with_client_options(streaming_client_options(o, allow_http)).build().map_err(setup)?;
+    let inner = b.build().map_err(setup)?;
     let desc = match endpoint {
         Some(e) => format!("{repo} (endpoint {e})"),
         None => repo.to_string(),
     };
-    Ok(Arc::new(RemoteStore::new(Arc::new(inner), &prefix, desc)))
+    Ok(Arc::new(
+        RemoteStore::new(Arc::new(inner), &prefix, desc).with_streaming(Arc::new(streaming), o.request_timeout),
+    ))
 }
 
 /// Opens the store a repository URL names, wrapped in [`Bounded`].
@@ -255,16 +269,17 @@ pub fn open(repo: &str, o: &StorageOptions) -> Result<DynStore> {
                     b = b.with_config(key, v.expose());
                 }
             }
-            let inner = b
-                .with_bucket_name(&bucket)
-                .with_client_options(client_options(o, false))
-                .with_retry(retry(o))
-                .build()
-                .map_err(|e| StorageError::Config {
-                    message: format!("{repo}: cannot set up the Google Cloud Storage client"),
-                    source: Some(Box::new(e)),
-                })?;
-            Arc::new(RemoteStore::new(Arc::new(inner), &prefix, repo.to_string()))
+            let b = b.with_bucket_name(&bucket).with_retry(retry(o));
+            let setup = |e| StorageError::Config {
+                message: format!("{repo}: cannot set up the Google Cloud Storage client"),
+                source: Some(Box::new(e)),
+            };
+            let streaming = b.clone().with_client_options(streaming_client_options(o, false)).build().map_err(setup)?;
+            let inner = b.with_client_options(client_options(o, false)).build().map_err(setup)?;
+            Arc::new(
+                RemoteStore::new(Arc::new(inner), &prefix, repo.to_string())
+                    .with_streaming(Arc::new(streaming), o.request_timeout),
+            )
         }
         "az" | "azure" => {
             use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
@@ -275,16 +290,17 @@ pub fn open(repo: &str, o: &StorageOptions) -> Result<DynStore> {
                     b = b.with_config(key, v.expose());
                 }
             }
-            let inner = b
-                .with_container_name(&container)
-                .with_client_options(client_options(o, false))
-                .with_retry(retry(o))
-                .build()
-                .map_err(|e| StorageError::Config {
-                    message: format!("{repo}: cannot set up the Azure client"),
-                    source: Some(Box::new(e)),
-                })?;
-            Arc::new(RemoteStore::new(Arc::new(inner), &prefix, repo.to_string()))
+            let b = b.with_container_name(&container).with_retry(retry(o));
+            let setup = |e| StorageError::Config {
+                message: format!("{repo}: cannot set up the Azure client"),
+                source: Some(Box::new(e)),
+            };
+            let streaming = b.clone().with_client_options(streaming_client_options(o, false)).build().map_err(setup)?;
+            let inner = b.with_client_options(client_options(o, false)).build().map_err(setup)?;
+            Arc::new(
+                RemoteStore::new(Arc::new(inner), &prefix, repo.to_string())
+                    .with_streaming(Arc::new(streaming), o.request_timeout),
+            )
         }
         other => {
             return Err(StorageError::config(format!(

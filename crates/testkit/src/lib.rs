@@ -1,11 +1,14 @@
-//! Test fixtures with real parts: a PostgreSQL 15 cluster and a local S3-compatible server.
+//! Test fixtures with real parts: a PostgreSQL 15 cluster, a local S3-compatible server, and a
+//! fault-injecting proxy to put in front of it.
 //!
 //! Missing infrastructure is a loud failure with a fix-it message, never a skipped test.
 
+pub mod faults;
 pub mod pg;
 pub mod s3;
 mod s3list;
 
+pub use faults::{Fault, FaultProxy, FaultStats};
 pub use pg::PgCluster;
 pub use s3::S3Server;
 

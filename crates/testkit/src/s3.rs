@@ -74,6 +74,11 @@ impl S3Server {
         format!("http://{}", self.addr)
     }
 
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// `s3://walnut/<prefix>`
     pub fn repo_url(&self, prefix: &str) -> String {
         format!("s3://{BUCKET}/{prefix}")
@@ -106,9 +111,14 @@ impl S3Server {
 
     /// The `[s3]` section of a walnut config file for this server.
     pub fn config_toml(&self) -> String {
+        self.config_toml_via(&self.endpoint())
+    }
+
+    /// The `[s3]` section of a walnut config file for this server reached at `endpoint` (a
+    /// [`crate::FaultProxy`] in front of it, say).
+    pub fn config_toml_via(&self, endpoint: &str) -> String {
         format!(
-            "[s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\nforce_path_style = true\n",
-            self.endpoint()
+            "[s3]\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\nforce_path_style = true\n"
         )
     }
 

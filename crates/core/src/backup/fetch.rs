@@ -7,6 +7,9 @@ use super::*;
 pub(super) struct ChannelReader {
     pub(super) rx: mpsc::Receiver<Result<Bytes, StorageError>>,
     pub(super) cur: Bytes,
+    /// The download's failure, kept so that it is reported as what it is (storage unreachable,
+    /// a timeout) and not as the corrupt tar stream the extraction then sees.
+    pub(super) failed: std::sync::Arc<std::sync::Mutex<Option<StorageError>>>,
 }
 
 impl Read for ChannelReader {
@@ -14,7 +17,11 @@ impl Read for ChannelReader {
         while self.cur.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+                Some(Err(e)) => {
+                    let text = e.to_string();
+                    *self.failed.lock().unwrap() = Some(e);
+                    return Err(std::io::Error::other(text));
+                }
                 None => return Ok(0),
             }
         }
@@ -291,14 +298,21 @@ pub async fn fetch(
                     }
                 });
                 let key = part.key.clone();
+                let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+                let reader = ChannelReader { rx, cur: Bytes::new(), failed: failed.clone() };
                 let r = tokio::task::spawn_blocking(move || {
-                    extract_part(&key, ChannelReader { rx, cur: Bytes::new() }, &dest, &expected, &progress, &fsync)
+                    extract_part(&key, reader, &dest, &expected, &progress, &fsync)
                 })
                 .await
                 .expect("extract task panicked");
                 forward.abort();
                 walnut_storage::crashpoint::hit("backup-fetch:after-a-part");
-                r
+                // A download that failed is a storage error, whatever the extraction made of it.
+                let failed = failed.lock().unwrap().take();
+                match (r, failed) {
+                    (Err(_), Some(e)) => Err(BackupError::Storage(e)),
+                    (r, _) => r,
+                }
             }
         })
         .buffer_unordered(parallel.max(1))
