@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The suite's summary lines (fault matrix, bad inputs, crashes, corruption), kept by the tests.
+summary_dir="${CARGO_TARGET_DIR:-target}/tmp/walnut-summary"
+rm -rf "$summary_dir"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
@@ -13,5 +16,6 @@ set -e
 passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')
 echo
+if [ -d "$summary_dir" ]; then cat "$summary_dir"/*.txt 2>/dev/null || true; fi
 echo "tests: $passed passed, $failed failed"
 exit "$status"

@@ -1,6 +1,7 @@
 //! The configuration: one strict TOML file (unknown keys are errors), every key optional,
 //! environment variables over the file, command-line options over both. Defaults live here and
-//! nowhere else; durations are parsed once; secrets are [`Secret`]s.
+//! nowhere else; durations are parsed once; secrets are [`Secret`]s. (Long on purpose: every key,
+//! its default, its bounds and its error message in one place, and their tests.)
 //!
 //! Every value is checked when the file is loaded, not when a command first uses it: each
 //! duration is at most [`MAX_DURATION`] and at least what its key needs, each count is in its

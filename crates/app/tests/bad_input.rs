@@ -466,7 +466,10 @@ fn bad_inputs_fail_with_a_clear_error() {
     }
     drop(pg);
     let clear = rows.len() - failures.len();
-    println!("bad inputs: {} run, {clear} with a clear error ({:.1?})", rows.len(), started.elapsed());
+    summary_line(
+        "bad-inputs",
+        &format!("bad inputs: {} run, {clear} with a clear error ({:.1?})", rows.len(), started.elapsed()),
+    );
     for f in &failures {
         println!("  FAILED {f}");
     }

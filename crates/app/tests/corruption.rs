@@ -113,5 +113,8 @@ fn a_flipped_byte_in_every_object_type_is_detected_and_named() {
     // And with everything restored, the repository is whole again.
     let o = env.walnut(&["wal-verify", "--deep"]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    println!("corruption: {detected} object types with a flipped byte, {detected} detected and named");
+    summary_line(
+        "corruption",
+        &format!("corruption: {detected} object types with a flipped byte, {detected} detected and named"),
+    );
 }

@@ -146,5 +146,10 @@ fn killed_at_every_stage_nothing_is_lost_and_the_next_run_succeeds() {
     let _ = a.wait();
     let o = env.walnut(&["wal-verify"]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    println!("crashes: {crashes} kills at named stages, acknowledged WAL lost 0, backups DONE with a missing object 0");
+    summary_line(
+        "crashes",
+        &format!(
+            "crashes: {crashes} kills at named stages, acknowledged WAL lost 0, backups DONE with a missing object 0"
+        ),
+    );
 }

@@ -358,10 +358,13 @@ fn fault_matrix() {
         done.len(),
         started.elapsed()
     );
-    println!(
-        "fault matrix: {injected} faults injected, {survived} survived, acknowledged WAL lost {}, corrupt backups listed DONE {}",
-        lost.len(),
-        corrupt.len()
+    summary_line(
+        "fault-matrix",
+        &format!(
+            "fault matrix: {injected} faults injected, {survived} survived, acknowledged WAL lost {}, corrupt backups listed DONE {}",
+            lost.len(),
+            corrupt.len()
+        ),
     );
     assert!(lost.is_empty(), "acknowledged WAL lost: {lost:?}");
     assert!(corrupt.is_empty(), "backups listed DONE that do not download: {corrupt:?}");

@@ -1,4 +1,5 @@
-//! The envelope every stored object is wrapped in.
+//! The envelope every stored object is wrapped in. (Long for its tests: half the file pins the
+//! format's edge cases, corrupt lengths and flipped bytes.)
 //!
 //! ```text
 //! "WLNT"            4 bytes magic

@@ -1,4 +1,5 @@
-//! `walnut restore`: plan, validate, fetch, configure recovery, and optionally start and wait.
+//! `walnut restore`: the command line over core's restore use case ([`walnut_core::restore`]),
+//! and what only the binary does: starting the restored server and watching its recovery.
 
 use super::Ctx;
 use super::backup::fetch_into;

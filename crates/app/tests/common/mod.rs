@@ -139,6 +139,16 @@ impl Env {
     }
 }
 
+/// Prints a summary line of the suite (the fault matrix, the bad-input count...) and keeps it in
+/// `CARGO_TARGET_TMPDIR/walnut-summary/NAME.txt`, where `scripts/test.sh` prints it at the end
+/// (cargo captures a passing test's output).
+pub fn summary_line(name: &str, line: &str) {
+    println!("{line}");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("walnut-summary");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join(format!("{name}.txt")), format!("{line}\n"));
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
