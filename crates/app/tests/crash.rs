@@ -15,7 +15,8 @@ use walnut_testkit::pg::PgOptions;
 const WAIT: Duration = Duration::from_secs(60);
 
 fn killed(o: &Output, at: &str) {
-    assert_eq!(o.status.signal(), Some(9), "{at}: walnut was killed there: {}", stderr(o));
+    // SIGKILL, or SIGABRT where no `kill` program exists: either way no cleanup ran.
+    assert!(matches!(o.status.signal(), Some(9 | 6)), "{at}: walnut was killed there: {}", stderr(o));
     assert!(stderr(o).contains(&format!("crash point {at}")), "{}", stderr(o));
 }
 
@@ -136,7 +137,7 @@ fn killed_at_every_stage_nothing_is_lost_and_the_next_run_succeeds() {
         status = a.try_wait().unwrap();
         status.is_some()
     });
-    assert_eq!(status.unwrap().signal(), Some(9));
+    assert!(matches!(status.unwrap().signal(), Some(9 | 6)));
     crashes += 1;
     let mut a = agent(None);
     PgCluster::wait_for("the next agent's scheduled backup", Duration::from_secs(90), || {

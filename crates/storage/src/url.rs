@@ -222,21 +222,35 @@ fn open_s3(repo: &str, url: &url::Url, o: &StorageOptions) -> Result<DynStore> {
         b = b.with_token(t);
     }
     let path_style = s3.force_path_style.unwrap_or(endpoint.is_some());
-    b = b
-        .with_virtual_hosted_style_request(!path_style)
-        .with_client_options(client_options(o, allow_http))
-        .with_retry(retry(o));
-    let setup =
-        |e| StorageError::Config { message: format!("{repo}: cannot set up the S3 client"), source: Some(Box::new(e)) };
-    let streaming = b.clone().with_client_options(streaming_client_options(o, allow_http)).build().map_err(setup)?;
-    let inner = b.build().map_err(setup)?;
+    b = b.with_virtual_hosted_style_request(!path_style).with_retry(retry(o));
     let desc = match endpoint {
         Some(e) => format!("{repo} (endpoint {e})"),
         None => repo.to_string(),
     };
-    Ok(Arc::new(
-        RemoteStore::new(Arc::new(inner), &prefix, desc).with_streaming(Arc::new(streaming), o.request_timeout),
-    ))
+    two_clients(
+        |c| b.clone().with_client_options(c).build(),
+        o,
+        allow_http,
+        &prefix,
+        desc,
+        &format!("{repo}: cannot set up the S3 client"),
+    )
+}
+
+/// A remote store over two clients built alike: one for requests bounded as a whole, one for
+/// streamed downloads (bounded by idleness, see [`streaming_client_options`]).
+fn two_clients<T: object_store::ObjectStore>(
+    build: impl Fn(ClientOptions) -> object_store::Result<T>,
+    o: &StorageOptions,
+    allow_http: bool,
+    prefix: &str,
+    desc: String,
+    setup_failed: &str,
+) -> Result<DynStore> {
+    let setup = |e| StorageError::Config { message: setup_failed.to_string(), source: Some(Box::new(e)) };
+    let streaming = build(streaming_client_options(o, allow_http)).map_err(setup)?;
+    let inner = build(client_options(o, allow_http)).map_err(setup)?;
+    Ok(Arc::new(RemoteStore::new(Arc::new(inner), prefix, desc).with_streaming(Arc::new(streaming), o.request_timeout)))
 }
 
 /// Opens the store a repository URL names, wrapped in [`Bounded`].
@@ -270,16 +284,8 @@ pub fn open(repo: &str, o: &StorageOptions) -> Result<DynStore> {
                 }
             }
             let b = b.with_bucket_name(&bucket).with_retry(retry(o));
-            let setup = |e| StorageError::Config {
-                message: format!("{repo}: cannot set up the Google Cloud Storage client"),
-                source: Some(Box::new(e)),
-            };
-            let streaming = b.clone().with_client_options(streaming_client_options(o, false)).build().map_err(setup)?;
-            let inner = b.with_client_options(client_options(o, false)).build().map_err(setup)?;
-            Arc::new(
-                RemoteStore::new(Arc::new(inner), &prefix, repo.to_string())
-                    .with_streaming(Arc::new(streaming), o.request_timeout),
-            )
+            let what = format!("{repo}: cannot set up the Google Cloud Storage client");
+            two_clients(|c| b.clone().with_client_options(c).build(), o, false, &prefix, repo.to_string(), &what)?
         }
         "az" | "azure" => {
             use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
@@ -291,16 +297,8 @@ pub fn open(repo: &str, o: &StorageOptions) -> Result<DynStore> {
                 }
             }
             let b = b.with_container_name(&container).with_retry(retry(o));
-            let setup = |e| StorageError::Config {
-                message: format!("{repo}: cannot set up the Azure client"),
-                source: Some(Box::new(e)),
-            };
-            let streaming = b.clone().with_client_options(streaming_client_options(o, false)).build().map_err(setup)?;
-            let inner = b.with_client_options(client_options(o, false)).build().map_err(setup)?;
-            Arc::new(
-                RemoteStore::new(Arc::new(inner), &prefix, repo.to_string())
-                    .with_streaming(Arc::new(streaming), o.request_timeout),
-            )
+            let what = format!("{repo}: cannot set up the Azure client");
+            two_clients(|c| b.clone().with_client_options(c).build(), o, false, &prefix, repo.to_string(), &what)?
         }
         other => {
             return Err(StorageError::config(format!(

@@ -166,7 +166,7 @@ pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
         && matches!(req.target, Target::Time(_))
     {
         // The target is after the last archived commit: is the archive really caught up?
-        match catch_up_with_primary(ctx, &repo).await {
+        match catch_up_with_primary(ctx, &repo, p.restorable.latest_lsn).await {
             CatchUp::Switched(seg) => {
                 say(format!(
                     "the primary had WAL that was not archived yet: walnut switched WAL and waited until {seg} was archived, and planned again"
@@ -253,12 +253,12 @@ pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
 
 /// Asks the primary, when it can be reached (`[postgres] url` or the libpq variables), whether it
 /// holds WAL not archived yet ([`restore::catch_up`]).
-async fn catch_up_with_primary(ctx: &Ctx, repo: &walnut_core::Repository) -> CatchUp {
+async fn catch_up_with_primary(ctx: &Ctx, repo: &walnut_core::Repository, archived_end: walnut_pg::Lsn) -> CatchUp {
     let Ok(cfg) = pgserver::pg_config(ctx.config.pg_url.as_deref()) else {
         return CatchUp::Unknown("the PostgreSQL connection settings are invalid".into());
     };
     match tokio::time::timeout(Duration::from_secs(5), pgserver::connect(&cfg)).await {
-        Ok(Ok(client)) => restore::catch_up(repo, &client, ctx.config.backup_archive_wait).await,
+        Ok(Ok(client)) => restore::catch_up(repo, &client, archived_end, ctx.config.backup_archive_wait).await,
         _ => CatchUp::Unknown("the primary is not reachable from here".into()),
     }
 }

@@ -26,7 +26,7 @@ use crate::plan::{self, BackupPoint, Plan, PlanError, RecoveryTarget, Request};
 use crate::repo::{RepoError, Repository};
 use crate::wal::WalError;
 use std::time::Duration;
-use walnut_pg::{Lsn, SegNo, WalFileName};
+use walnut_pg::{Lsn, WalFileName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -108,10 +108,16 @@ pub enum CatchUp {
     Unknown(String),
 }
 
-/// Asks the primary behind `client` whether it has WAL beyond the archive; if so, switches WAL
-/// and waits up to `wait` until the segment is archived. Checks first that the server is this
-/// repository's cluster and a primary.
-pub async fn catch_up(repo: &Repository, client: &tokio_postgres::Client, wait: Duration) -> CatchUp {
+/// Asks the primary behind `client` whether it has WAL beyond `archived_end` (where the plan
+/// found the archive to end: no second listing of the archive); if so, switches WAL and waits up
+/// to `wait` until the segment is archived. Checks first that the server is this repository's
+/// cluster and a primary.
+pub async fn catch_up(
+    repo: &Repository,
+    client: &tokio_postgres::Client,
+    archived_end: Lsn,
+    wait: Duration,
+) -> CatchUp {
     let row = match client
         .query_one(
             "SELECT (SELECT system_identifier::text FROM pg_control_system()), pg_is_in_recovery(), \
@@ -139,19 +145,6 @@ pub async fn catch_up(repo: &Repository, client: &tokio_postgres::Client, wait: 
     let Ok(current) = current.parse::<Lsn>() else {
         return CatchUp::Unknown("the primary's WAL position is unreadable".into());
     };
-    let inv = match crate::wal::inventory(repo, false).await {
-        Ok(i) => i,
-        Err(e) => return CatchUp::Unknown(format!("the archive could not be listed ({e})")),
-    };
-    // The end of the archive on the newest timeline: the start of the segment after its last.
-    let seg = identity.seg_size();
-    let archived_end = inv
-        .segments
-        .iter()
-        .next_back()
-        .and_then(|(_, m)| m.keys().next_back())
-        .map(|s| seg.start_lsn(SegNo(s.0 + 1)))
-        .unwrap_or_default();
     // A segment begins with its page header: nothing after it means nothing written.
     if current.0 <= archived_end.0 + walnut_pg::walpage::SIZE_OF_LONG_PHD as u64 {
         return CatchUp::CaughtUp;
