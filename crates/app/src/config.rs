@@ -12,7 +12,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use walnut_core::{Codec, Compression};
-use walnut_storage::{S3Options, Secret, StorageOptions};
+use walnut_storage::{S3Options, Secret, StorageOptions, TlsOptions};
 
 /// A duration as written in the config: `60s`, `5min`, `24h`, `7d`, `2w`, `1y`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +178,14 @@ pub struct FileConfig {
     pub wal: WalSection,
     #[serde(default)]
     pub backup: BackupSection,
+    /// `az://` settings by object_store's Azure key names (`account_name`, `account_key`,
+    /// `endpoint`, ...); the `AZURE_*` environment variables win over them.
+    #[serde(default)]
+    pub azure: std::collections::BTreeMap<String, String>,
+    /// `gs://` settings by object_store's Google key names (`service_account`,
+    /// `service_account_key`, `base_url`, ...); the `GOOGLE_*` environment variables win.
+    #[serde(default)]
+    pub gcs: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -200,6 +208,10 @@ pub struct S3Section {
     pub secret_access_key: Option<String>,
     pub session_token: Option<String>,
     pub force_path_style: Option<bool>,
+    /// A PEM file of CA certificates to trust besides the system's (every remote store).
+    pub ca_file: Option<PathBuf>,
+    /// Labs only: accept any certificate.
+    pub allow_invalid_certificates: Option<bool>,
 }
 
 impl std::fmt::Debug for S3Section {
@@ -211,6 +223,8 @@ impl std::fmt::Debug for S3Section {
             .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "[redacted]"))
             .field("session_token", &self.session_token.as_ref().map(|_| "[redacted]"))
             .field("force_path_style", &self.force_path_style)
+            .field("ca_file", &self.ca_file)
+            .field("allow_invalid_certificates", &self.allow_invalid_certificates)
             .finish()
     }
 }
@@ -490,17 +504,35 @@ impl Config {
         settings.check().map_err(|(field, problem)| BadKey::new(&format!("settings.{field}"), problem))?;
         let d = StorageOptions::default();
         // What object_store's `from_env` used to read for gs:// and az:// (later entries win).
-        let gcs = env("SERVICE_ACCOUNT")
-            .map(|v| ("google_service_account".to_string(), Secret::new(v)))
-            .into_iter()
-            .chain(env_with_prefix("GOOGLE_"))
-            .collect();
-        let mut azure = env_with_prefix("AZURE_");
+        let section = |name: &str, map: std::collections::BTreeMap<String, String>| -> Result<Vec<(String, Secret)>> {
+            let mut out = Vec::new();
+            for (k, v) in map {
+                if !walnut_storage::known_setting(name, &k) {
+                    Err(BadKey::new(
+                        &format!("{name}.{k}"),
+                        format!("is not a {name} setting: use object_store's key names (see docs/operations.md)"),
+                    ))?;
+                }
+                out.push((k, Secret::new(v)));
+            }
+            Ok(out)
+        };
+        let mut gcs = section("gcs", file.gcs)?;
+        gcs.extend(env("SERVICE_ACCOUNT").map(|v| ("google_service_account".to_string(), Secret::new(v))));
+        gcs.extend(env_with_prefix("GOOGLE_"));
+        let mut azure = section("azure", file.azure)?;
+        azure.extend(env_with_prefix("AZURE_"));
         azure.extend(env("IDENTITY_ENDPOINT").map(|v| ("azure_msi_endpoint".to_string(), Secret::new(v))));
         let storage = StorageOptions {
             s3,
             gcs,
             azure,
+            tls: TlsOptions {
+                // Not AWS_CA_BUNDLE: often set machine-wide to the system bundle, it would
+                // silently replace the CA this file names.
+                ca_file: file.s3.ca_file,
+                allow_invalid_certificates: file.s3.allow_invalid_certificates.unwrap_or(false),
+            },
             request_timeout: at_least(file.storage.request_timeout, "storage.request_timeout", d.request_timeout, 1)?,
             retry_time: at_least(file.storage.retry_time, "storage.retry_time", d.retry_time, 1)?,
             deadline: at_least(file.storage.deadline, "storage.deadline", d.deadline, 1)?,

@@ -1,5 +1,5 @@
-//! Base backups and point-in-time restore, end to end: a real PostgreSQL 15, `file://` and the
-//! local S3 server. (A long file on purpose: one scenario per test, each starting its own cluster,
+//! Base backups and point-in-time restore, end to end: a real PostgreSQL 15, `file://`, the
+//! local S3 server and Azurite. (A long file on purpose: one scenario per test, each starting its own cluster,
 //! with the shared helpers at the top.)
 
 mod common;
@@ -103,6 +103,11 @@ fn file_backup_and_point_in_time_restore() {
 #[test]
 fn s3_backup_and_point_in_time_restore() {
     story(Backend::S3);
+}
+
+#[test]
+fn azure_backup_and_point_in_time_restore() {
+    story(Backend::Azure);
 }
 
 /// --target-lsn, --target-immediate, --exclusive, --target-action pause and shutdown.

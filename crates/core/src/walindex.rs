@@ -158,6 +158,32 @@ mod tests {
         assert_eq!(repo.store().list(layout::WAL_INDEX_DIR).await.unwrap().len(), 1);
     }
 
+    /// A flipped byte in an index object is caught by its checksum: the object is skipped and
+    /// every segment it covered is read from its own envelope again, never from the bad index.
+    #[tokio::test]
+    async fn a_corrupt_index_object_is_never_trusted() {
+        let repo = Repository::new(std::sync::Arc::new(walnut_storage::remote::RemoteStore::memory()));
+        repo.ensure_identity(&Identity::new(SystemId(7), PgMajor(15), WalSegSize::DEFAULT)).await.unwrap();
+        let n = (MIN_NEW + 10) as u64;
+        for s in 1..=n {
+            put_segment(&repo, s, s).await;
+        }
+        crate::wal::inventory(&repo, true).await.unwrap();
+        let key = repo.store().list(layout::WAL_INDEX_DIR).await.unwrap().remove(0).key;
+        let mut object = repo.store().get(&key).await.unwrap().to_vec();
+        let middle = object.len() / 2;
+        object[middle] ^= 0x01;
+        repo.store().put(&key, object.into(), PutMode::Overwrite).await.unwrap();
+        assert!(load(&repo).await.unwrap().is_empty(), "the corrupt index object was used");
+        // Behind the index's back segment 5 now says 6 (same size): only a reader that skipped
+        // the corrupt index sees it.
+        put_segment(&repo, 5, 6).await;
+        let inv = crate::wal::inventory(&repo, true).await.unwrap();
+        let sums = &inv.summaries[&TimelineId(1)];
+        assert_eq!(sums.get(&SegNo(5)), Some(&summary(6)), "read from the segment itself");
+        assert_eq!(sums.len(), n as usize);
+    }
+
     #[test]
     fn keys_round_trip() {
         let size = WalSegSize::DEFAULT;

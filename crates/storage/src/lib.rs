@@ -20,6 +20,7 @@ pub mod conformance;
 pub mod crashpoint;
 pub mod local;
 pub mod remote;
+mod tls;
 mod url;
 
 use async_trait::async_trait;
@@ -28,7 +29,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use url::{S3Options, StorageOptions, open};
+pub use tls::{TlsOptions, TlsProblem};
+pub use url::{S3Options, StorageOptions, known_setting, open};
 
 /// A secret string: never printed by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -143,6 +145,16 @@ pub enum StorageError {
         #[source]
         source: Option<BoxError>,
     },
+    /// The TLS handshake with the store was refused (its certificate, or no TLS at all): the
+    /// problem's text names the cause and the fix. Retrying does not help.
+    #[error("{op} {key}: TLS: {problem}")]
+    Tls {
+        op: &'static str,
+        key: String,
+        problem: TlsProblem,
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The repository URL or a storage setting is unusable; the message names the setting and
     /// the fix.
     #[error("{message}{}", cause(.source))]
@@ -213,6 +225,7 @@ impl StorageError {
             | StorageError::Unauthenticated { .. }
             | StorageError::InvalidKey { .. }
             | StorageError::Unsupported { .. }
+            | StorageError::Tls { .. }
             | StorageError::Config { .. } => false,
         }
     }

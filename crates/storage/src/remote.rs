@@ -36,6 +36,9 @@ pub struct RemoteStore {
 fn map_err(op: &'static str, key: &str, e: object_store::Error) -> StorageError {
     use object_store::Error as E;
     let key = key.to_string();
+    if let Some(problem) = crate::tls::problem(&e) {
+        return StorageError::Tls { op, key, problem, source: Some(Box::new(e)) };
+    }
     match e {
         E::NotFound { .. } => StorageError::NotFound { op, key, source: Some(Box::new(e)) },
         // S3 answers a create-only put of a taken key with 412 Precondition Failed, others 409.

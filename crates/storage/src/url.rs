@@ -9,7 +9,8 @@
 
 use crate::local::LocalStore;
 use crate::remote::RemoteStore;
-use crate::{Bounded, DynStore, Result, Secret, StorageError};
+use crate::tls::{Connector, Trust};
+use crate::{Bounded, DynStore, Result, Secret, StorageError, TlsOptions};
 use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,8 @@ pub struct StorageOptions {
     pub retry_time: Duration,
     /// The hard bound on any one storage operation, retries included.
     pub deadline: Duration,
+    /// Extra trust for every remote store (`[s3] ca_file`, `allow_invalid_certificates`).
+    pub tls: TlsOptions,
 }
 
 impl Default for StorageOptions {
@@ -58,12 +61,14 @@ impl Default for StorageOptions {
             request_timeout: Duration::from_secs(30),
             retry_time: Duration::from_secs(60),
             deadline: Duration::from_secs(120),
+            tls: TlsOptions::default(),
         }
     }
 }
 
-fn client_options(o: &StorageOptions, allow_http: bool) -> ClientOptions {
-    ClientOptions::new()
+fn client_options(o: &StorageOptions, trust: &Trust, allow_http: bool) -> ClientOptions {
+    trust
+        .apply(ClientOptions::new())
         .with_timeout(o.request_timeout)
         .with_connect_timeout(o.request_timeout.min(Duration::from_secs(10)))
         .with_allow_http(allow_http)
@@ -73,8 +78,9 @@ fn client_options(o: &StorageOptions, allow_http: bool) -> ClientOptions {
 /// slow link may stream for longer than `request_timeout` while bytes keep coming; instead the
 /// read timeout (reqwest's: it bounds the wait for the response head, then each read of the
 /// body) gives up on a silent link after `request_timeout`.
-fn streaming_client_options(o: &StorageOptions, allow_http: bool) -> ClientOptions {
-    ClientOptions::new()
+fn streaming_client_options(o: &StorageOptions, trust: &Trust, allow_http: bool) -> ClientOptions {
+    trust
+        .apply(ClientOptions::new())
         .with_timeout_disabled()
         .with_read_timeout(o.request_timeout)
         .with_connect_timeout(o.request_timeout.min(Duration::from_secs(10)))
@@ -222,7 +228,7 @@ fn open_s3(repo: &str, url: &url::Url, o: &StorageOptions) -> Result<DynStore> {
         b = b.with_token(t);
     }
     let path_style = s3.force_path_style.unwrap_or(endpoint.is_some());
-    b = b.with_virtual_hosted_style_request(!path_style).with_retry(retry(o));
+    b = b.with_virtual_hosted_style_request(!path_style).with_retry(retry(o)).with_http_connector(Connector);
     let desc = match endpoint {
         Some(e) => format!("{repo} (endpoint {e})"),
         None => repo.to_string(),
@@ -248,9 +254,32 @@ fn two_clients<T: object_store::ObjectStore>(
     setup_failed: &str,
 ) -> Result<DynStore> {
     let setup = |e| StorageError::Config { message: setup_failed.to_string(), source: Some(Box::new(e)) };
-    let streaming = build(streaming_client_options(o, allow_http)).map_err(setup)?;
-    let inner = build(client_options(o, allow_http)).map_err(setup)?;
+    let trust = Trust::load(&o.tls, &desc)?;
+    let streaming = build(streaming_client_options(o, &trust, allow_http)).map_err(setup)?;
+    let inner = build(client_options(o, &trust, allow_http)).map_err(setup)?;
     Ok(Arc::new(RemoteStore::new(Arc::new(inner), prefix, desc).with_streaming(Arc::new(streaming), o.request_timeout)))
+}
+
+/// Whether the endpoint set under one of `keys` (the last one set wins, as in the builder) is
+/// plain `http://`: as for `[s3] endpoint`, plain HTTP only where the endpoint asks for it (an
+/// emulator, a store inside the host).
+fn plain_http(settings: &[(String, Secret)], keys: &[&str]) -> bool {
+    settings
+        .iter()
+        .rev()
+        .find(|(k, _)| keys.contains(&k.to_ascii_lowercase().as_str()))
+        .is_some_and(|(_, v)| v.expose().trim().to_ascii_lowercase().starts_with("http://"))
+}
+
+/// Whether `key` is a setting the `section` ("azure" or "gcs") client knows, by object_store's
+/// names (with or without the `azure_` / `google_` prefix).
+pub fn known_setting(section: &str, key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    match section {
+        "azure" => key.parse::<object_store::azure::AzureConfigKey>().is_ok(),
+        "gcs" => key.parse::<object_store::gcp::GoogleConfigKey>().is_ok(),
+        _ => false,
+    }
 }
 
 /// Opens the store a repository URL names, wrapped in [`Bounded`].
@@ -283,9 +312,10 @@ pub fn open(repo: &str, o: &StorageOptions) -> Result<DynStore> {
                     b = b.with_config(key, v.expose());
                 }
             }
-            let b = b.with_bucket_name(&bucket).with_retry(retry(o));
+            let b = b.with_bucket_name(&bucket).with_retry(retry(o)).with_http_connector(Connector);
             let what = format!("{repo}: cannot set up the Google Cloud Storage client");
-            two_clients(|c| b.clone().with_client_options(c).build(), o, false, &prefix, repo.to_string(), &what)?
+            let http = plain_http(&o.gcs, &["google_base_url", "base_url"]);
+            two_clients(|c| b.clone().with_client_options(c).build(), o, http, &prefix, repo.to_string(), &what)?
         }
         "az" | "azure" => {
             use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
@@ -296,9 +326,10 @@ pub fn open(repo: &str, o: &StorageOptions) -> Result<DynStore> {
                     b = b.with_config(key, v.expose());
                 }
             }
-            let b = b.with_container_name(&container).with_retry(retry(o));
+            let b = b.with_container_name(&container).with_retry(retry(o)).with_http_connector(Connector);
             let what = format!("{repo}: cannot set up the Azure client");
-            two_clients(|c| b.clone().with_client_options(c).build(), o, false, &prefix, repo.to_string(), &what)?
+            let http = plain_http(&o.azure, &["azure_storage_endpoint", "azure_endpoint", "endpoint"]);
+            two_clients(|c| b.clone().with_client_options(c).build(), o, http, &prefix, repo.to_string(), &what)?
         }
         other => {
             return Err(StorageError::config(format!(

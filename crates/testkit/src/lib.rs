@@ -3,14 +3,18 @@
 //!
 //! Missing infrastructure is a loud failure with a fix-it message, never a skipped test.
 
+pub mod azurite;
 pub mod faults;
 pub mod pg;
 pub mod s3;
 mod s3list;
+pub mod tls;
 
+pub use azurite::Azurite;
 pub use faults::{Fault, FaultProxy, FaultStats};
 pub use pg::PgCluster;
 pub use s3::S3Server;
+pub use tls::{TlsCert, TlsFront};
 
 /// Creates a temporary directory that the PostgreSQL OS user can use when tests run as root.
 pub fn shared_tempdir(prefix: &str) -> tempfile::TempDir {

@@ -188,6 +188,13 @@ pub async fn run(ctx: &Ctx) -> Result<()> {
                         Err(e) => add(&mut checks, "last backup age", false, e.to_string(), "check the repository"),
                     }
                 }
+                Err(walnut_storage::StorageError::Tls { problem, .. }) => add(
+                    &mut checks,
+                    "TLS certificate of the store",
+                    false,
+                    format!("{}: the TLS handshake was refused", repo.describe()),
+                    problem.to_string(),
+                ),
                 Err(e) => add(
                     &mut checks,
                     "repository reachable and writable",

@@ -89,6 +89,22 @@ pub fn report(e: &anyhow::Error) {
     tracing::error!("{e:#}");
 }
 
+/// `[azure]` / `[gcs]` settings as shown: names, and values only where they are places (an
+/// endpoint, an account name, a path), never keys, tokens or SAS strings.
+fn shown_settings(settings: &[(String, walnut_storage::Secret)]) -> serde_json::Value {
+    let public = |k: &str| {
+        ["endpoint", "account_name", "base_url", "service_account", "use_emulator"].iter().any(|p| k.ends_with(p))
+    };
+    let map: serde_json::Map<_, _> = settings
+        .iter()
+        .map(|(k, v)| {
+            let shown = if public(k) { crate::config::redact_conninfo(v.expose()) } else { "[redacted]".into() };
+            (k.clone(), serde_json::Value::String(shown))
+        })
+        .collect();
+    serde_json::Value::Object(map)
+}
+
 fn show_config(ctx: &Ctx) -> u8 {
     let c = &ctx.config;
     let redacted = |s: &Option<walnut_storage::Secret>| s.as_ref().map(|_| "[redacted]");
@@ -106,7 +122,11 @@ fn show_config(ctx: &Ctx) -> u8 {
             "access_key_id": c.storage.s3.access_key_id,
             "secret_access_key": redacted(&c.storage.s3.secret_access_key),
             "force_path_style": c.storage.s3.force_path_style,
+            "ca_file": c.storage.tls.ca_file,
+            "allow_invalid_certificates": c.storage.tls.allow_invalid_certificates,
         },
+        "azure": shown_settings(&c.storage.azure),
+        "gcs": shown_settings(&c.storage.gcs),
         "storage": {
             "request_timeout": humantime::format_duration(c.storage.request_timeout).to_string(),
             "retry_time": humantime::format_duration(c.storage.retry_time).to_string(),

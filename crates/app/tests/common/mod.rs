@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use walnut_testkit::{PgCluster, S3Server, pg::PgOptions, shared_tempdir};
+use walnut_testkit::{Azurite, PgCluster, S3Server, pg::PgOptions, shared_tempdir};
 
 /// The walnut binary under test, at a path the `postgres` OS user can execute: the build may sit
 /// below a directory only root can enter (a checkout under /root), so it is linked (or copied)
@@ -38,6 +38,8 @@ pub fn walnut_bin() -> &'static str {
 pub enum Backend {
     File,
     S3,
+    /// `az://` on Azurite (its objects are not plain files: no [`Env::object_path`]).
+    Azure,
 }
 
 /// A repository plus a config file pointing at it, in a directory the postgres user owns.
@@ -45,6 +47,7 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub backend: Backend,
     pub s3: Option<S3Server>,
+    pub azurite: Option<Azurite>,
     pub repo_url: String,
     pub config: PathBuf,
 }
@@ -56,16 +59,20 @@ impl Env {
 
     pub fn with_extra(backend: Backend, extra: &str) -> Env {
         let dir = shared_tempdir("walnut-env-");
-        let (s3, repo_url) = match backend {
-            Backend::File => (None, format!("file://{}/repo", dir.path().display())),
+        let (s3, azurite, repo_url) = match backend {
+            Backend::File => (None, None, format!("file://{}/repo", dir.path().display())),
             Backend::S3 => {
                 let s = S3Server::start();
                 let url = s.repo_url("cluster-a");
-                (Some(s), url)
+                (Some(s), None, url)
+            }
+            Backend::Azure => {
+                let url = format!("az://{}/cluster-a", walnut_testkit::azurite::CONTAINER);
+                (None, Some(Azurite::start()), url)
             }
         };
         let config = dir.path().join("walnut.toml");
-        let mut env = Env { dir, backend, s3, repo_url, config };
+        let mut env = Env { dir, backend, s3, azurite, repo_url, config };
         env.write_config(extra);
         env
     }
@@ -99,6 +106,12 @@ impl Env {
         }
         if let Some(s3) = &self.s3 {
             text += &s3.config_toml();
+        }
+        if let Some(az) = &self.azurite {
+            text += "[azure]\n";
+            for (k, v) in az.settings() {
+                text += &format!("{k} = \"{v}\"\n");
+            }
         }
         for l in sections {
             text += l;
@@ -135,6 +148,7 @@ impl Env {
         match self.backend {
             Backend::File => self.dir.path().join("repo").join(key),
             Backend::S3 => self.s3.as_ref().unwrap().bucket_dir().join("cluster-a").join(key),
+            Backend::Azure => panic!("Azurite does not store objects as plain files"),
         }
     }
 }
