@@ -510,7 +510,10 @@ impl Config {
                 if !walnut_storage::known_setting(name, &k) {
                     Err(BadKey::new(
                         &format!("{name}.{k}"),
-                        format!("is not a {name} setting: use object_store's key names (see docs/operations.md)"),
+                        format!(
+                            "is not a setting of the {} client: use object_store's key names (docs/operations.md)",
+                            if name == "azure" { "Azure" } else { "GCS" }
+                        ),
                     ))?;
                 }
                 out.push((k, Secret::new(v)));

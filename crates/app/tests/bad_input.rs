@@ -428,6 +428,29 @@ fn bad_inputs_fail_with_a_clear_error() {
         ("path style as a word", "[s3]\nforce_path_style = \"yes\"\n", &["[s3] force_path_style: invalid type"]),
         ("compression as a number", "compression = 5\n", &["line 3, column 15", "compression: invalid type"]),
     ];
+    let tls = format!(
+        "[s3]\nendpoint = \"https://127.0.0.1:9\"\naccess_key_id = \"k\"\nsecret_access_key = \"s\"\nca_file = \"{}\"\n",
+        dir.join("no-such-ca.pem").display()
+    );
+    let file = config(&env, "bad-ca-file", &tls);
+    rows.push(Row::new(
+        "ca_file that does not exist",
+        &["--config", &file, "--repo", "s3://walnut/x", "backup-list"],
+        &["[s3] ca_file", "no-such-ca.pem", "PEM file"],
+    ));
+    let toml_rows: Vec<(&str, &str, &[&str])> = toml_rows
+        .iter()
+        .copied()
+        .chain([
+            (
+                "unknown azure key",
+                "[azure]\nacount_name = \"x\"\n",
+                &["[azure] acount_name", "not a setting of the Azure client"][..],
+            ),
+            ("unknown gcs key", "[gcs]\nservice_acount = \"x\"\n", &["[gcs] service_acount", "GCS client"][..]),
+            ("ca_file as a number", "[s3]\nca_file = 5\n", &["[s3] ca_file: invalid type"][..]),
+        ])
+        .collect();
     for (i, (what, extra, want)) in toml_rows.iter().enumerate() {
         let file = config(&env, &format!("bad-{i}"), extra);
         let mut want: Vec<&str> = want.to_vec();
@@ -495,6 +518,14 @@ fn show_config_never_prints_passwords() {
         (
             "endpoint",
             "[s3]\nendpoint = \"http://key:hunter2-endpoint@127.0.0.1:9000\"\nsecret_access_key = \"hunter2-s3\"\n",
+        ),
+        (
+            "azure",
+            "[azure]\naccount_name = \"acct\"\naccount_key = \"hunter2-az\"\nsas_key = \"sv=hunter2-sas\"\nendpoint = \"http://127.0.0.1:10000/acct\"\n",
+        ),
+        (
+            "gcs",
+            "[gcs]\nservice_account_key = \"{\\\"private_key\\\": \\\"hunter2-gcs\\\"}\"\n[postgres]\nurl = \"host=db.example\"\n",
         ),
     ] {
         let file = config(&env, name, extra);
