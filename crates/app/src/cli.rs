@@ -125,6 +125,10 @@ pub enum Command {
     /// Fill the prefetch spool after NAME (started in the background by wal-fetch).
     #[command(hide = true)]
     WalPrefetch { name: String },
+    /// Archive the `.ready` segments of PG_WAL as a long-running worker (started on demand by
+    /// wal-push when `[wal] worker = true`).
+    #[command(hide = true)]
+    WalWorker { pg_wal: std::path::PathBuf },
 }
 
 #[derive(Debug, Subcommand)]

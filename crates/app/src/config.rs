@@ -286,6 +286,10 @@ pub struct WalSection {
     pub upload_ahead: Option<usize>,
     /// Segments `wal-fetch` prefetches into the spool (0 = off).
     pub prefetch: Option<usize>,
+    /// Archive through a long-running WAL worker (started on demand by `wal-push`).
+    pub worker: Option<bool>,
+    /// How long the worker stays without work before it exits.
+    pub worker_idle: Option<ConfigDuration>,
 }
 
 /// The resolved configuration.
@@ -302,6 +306,8 @@ pub struct Config {
     pub pg_bindir: Option<PathBuf>,
     pub upload_ahead: usize,
     pub prefetch: usize,
+    pub wal_worker: bool,
+    pub wal_worker_idle: Duration,
     pub backup_parallel: usize,
     pub backup_part_size: u64,
     pub backup_archive_wait: Duration,
@@ -552,6 +558,8 @@ impl Config {
             pg_bindir: file.postgres.bindir,
             upload_ahead: in_range(file.wal.upload_ahead, "wal.upload_ahead", DEFAULT_UPLOAD_AHEAD, 0, MAX_AHEAD)?,
             prefetch: in_range(file.wal.prefetch, "wal.prefetch", DEFAULT_PREFETCH, 0, MAX_AHEAD)?,
+            wal_worker: file.wal.worker.unwrap_or(false),
+            wal_worker_idle: at_least(file.wal.worker_idle, "wal.worker_idle", Duration::from_secs(60), 1)?,
             backup_parallel: in_range(file.backup.parallel, "backup.parallel", 2, 1, MAX_PARALLEL)?,
             backup_part_size: part_size_mb << 20,
             backup_archive_wait: at_least(
@@ -597,6 +605,7 @@ impl std::fmt::Debug for Config {
             .field("pg_url", &self.pg_url.as_deref().map(redact_conninfo))
             .field("pg_bindir", &self.pg_bindir)
             .field("upload_ahead", &self.upload_ahead)
+            .field("wal_worker", &self.wal_worker)
             .field("prefetch", &self.prefetch)
             .field("backup_parallel", &self.backup_parallel)
             .field("backup_part_size", &self.backup_part_size)

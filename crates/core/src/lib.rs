@@ -23,6 +23,7 @@ pub mod summary;
 pub mod timefmt;
 pub mod wal;
 pub mod walindex;
+pub mod walworker;
 
 pub use envelope::{Codec, Compression};
 pub use repo::{Identity, Repository};

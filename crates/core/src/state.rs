@@ -110,7 +110,7 @@ impl StateDir {
 
 /// Creates `dir` (0700) if missing, and checks that the running user owns it and that no other
 /// user can write into it.
-fn private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     match fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
         Ok(()) => {}

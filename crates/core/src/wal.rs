@@ -208,6 +208,28 @@ impl WalPusher {
         Ok(report)
     }
 
+    /// Reads, validates and stores the WAL file at `path` create-only (an identical stored copy
+    /// is success), for the worker: the file must come from the cluster `expected` (or, when
+    /// none is known yet, from the cluster the repository records, which it is recorded as on
+    /// first use). Returns the identity it was checked against.
+    pub(crate) async fn store_file(&self, path: &Path, expected: Option<&Identity>) -> Result<Identity, WalError> {
+        let content: Bytes =
+            tokio::fs::read(path).await.map_err(WalError::io(format!("read {}", path.display())))?.into();
+        let p = path.to_path_buf();
+        let prepared = cpu(move || prepare(&p, content)).await?;
+        let ours = prepared.identity.clone().ok_or_else(|| WalError::UnknownCluster {
+            name: prepared.name.to_string(),
+            pgdata: path.parent().and_then(Path::parent).unwrap_or(Path::new("?")).display().to_string(),
+            reason: "the worker archives segments only".into(),
+        })?;
+        let identity = match expected {
+            Some(known) if known.same_cluster(&ours) => known.clone(),
+            _ => self.repo.ensure_identity(&ours).await?,
+        };
+        self.store_one(&prepared).await?;
+        Ok(identity)
+    }
+
     /// Stores one prepared file create-only. Returns (uploaded now, object size).
     async fn store_one(&self, p: &Prepared) -> Result<(bool, u64), WalError> {
         let key = layout::wal_key(&p.name);

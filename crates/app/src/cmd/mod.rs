@@ -34,6 +34,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::WalPush { path } => wal::push(&ctx, &path).await,
         Command::WalFetch { name, dest } => wal::fetch(&ctx, &name, &dest).await,
         Command::WalPrefetch { name } => wal::prefetch(&ctx, &name).await,
+        Command::WalWorker { pg_wal } => wal::worker(&ctx, &pg_wal).await,
         Command::ShowConfig => show_config(&ctx),
         Command::BackupPush { pgdata, name } => finish(backup::push(&ctx, pgdata.as_deref(), name).await),
         Command::BackupList { detail } => finish(backup::list(&ctx, detail).await),
@@ -133,7 +134,12 @@ fn show_config(ctx: &Ctx) -> u8 {
             "deadline": humantime::format_duration(c.storage.deadline).to_string(),
         },
         "postgres": { "pgdata": c.pgdata, "url": url(&c.pg_url), "bindir": c.pg_bindir },
-        "wal": { "upload_ahead": c.upload_ahead, "prefetch": c.prefetch },
+        "wal": {
+            "upload_ahead": c.upload_ahead,
+            "prefetch": c.prefetch,
+            "worker": c.wal_worker,
+            "worker_idle": humantime::format_duration(c.wal_worker_idle).to_string(),
+        },
         "agent": {
             "listen": c.agent_listen,
             "token_file": c.agent_token_file,

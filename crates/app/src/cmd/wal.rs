@@ -5,9 +5,15 @@ use crate::exit;
 use std::path::Path;
 use std::time::Instant;
 use walnut_core::wal::{FetchOutcome, WalFetcher, WalPusher};
+use walnut_core::walworker::{self, ClientError};
 
 pub async fn push(ctx: &Ctx, path: &Path) -> u8 {
     let start = Instant::now();
+    if ctx.config.wal_worker
+        && let Some(code) = push_through_worker(ctx, path, start).await
+    {
+        return code;
+    }
     let repo = match ctx.repository() {
         Ok(r) => r,
         Err(e) => {
@@ -137,6 +143,105 @@ pub async fn prefetch(ctx: &Ctx, name: &str) -> u8 {
         }
         Err(e) => {
             tracing::debug!("prefetch after {name} stopped: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+/// The thin client: asks the WAL worker of this pg_wal to store the segment at `path`. `Some`
+/// exit code once the worker stored it; `None` when wal-push must store it itself (no worker,
+/// which it then starts for the next segments; a worker that failed or went away).
+async fn push_through_worker(ctx: &Ctx, path: &Path, start: Instant) -> Option<u8> {
+    let name = path.file_name()?.to_str()?;
+    walnut_pg::WalFileName::parse(name).ok()?.segment()?;
+    let url = ctx.config.repo_url().ok()?;
+    let pg_wal = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let socket = walworker::socket_path(&ctx.config.state_dir, url, pg_wal);
+    let fingerprint = walworker::fingerprint(url, ctx.config.codec);
+    // The worker answers once it stored the segment: give it what one storage operation may take,
+    // with its retries, twice over.
+    let wait = ctx.config.storage.deadline * 2;
+    match walworker::push_via(&socket, name, &fingerprint, wait).await {
+        Ok(how) => {
+            tracing::info!("{name}: archived by the WAL worker ({how}) in {:.0?}", start.elapsed());
+            if ctx.global.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "name": name, "worker": how, "elapsed_ms": start.elapsed().as_millis() as u64,
+                    })
+                );
+            }
+            Some(exit::OK)
+        }
+        Err(ClientError::NoWorker(_)) => {
+            spawn_worker(ctx, pg_wal, &socket);
+            None
+        }
+        Err(e) => {
+            tracing::warn!("{name}: {e}; archiving it directly");
+            None
+        }
+    }
+}
+
+/// Starts `walnut wal-worker PG_WAL` detached (at most once every few seconds per socket: a
+/// worker that cannot start is not started again by every segment), logging beside its socket.
+fn spawn_worker(ctx: &Ctx, pg_wal: &Path, socket: &Path) {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let marker = socket.with_extension("started");
+    let recent = std::fs::metadata(&marker)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|e| e < std::time::Duration::from_secs(5)));
+    if recent || socket.parent().is_none_or(|d| std::fs::create_dir_all(d).is_err()) {
+        return;
+    }
+    let _ = std::fs::write(&marker, b"");
+    let (Ok(exe), Ok(pg_wal)) = (std::env::current_exe(), std::fs::canonicalize(pg_wal)) else { return };
+    let log = std::fs::File::create(socket.with_extension("log")).ok();
+    let mut c = Command::new(exe);
+    if let Some(p) = &ctx.config.path {
+        c.arg("--config").arg(p);
+    }
+    if let Some(r) = &ctx.global.repo {
+        c.arg("--repo").arg(r);
+    }
+    c.arg("wal-worker").arg(pg_wal);
+    c.stdin(Stdio::null()).stdout(Stdio::null()).process_group(0);
+    match log {
+        Some(f) => c.stderr(f),
+        None => c.stderr(Stdio::null()),
+    };
+    if let Err(e) = c.spawn() {
+        tracing::debug!("could not start the WAL worker: {e}");
+    }
+}
+
+/// `walnut wal-worker PG_WAL`: serves until idle (see [`walworker`]). Exits 0 at once when
+/// another worker of the same pg_wal and repository runs.
+pub async fn worker(ctx: &Ctx, pg_wal: &Path) -> u8 {
+    let run = async {
+        let url = ctx.config.repo_url()?;
+        let socket = walworker::socket_path(&ctx.config.state_dir, url, pg_wal);
+        let Some((_lock, listener)) =
+            walworker::bind(&socket).map_err(|e| anyhow::anyhow!("WAL worker socket {}: {e}", socket.display()))?
+        else {
+            tracing::debug!("another WAL worker serves {}", pg_wal.display());
+            return Ok(());
+        };
+        let repo = ctx.repository()?;
+        let parallel = ctx.config.upload_ahead.max(1);
+        tracing::info!("WAL worker for {} serving on {}", pg_wal.display(), socket.display());
+        let w = walworker::Worker::new(repo, ctx.config.codec, url, pg_wal.to_path_buf(), parallel);
+        w.serve(listener, ctx.config.wal_worker_idle).await;
+        let _ = std::fs::remove_file(&socket);
+        anyhow::Ok(())
+    };
+    match run.await {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            report(&e);
             exit::FAILURE
         }
     }

@@ -1,0 +1,102 @@
+//! The WAL worker (`[wal] worker = true`) with a real PostgreSQL 15: a backlog archived through
+//! it (segments stored before PostgreSQL asks for them), the worker killed right after an upload
+//! (nothing lost, no conflict: the client stores the segment itself), and the worker's exit once
+//! idle.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use walnut_testkit::PgCluster;
+use walnut_testkit::pg::PgOptions;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Files below the state directory's `workers/` ending in `ext`.
+fn worker_files(env: &Env, ext: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(env.dir.path().join("state/workers"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == ext)).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A cluster whose archiving fails until `command` is set, with a backlog of `n` segments.
+fn backlog(n: usize) -> (PgCluster, String) {
+    let pg = PgCluster::start(PgOptions { archive_command: Some("false".into()), ..Default::default() });
+    pg.sql("CREATE TABLE t(x int)");
+    let mut last = String::new();
+    for i in 0..n {
+        pg.sql(&format!("INSERT INTO t SELECT g FROM generate_series(1, 2000) g; SELECT {i}"));
+        last = pg.switch_wal();
+    }
+    (pg, last)
+}
+
+fn set_archive_command(pg: &PgCluster, cmd: &str) {
+    pg.sql(&format!("ALTER SYSTEM SET archive_command = '{}'", cmd.replace('\'', "''")));
+    pg.sql("SELECT pg_reload_conf()");
+}
+
+/// Every archived segment fetched back is the file PostgreSQL wrote.
+fn all_round_trip(env: &Env, pg: &PgCluster) -> usize {
+    let segs = archived_segments(pg);
+    let out = tempfile::tempdir().unwrap();
+    for s in &segs {
+        let dest = out.path().join(s);
+        let o = env.walnut(&["wal-fetch", s, dest.to_str().unwrap()]);
+        assert!(o.status.success(), "wal-fetch {s}: {}", stderr(&o));
+        assert!(
+            std::fs::read(&dest).unwrap() == std::fs::read(pg.pgdata.join("pg_wal").join(s)).unwrap(),
+            "{s} differs"
+        );
+    }
+    segs.len()
+}
+
+#[test]
+fn a_backlog_is_archived_through_the_worker_which_exits_when_idle() {
+    let env = Env::with_extra(Backend::S3, "[wal]\nworker = true\nworker_idle = \"2s\"\nupload_ahead = 4\n");
+    let (pg, last) = backlog(10);
+    let log = env.dir.path().join("push.jsonl");
+    set_archive_command(&pg, &env.archive_command_logging(&log));
+    pg.wait_archived(&last, WAIT);
+
+    let reports = json_lines(&log);
+    let via_worker: Vec<_> = reports.iter().filter(|r| r.get("worker").is_some()).collect();
+    let ahead = via_worker.iter().filter(|r| r["worker"] == "stored-ahead").count();
+    assert!(via_worker.len() >= reports.len() / 2, "most segments went through the worker: {reports:?}");
+    assert!(ahead >= 1, "the worker stored segments before PostgreSQL asked: {reports:?}");
+    assert!(all_round_trip(&env, &pg) >= 10);
+
+    // Idle: no request and no .ready segment for worker_idle, then it exits and removes its socket.
+    PgCluster::wait_for("the idle worker to exit", Duration::from_secs(30), || worker_files(&env, "sock").is_empty());
+    let log = std::fs::read_to_string(&worker_files(&env, "log")[0]).unwrap();
+    assert!(log.contains("idle for"), "{log}");
+}
+
+#[test]
+fn a_worker_killed_after_an_upload_loses_nothing() {
+    let env = Env::with_extra(Backend::S3, "[wal]\nworker = true\nworker_idle = \"2s\"\nupload_ahead = 2\n");
+    let (pg, last) = backlog(6);
+    let log = env.dir.path().join("push.jsonl");
+    // The worker inherits the crash point from the archive command that starts it: it dies
+    // (SIGKILL) right after its first upload, before it answers or records anything.
+    set_archive_command(&pg, &format!("WALNUT_CRASH_AT=wal-worker:after-upload {}", env.archive_command_logging(&log)));
+    pg.wait_archived(&last, WAIT);
+    assert!(all_round_trip(&env, &pg) >= 6, "every segment archived and intact");
+    let worker_log = std::fs::read_to_string(&worker_files(&env, "log")[0]).unwrap();
+    assert!(worker_log.contains("crash point wal-worker:after-upload"), "the worker was killed: {worker_log}");
+    let text = std::fs::read_to_string(pg.log_path()).unwrap();
+    assert!(!text.contains("different file with this name"), "no conflict after the kill:\n{text}");
+}
