@@ -69,11 +69,11 @@ S3_ENDPOINT=$(sed -n 's/^endpoint=//p' "$W/s3.out") S3_BUCKET_DIR=$(sed -n 's/^b
 [[ -n $S3_BUCKET_DIR ]] || { echo "S3 server did not start: $(cat "$W/s3.err")" >&2; exit 1; }
 S3_ID=$(sed -n 's/^access_key_id=//p' "$W/s3.out") S3_SECRET=$(sed -n 's/^secret_access_key=//p' "$W/s3.out")
 
-# walnut config NAME REPO [upload_ahead prefetch]; prints the file's path
+# walnut config NAME REPO [upload_ahead prefetch [worker]]; prints the file's path
 walnut_conf() {
   local f=$W/conf/$1.toml
   printf 'repo = "%s"\nstate_dir = "%s"\n' "$2" "$W/state/$1" >"$f"
-  [[ $# -ge 4 ]] && printf '[wal]\nupload_ahead = %s\nprefetch = %s\n' "$3" "$4" >>"$f"
+  [[ $# -ge 4 ]] && printf '[wal]\nupload_ahead = %s\nprefetch = %s\nworker = %s\n' "$3" "$4" "${5:-false}" >>"$f"
   [[ $2 == s3://* ]] && printf '[s3]\nendpoint = "%s"\nregion = "us-east-1"\naccess_key_id = "%s"\nsecret_access_key = "%s"\nforce_path_style = true\n' \
     "$S3_ENDPOINT" "$S3_ID" "$S3_SECRET" >>"$f"
   if [[ $2 == file://* ]]; then mkdir -p "${2#file://}" && chown postgres:postgres "${2#file://}"; fi
@@ -195,7 +195,9 @@ latency() {
   say "latency $ds $t: push p50 $(median "$W/res/$ds.$t.push") ms, fetch p50 $(median "$W/res/$ds.$t.fetch") ms"
 }
 
-TARGETS=(walnut-file walnut-s3 cp-sync)
+# WAL workers started by a run are stopped before the next: they watch the one pg_wal.
+stop_workers() { pkill -f "$WALNUT.* wal-worker " 2>/dev/null || true; sleep 0.3; }
+TARGETS=(walnut-file walnut-s3 walnut-file-worker walnut-s3-worker cp-sync)
 ((HAVE_PGBR)) && TARGETS+=(pgbr-zst pgbr-lz4)
 chown postgres:postgres "$W/fetch" "$W/repo" "$W/arch" "$W/state"
 for ds in pgbench realistic; do
@@ -203,6 +205,14 @@ for ds in pgbench realistic; do
   latency "$ds" walnut-file "$WALNUT -q --config $c wal-push %p" "$WALNUT -q --config $c wal-fetch %f %p" "$W/repo/$ds-file"
   c=$(walnut_conf "$ds-s3" "s3://walnut/$ds" 0 0)
   latency "$ds" walnut-s3 "$WALNUT -q --config $c wal-push %p" "$WALNUT -q --config $c wal-fetch %f %p" "$S3_BUCKET_DIR/$ds"
+  # The WAL worker, warm: the first push starts it, the rest are thin clients (no .ready files
+  # beside these segments, so each is stored when asked for, not ahead).
+  for kind in file s3; do
+    if [[ $kind == file ]]; then repo=file://$W/repo/$ds-file-worker store=$W/repo/$ds-file-worker; else repo=s3://walnut/$ds-worker store=$S3_BUCKET_DIR/$ds-worker; fi
+    c=$(walnut_conf "$ds-$kind-worker" "$repo" 4 0 true)
+    latency "$ds" "walnut-$kind-worker" "$WALNUT -q --config $c wal-push %p" "$WALNUT -q --config $c wal-fetch %f %p" "$store"
+    stop_workers
+  done
   mkdir -p "$W/arch/$ds" && chown postgres:postgres "$W/arch/$ds"
   latency "$ds" cp-sync "cp %p $W/arch/$ds/%f && sync $W/arch/$ds/%f" "cp $W/arch/$ds/%f %p" "$W/arch/$ds"
   if ((HAVE_PGBR)); then
@@ -251,15 +261,18 @@ fi
 # archiving is switched on and the time to drain it gives the archiver's capacity. (2) Under
 # `pgbench -N -c CLIENTS -T LOAD_SECS`, .ready files are sampled every 0.5 s; archived/s is the
 # pg_stat_archiver archived_count delta over load time plus the drain after it.
+# Whole-machine CPU time so far, in clock ticks (user, nice, system, irq, softirq: every process,
+# the S3 server and PostgreSQL included, the same for every target).
+machine_cpu() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 load_run() { # TARGET ARCHIVE_COMMAND
   local t=$1 a0 f0 a1 f1 backlog t0 t1 t2 tps
   set_archive '' && sleep 0.5
   pgbench 900 -i -s "$SCALE" -q >/dev/null 2>&1
   backlog=$(ready_count); read -r a0 f0 < <(counters)
-  t0=${EPOCHREALTIME/./}; set_archive "$2"
+  c0=$(machine_cpu); t0=${EPOCHREALTIME/./}; set_archive "$2"
   wait_drained 600 || { echo "$t: backlog not drained in 600 s" >&2; exit 1; }
-  t1=${EPOCHREALTIME/./}; read -r a1 f1 < <(counters)
-  echo "$backlog $((a1 - a0)) $((t1 - t0)) $((f1 - f0))" >"$W/res/load.$t.drain"
+  t1=${EPOCHREALTIME/./}; c1=$(machine_cpu); read -r a1 f1 < <(counters)
+  echo "$backlog $((a1 - a0)) $((t1 - t0)) $((f1 - f0)) $((c1 - c0))" >"$W/res/load.$t.drain"
   for ((i = 0; i < (LOAD_SECS + 700) * 2; i++)); do ready_count; sleep 0.5; done >"$W/res/load.$t.samples" &
   SAMPLER_PID=$!
   sql "CHECKPOINT" # every run starts right after a checkpoint: the same full-page-image volume
@@ -274,9 +287,13 @@ load_run() { # TARGET ARCHIVE_COMMAND
 }
 load_run walnut-file "$WALNUT -q --config $(walnut_conf load-file "file://$W/repo/load-file") wal-push %p"
 load_run walnut-s3 "$WALNUT -q --config $(walnut_conf load-s3 s3://walnut/load) wal-push %p"
+load_run walnut-file-worker "$WALNUT -q --config $(walnut_conf load-file-worker "file://$W/repo/load-file-worker" 4 0 true) wal-push %p"
+stop_workers
+load_run walnut-s3-worker "$WALNUT -q --config $(walnut_conf load-s3-worker s3://walnut/load-worker 4 0 true) wal-push %p"
+stop_workers
 mkdir -p "$W/arch/load" && chown postgres:postgres "$W/arch/load"
 load_run cp-sync "cp %p $W/arch/load/%f && sync $W/arch/load/%f"
-LOAD_TARGETS=(walnut-file walnut-s3 cp-sync)
+LOAD_TARGETS=(walnut-file walnut-s3 walnut-file-worker walnut-s3-worker cp-sync)
 if ((HAVE_PGBR)); then
   load_run pgbr-zst "pgbackrest --config=$(pgbr_setup load-zst zst) --stanza=bench archive-push %p"
   load_run pgbr-zst-async "pgbackrest --config=$(pgbr_setup load-zst-async zst async) --stanza=bench archive-push %p"
@@ -291,15 +308,15 @@ echo "Segments: $SEGS x 16 MiB per dataset, each call a fresh process (sh -c as 
 for ds in pgbench realistic; do
   echo
   echo "== Latency per segment, dataset: $ds =="
-  printf '%-12s %12s %12s %13s %16s %16s %17s\n' target "push p50 ms" "push p90 ms" "fetch p50 ms" "stored/original" "push p50 / cp" "fetch p50 / cp"
+  printf '%-18s %12s %12s %13s %16s %16s %17s\n' target "push p50 ms" "push p90 ms" "fetch p50 ms" "stored/original" "push p50 / cp" "fetch p50 / cp"
   for t in "${TARGETS[@]}"; do
     r=$W/res/$ds.$t
-    printf '%-12s %12s %12s %13s %16s %16s %17s\n' "$t" "$(median "$r.push")" "$(p90 "$r.push")" "$(median "$r.fetch")" \
+    printf '%-18s %12s %12s %13s %16s %16s %17s\n' "$t" "$(median "$r.push")" "$(p90 "$r.push")" "$(median "$r.fetch")" \
       "$(ratio "$(cat "$r.stored")" $(($(ls "$W/seg/$ds/pg_wal" | grep -c '^[0-9A-F]\{24\}$') * SEG_BYTES)))" "$(ratio "$(median "$r.push")" "$(median "$W/res/$ds.cp-sync.push")")" \
       "$(ratio "$(median "$r.fetch")" "$(median "$W/res/$ds.cp-sync.fetch")")"
   done
   if ((HAVE_PGBR)); then
-    for w in walnut-file walnut-s3; do for z in zst lz4; do
+    for w in walnut-file walnut-s3 walnut-file-worker walnut-s3-worker; do for z in zst lz4; do
       echo "  $w / pgbr-$z: push p50 $(ratio "$(median "$W/res/$ds.$w.push")" "$(median "$W/res/$ds.pgbr-$z.push")")x, fetch p50 $(ratio "$(median "$W/res/$ds.$w.fetch")" "$(median "$W/res/$ds.pgbr-$z.fetch")")x, stored $(ratio "$(cat "$W/res/$ds.$w.stored")" "$(cat "$W/res/$ds.pgbr-$z.stored")")x"
     done; done
   fi
@@ -310,14 +327,17 @@ for l in "${MEM_LABELS[@]}"; do read -r rss cpu <"$W/res/mem.$l"; printf '%-22s 
 echo "   (ua0: upload_ahead=0; ua4: upload_ahead=4 with 4 more segments marked .ready beside it)"
 echo
 echo "== Archiving under load (pgbench scale $SCALE, -N -c $CLIENTS -T $LOAD_SECS, synchronous_commit=off) =="
-printf '%-12s %8s %13s %11s %8s %9s %13s %11s %12s %7s\n' target backlog "drain seg/s" "drain MB/s" "load tps" "WAL segs" "archived/s" "max .ready" "drain after" failed
+printf '%-18s %8s %13s %11s %10s %8s %9s %13s %11s %12s %7s\n' target backlog "drain seg/s" "drain MB/s" "CPU s/GiB" "load tps" "WAL segs" "archived/s" "max .ready" "drain after" failed
 for t in "${LOAD_TARGETS[@]}"; do
-  read -r backlog darch dus dfail <"$W/res/load.$t.drain"
+  read -r backlog darch dus dfail dcpu <"$W/res/load.$t.drain"
   read -r tps wal arch lus tail maxr lfail <"$W/res/load.$t.run"
-  printf '%-12s %8s %13s %11s %8s %9s %13s %11s %12s %7s\n' "$t" "$backlog" \
+  printf '%-18s %8s %13s %11s %10s %8s %9s %13s %11s %12s %7s\n' "$t" "$backlog" \
     "$(awk -v n="$darch" -v u="$dus" 'BEGIN {printf "%.1f", n / (u / 1e6)}')" "$(awk -v n="$darch" -v u="$dus" 'BEGIN {printf "%.0f", n * 16.777216 / (u / 1e6)}')" \
+    "$(awk -v c="$dcpu" -v n="$darch" -v hz="$(getconf CLK_TCK)" 'BEGIN {if (n > 0) printf "%.2f", (c / hz) / (n / 64); else printf "n/a"}')" \
     "$tps" "$(awk -v b="$wal" 'BEGIN {printf "%.1f", b / 16777216}')" "$(awk -v n="$arch" -v u=$((lus + tail)) 'BEGIN {printf "%.2f", n / (u / 1e6)}')" \
     "$maxr" "$(awk -v u="$tail" 'BEGIN {printf "%.1f s", u / 1e6}')" "$((dfail + lfail))"
 done
 echo "   backlog: .ready segments left by pgbench -i with archiving paused; drain: time to archive them all (no other load)"
+echo "   CPU s/GiB: whole-machine CPU time during the drain (every process: PostgreSQL, the S3 server, the archiver) per GiB of WAL"
+echo "   -worker: [wal] worker = true (the WAL worker stores .ready segments ahead; wal-push asks it over a Unix socket)"
 echo "   archived/s: archived_count delta / (load time + time to drain what was left); max .ready: largest backlog sampled every 0.5 s"
