@@ -122,7 +122,8 @@ pub enum Command {
     /// Print the resolved configuration (secrets redacted), to debug what walnut will use.
     #[command(hide = true)]
     ShowConfig,
-    /// Fill the prefetch spool after NAME (started in the background by wal-fetch).
+    /// Keep the prefetch spool ahead of recovery, from NAME on (started in the background by
+    /// wal-fetch when none runs; exits when recovery asks for nothing new).
     #[command(hide = true)]
     WalPrefetch { name: String },
     /// Archive the `.ready` segments of PG_WAL as a long-running worker (started on demand by

@@ -3,9 +3,14 @@
 //!
 //! ```text
 //! <state_dir>/repos/<hash of the URL>/<identity key>/ahead/<WAL name>  "<sha256 hex> <object size>"
-//! <state_dir>/repos/<hash of the URL>/<identity key>/spool/<WAL name>  the stored object, as fetched
+//! <state_dir>/repos/<hash of the URL>/<identity key>/spool/<WAL name>  a fetched file, verified
+//! <state_dir>/repos/<hash of the URL>/<identity key>/spool/.<WAL name>.crc32c  its CRC-32C
 //! <state_dir>/repos/<hash of the URL>/<identity key>/spool/.lock       held by the one prefetcher
+//! <state_dir>/repos/<hash of the URL>/<identity key>/spool/.wanted     the last name wal-fetch asked for
 //! ```
+//! A spooled file is the WAL file itself, checked against the repository's SHA-256 when it was
+//! spooled; handing it out checks its CRC-32C (a bit flipped on local disk since) and renames it
+//! into place, so a segment is decoded once.
 //! The identity key ([`crate::repo::Identity::state_key`]) names the repository *instance*: a
 //! repository wiped and re-created at the same URL (another cluster, or the same one) gets a new
 //! one, so nothing spooled or recorded for the old repository is ever handed out for the new. The
@@ -92,8 +97,66 @@ impl StateDir {
         list_names(&self.spool_dir())
     }
 
-    pub fn write_spool(&self, name: &str, object: &[u8]) -> std::io::Result<()> {
-        write_atomic(&self.spool_path(name), object)
+    fn spool_crc_path(&self, name: &str) -> PathBuf {
+        self.spool_dir().join(format!(".{name}.crc32c"))
+    }
+
+    /// Spools `content`, the verified WAL file `name` (the file first, then its CRC: a file
+    /// without its CRC is not spooled).
+    pub fn write_spool(&self, name: &str, content: &[u8]) -> std::io::Result<()> {
+        write_atomic(&self.spool_path(name), content)?;
+        write_atomic(&self.spool_crc_path(name), format!("{:08x}\n", crc32c::crc32c(content)).as_bytes())
+    }
+
+    /// Drops `name` from the spool.
+    pub fn drop_spooled(&self, name: &str) {
+        let _ = fs::remove_file(self.spool_crc_path(name));
+        let _ = fs::remove_file(self.spool_path(name));
+    }
+
+    /// Hands the spooled `name` out as `dest`: checks its CRC, renames it into place (a durable
+    /// copy across file systems) and syncs `dest`'s directory. `Ok(false)` when `name` is not
+    /// spooled; an error (the spooled copy dropped) when it fails the check.
+    pub fn take_spooled(&self, name: &str, dest: &Path) -> std::io::Result<bool> {
+        let (path, crc_path) = (self.spool_path(name), self.spool_crc_path(name));
+        let Ok(want) = fs::read_to_string(&crc_path) else { return Ok(false) };
+        let content = match fs::read(&path) {
+            Ok(c) => c,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if u32::from_str_radix(want.trim(), 16).ok() != Some(crc32c::crc32c(&content)) {
+            self.drop_spooled(name);
+            return Err(std::io::Error::new(ErrorKind::InvalidData, format!("spooled {name} fails its CRC-32C")));
+        }
+        let _ = fs::remove_file(&crc_path);
+        match fs::rename(&path, dest) {
+            Ok(()) => {
+                let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                fs::File::open(dir)?.sync_all()?;
+            }
+            // Another file system: a durable copy of what was checked.
+            Err(e) if e.raw_os_error() == Some(18) => {
+                write_atomic(dest, &content)?;
+                let _ = fs::remove_file(&path);
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(true)
+    }
+
+    /// Notes the last name wal-fetch asked for (what the prefetcher stays ahead of).
+    pub fn set_wanted(&self, name: &str) {
+        let _ = fs::write(self.spool_dir().join(".wanted"), name);
+    }
+
+    pub fn wanted(&self) -> Option<String> {
+        fs::read_to_string(self.spool_dir().join(".wanted")).ok().map(|s| s.trim().to_string())
+    }
+
+    /// Whether a prefetcher holds the spool's lock (without taking it).
+    pub fn spool_locked(&self) -> bool {
+        matches!(self.try_lock_spool(), Ok(None))
     }
 
     /// Takes the spool's lock without waiting: `None` if another prefetcher holds it.
@@ -154,6 +217,29 @@ mod tests {
         let mut i = Identity::new(SystemId(sysid), PgMajor(15), WalSegSize::DEFAULT);
         i.instance = Some(instance.into());
         i
+    }
+
+    #[test]
+    fn spooled_files_are_checked_and_renamed_into_place() {
+        let d = tempfile::tempdir().unwrap();
+        let st = StateDir::open(&d.path().join("state"), "file:///r", &identity(1, "x")).unwrap();
+        let name = "000000010000000000000005";
+        let dest = d.path().join("RECOVERYXLOG");
+        assert!(!st.take_spooled(name, &dest).unwrap(), "nothing spooled");
+        st.write_spool(name, b"wal bytes").unwrap();
+        assert_eq!(st.spooled(), [name], "the CRC file is not listed");
+        assert!(st.take_spooled(name, &dest).unwrap());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"wal bytes");
+        assert!(st.spooled().is_empty() && !st.spool_path(name).exists(), "moved, not copied");
+        // A flipped byte: refused and dropped, the destination untouched.
+        st.write_spool(name, b"wal bytes").unwrap();
+        std::fs::write(st.spool_path(name), b"wal bytez").unwrap();
+        std::fs::remove_file(&dest).unwrap();
+        assert!(st.take_spooled(name, &dest).is_err());
+        assert!(!dest.exists() && st.spooled().is_empty());
+        // A file without its CRC (a crash between the two writes) is not spooled.
+        std::fs::write(st.spool_path(name), b"wal bytes").unwrap();
+        assert!(!st.take_spooled(name, &dest).unwrap());
     }
 
     #[test]

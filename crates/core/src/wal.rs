@@ -9,9 +9,11 @@
 //!
 //! Fetch: the repository's identity is read first: "not archived" (which PostgreSQL may take as
 //! the end of recovery) is said only of a repository that is there. The object is read from the
-//! spool (if a prefetcher put it there, for this repository instance) or the repository, verified
-//! (checksum of the decoded content), written to a temporary file beside the destination, fsynced
-//! and renamed. [`prefetch`] fills the spool with the next segments.
+//! spool (if the prefetcher put it there, for this repository instance: checked by its CRC-32C
+//! and renamed into place) or the repository (verified by the SHA-256 of the decoded content,
+//! written to a temporary file beside the destination, fsynced and renamed). [`prefetch`] is one
+//! long-running process per repository instance that keeps the next segments after the last one
+//! asked for verified in the spool, bounded by `[wal] prefetch` segments.
 
 use crate::envelope::{self, Codec, EnvelopeError};
 use crate::layout;
@@ -349,41 +351,61 @@ pub struct WalFetcher {
     pub state_base: Option<PathBuf>,
 }
 
+/// What a fetch did, and whether a prefetcher should be started (none holds the spool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetched {
+    pub outcome: FetchOutcome,
+    pub start_prefetcher: bool,
+}
+
 impl WalFetcher {
     /// Fetches `name` into `dest` (see the module docs). `dest` is never created unless the
     /// content was verified.
-    pub async fn fetch(&self, name: &str, dest: &Path) -> Result<FetchOutcome, WalError> {
+    pub async fn fetch(&self, name: &str, dest: &Path) -> Result<Fetched, WalError> {
         let wal_name = WalFileName::parse(name)?;
         // Only a repository that is there can say "not archived"; its instance keys the spool.
         let identity = self.repo.identity().await?.ok_or_else(|| WalError::NoRepository(self.repo.describe()))?;
-        if let Some(state) = open_state(self.state_base.as_deref(), &self.repo, &identity) {
-            let spooled = state.spool_path(name);
-            if let Ok(raw) = tokio::fs::read(&spooled).await {
-                let decoded = cpu(move || envelope::decode(&raw)).await;
-                let _ = tokio::fs::remove_file(&spooled).await;
-                if let Ok(d) = decoded {
-                    write_durably(dest, &d.content).await?;
-                    return Ok(FetchOutcome::FromSpool);
-                }
-                tracing::warn!(name, "spooled copy failed verification; fetching from the repository");
+        let state = open_state(self.state_base.as_deref(), &self.repo, &identity);
+        let mut start_prefetcher = false;
+        if let Some(state) = state.filter(|_| wal_name.segment().is_some()) {
+            // Tell the prefetcher where recovery is, then take what it spooled.
+            state.set_wanted(name);
+            start_prefetcher = !state.spool_locked();
+            let (st, n, d) = (state.clone(), name.to_string(), dest.to_path_buf());
+            match cpu(move || st.take_spooled(&n, &d)).await {
+                Ok(true) => return Ok(Fetched { outcome: FetchOutcome::FromSpool, start_prefetcher }),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(name, "{e}; fetching it from the repository"),
             }
         }
         let key = layout::wal_key(&wal_name);
         let decoded = match self.repo.get_object(&key).await {
             Ok(d) => d,
-            Err(RepoError::Storage(e)) if e.is_not_found() => return Ok(FetchOutcome::NotFound),
+            Err(RepoError::Storage(e)) if e.is_not_found() => {
+                return Ok(Fetched { outcome: FetchOutcome::NotFound, start_prefetcher: false });
+            }
             Err(e) => return Err(e.into()),
         };
         write_durably(dest, &decoded.content).await?;
-        Ok(FetchOutcome::Fetched)
+        Ok(Fetched { outcome: FetchOutcome::Fetched, start_prefetcher })
     }
 }
 
-/// Fills the spool with up to `count` segments following `after` on its timeline, in parallel,
-/// verifying each. Stops quietly at the end of the archive. Only one prefetcher runs per
-/// repository (a lock in the spool); a second returns at once. Returns how many it spooled.
-pub async fn prefetch(repo: &Repository, state_base: &Path, after: &str, count: usize) -> Result<usize, WalError> {
-    let Some(start) = WalFileName::parse(after)?.segment() else { return Ok(0) };
+/// How often the prefetcher looks for what recovery asked for last.
+const PREFETCH_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The prefetcher: keeps the next `count` segments after the last one wal-fetch asked for (first
+/// `after`) verified in the spool, fetching in parallel, until wal-fetch has asked for nothing new
+/// for `idle`, or the repository changed (re-created, or gone). Only one runs per repository
+/// instance (the spool's lock); a second returns at once. Returns how many it spooled.
+pub async fn prefetch(
+    repo: &Repository,
+    state_base: &Path,
+    after: &str,
+    count: usize,
+    idle: std::time::Duration,
+) -> Result<usize, WalError> {
+    let Some(mut cursor) = WalFileName::parse(after)?.segment() else { return Ok(0) };
     let Some(identity) = repo.identity().await? else { return Ok(0) };
     let state = StateDir::open(state_base, &repo.describe(), &identity)
         .map_err(WalError::io(format!("open the state directory {}", state_base.display())))?;
@@ -392,55 +414,82 @@ pub async fn prefetch(repo: &Repository, state_base: &Path, after: &str, count: 
         return Ok(0);
     };
     let size = identity.seg_size();
-    // Spooled segments at or before `after` on this timeline will not be asked for again.
-    for n in state.spooled() {
-        if let Ok(WalFileName::Segment(s)) = WalFileName::parse(&n)
-            && s.tli == start.tli
-            && s <= start
-        {
-            let _ = std::fs::remove_file(state.spool_path(&n));
-        }
-    }
-    let mut wanted = Vec::new();
-    let mut cur = start;
-    for _ in 0..count {
-        let Some(next) = cur.next(size) else { break };
-        cur = next;
-        if !state.spool_path(&cur.to_string()).exists() {
-            wanted.push(cur);
-        }
-    }
-    let results: Vec<Result<bool, WalError>> = futures::stream::iter(wanted)
-        .map(|seg| async move {
-            let key = layout::wal_key(&WalFileName::Segment(seg));
-            let raw = match repo.store().get(&key).await {
-                Ok(r) => r,
-                Err(e) if e.is_not_found() => return Ok(false),
-                Err(e) => return Err(e.into()),
-            };
-            let check = raw.clone();
-            cpu(move || envelope::decode(&check).map(|_| ()))
-                .await
-                .map_err(|source: EnvelopeError| RepoError::Corrupt { key, source })?;
-            state.write_spool(&seg.to_string(), &raw).map_err(WalError::io("write to the prefetch spool"))?;
-            Ok(true)
-        })
-        .buffer_unordered(4)
-        .collect()
-        .await;
     let mut spooled = 0;
-    for r in results {
-        if r? {
-            spooled += 1;
+    let mut asked = tokio::time::Instant::now();
+    let mut checked = tokio::time::Instant::now();
+    // A segment the archive did not have (or could not give): nothing from it on is asked for
+    // again before the instant given (recovery may be waiting for it to be archived).
+    let mut hold: Option<(SegName, tokio::time::Instant)> = None;
+    loop {
+        if let Some(w) = state.wanted().and_then(|w| WalFileName::parse(&w).ok()?.segment())
+            && w != cursor
+        {
+            cursor = w;
+            asked = tokio::time::Instant::now();
         }
-    }
-    // Re-created while we read it? Then what we spooled may be the new repository's: drop the
-    // spool of the old instance (the new one starts empty).
-    if repo.identity().await?.is_none_or(|now| now.state_key() != identity.state_key()) {
+        if asked.elapsed() >= idle {
+            break;
+        }
+        if checked.elapsed() >= crate::walworker::REVALIDATE {
+            checked = tokio::time::Instant::now();
+            if repo.identity().await?.is_none_or(|now| now.state_key() != identity.state_key()) {
+                // Re-created or gone: nothing spooled from it may be handed out.
+                for n in state.spooled() {
+                    state.drop_spooled(&n);
+                }
+                return Ok(0);
+            }
+        }
+        // Spooled segments at or before the cursor, or on another timeline, will not be asked for.
         for n in state.spooled() {
-            let _ = std::fs::remove_file(state.spool_path(&n));
+            if WalFileName::parse(&n).ok().and_then(|w| w.segment()).is_none_or(|s| s.tli != cursor.tli || s <= cursor)
+            {
+                state.drop_spooled(&n);
+            }
         }
-        return Ok(0);
+        let mut wanted = Vec::new();
+        let mut next = cursor;
+        for _ in 0..count {
+            let Some(n) = next.next(size) else { break };
+            next = n;
+            if !state.spool_path(&next.to_string()).exists() {
+                wanted.push(next);
+            }
+        }
+        match hold {
+            Some((from, until)) if tokio::time::Instant::now() < until => wanted.retain(|w| *w < from),
+            _ => hold = None,
+        }
+        let results: Vec<(SegName, Result<bool, WalError>)> = futures::stream::iter(wanted)
+            .map(|seg| async move {
+                let key = layout::wal_key(&WalFileName::Segment(seg));
+                let r = match repo.get_object(&key).await {
+                    Ok(d) => state
+                        .write_spool(&seg.to_string(), &d.content)
+                        .map(|()| true)
+                        .map_err(WalError::io("write to the prefetch spool")),
+                    Err(RepoError::Storage(e)) if e.is_not_found() => Ok(false),
+                    Err(e) => Err(e.into()),
+                };
+                (seg, r)
+            })
+            .buffer_unordered(4)
+            .collect()
+            .await;
+        for (seg, r) in results {
+            if let Ok(true) = r {
+                spooled += 1;
+                continue;
+            }
+            // Not archived yet, or a failure that wal-fetch reports loudly when it gets there
+            // (a corrupt object stops recovery).
+            if let Err(e) = r {
+                tracing::debug!("prefetch {seg}: {e}");
+            }
+            let from = hold.map_or(seg, |(h, _)| h.min(seg));
+            hold = Some((from, tokio::time::Instant::now() + std::time::Duration::from_secs(1)));
+        }
+        tokio::time::sleep(PREFETCH_POLL).await;
     }
     Ok(spooled)
 }
@@ -545,4 +594,83 @@ pub async fn inventory(repo: &Repository, with_summaries: bool) -> Result<crate:
         inv.histories.insert(t, entries);
     }
     Ok(inv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::Identity;
+    use std::time::Duration;
+    use walnut_pg::{PgMajor, SegNo, SystemId, TimelineId, WalSegSize};
+
+    fn seg(n: u64) -> SegName {
+        SegName::new(TimelineId(1), SegNo(n), WalSegSize::DEFAULT)
+    }
+
+    async fn repo_with_segments(n: u64) -> Repository {
+        let repo = Repository::new(std::sync::Arc::new(walnut_storage::remote::RemoteStore::memory()));
+        repo.ensure_identity(&Identity::new(SystemId(7), PgMajor(15), WalSegSize::DEFAULT)).await.unwrap();
+        for s in 1..=n {
+            let key = layout::wal_key(&WalFileName::Segment(seg(s)));
+            let object = envelope::encode(format!("segment {s}").as_bytes(), &serde_json::json!({}), Codec::default());
+            repo.store().put(&key, object, walnut_storage::PutMode::Create).await.unwrap();
+        }
+        repo
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// The prefetcher keeps exactly `count` segments ahead of what recovery asked for last (the
+    /// spool's bound), follows recovery, hands spooled files out by rename after their CRC check,
+    /// never hands out a spooled file that fails it, and exits once nothing new is asked for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_prefetcher_stays_ahead_within_its_bound() {
+        let repo = repo_with_segments(12).await;
+        let base = tempfile::tempdir().unwrap();
+        let identity = repo.identity().await.unwrap().unwrap();
+        let state = StateDir::open(base.path(), &repo.describe(), &identity).unwrap();
+        let names = |st: &StateDir| {
+            let mut v = st.spooled();
+            v.sort();
+            v
+        };
+        let (r, b) = (repo.clone(), base.path().to_path_buf());
+        let first = seg(1).to_string();
+        let task = tokio::spawn(async move { prefetch(&r, &b, &first, 4, Duration::from_secs(2)).await });
+        until("four spooled", || state.spooled().len() == 4).await;
+        assert_eq!(names(&state), (2..=5).map(|n| seg(n).to_string()).collect::<Vec<_>>());
+        assert!(state.spool_locked(), "the running prefetcher holds the spool");
+
+        // wal-fetch takes segment 2 from the spool (a rename) and says it asked for it.
+        let fetcher = WalFetcher { repo: repo.clone(), state_base: Some(base.path().to_path_buf()) };
+        let dest = base.path().join("RECOVERYXLOG");
+        let f = fetcher.fetch(&seg(2).to_string(), &dest).await.unwrap();
+        assert_eq!(f, Fetched { outcome: FetchOutcome::FromSpool, start_prefetcher: false });
+        assert_eq!(std::fs::read(&dest).unwrap(), b"segment 2");
+        until("the spool to follow", || names(&state) == (3..=6).map(|n| seg(n).to_string()).collect::<Vec<_>>()).await;
+
+        // A spooled file with a flipped byte is never handed out: it is dropped and fetched again.
+        let spooled = state.spool_path(&seg(3).to_string());
+        let mut bytes = std::fs::read(&spooled).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&spooled, bytes).unwrap();
+        let f = fetcher.fetch(&seg(3).to_string(), &dest).await.unwrap();
+        assert_eq!(f.outcome, FetchOutcome::Fetched);
+        assert_eq!(std::fs::read(&dest).unwrap(), b"segment 3");
+
+        // Near the end of the archive it holds what there is; then, asked nothing new, it exits.
+        state.set_wanted(&seg(10).to_string());
+        until("the tail spooled", || names(&state) == [seg(11).to_string(), seg(12).to_string()]).await;
+        let spooled = tokio::time::timeout(Duration::from_secs(10), task).await.expect("exits when idle").unwrap();
+        assert!(spooled.unwrap() >= 6);
+        assert!(!state.spool_locked());
+    }
 }

@@ -75,7 +75,9 @@ pub async fn fetch(ctx: &Ctx, name: &str, dest: &Path) -> u8 {
         }
     };
     let fetcher = WalFetcher { repo, state_base: Some(ctx.config.state_dir.clone()) };
-    let outcome = fetcher.fetch(name, dest).await;
+    let fetched = fetcher.fetch(name, dest).await;
+    let start_prefetcher = fetched.as_ref().is_ok_and(|f| f.start_prefetcher);
+    let outcome = fetched.map(|f| f.outcome);
     if ctx.global.json {
         let status = match &outcome {
             Ok(FetchOutcome::Fetched) => "fetched",
@@ -96,7 +98,8 @@ pub async fn fetch(ctx: &Ctx, name: &str, dest: &Path) -> u8 {
                 if o == FetchOutcome::FromSpool { " from the prefetch spool" } else { "" },
                 start.elapsed()
             );
-            if ctx.config.prefetch > 0 && walnut_pg::WalFileName::parse(name).is_ok_and(|n| n.segment().is_some()) {
+            // One long-running prefetcher stays ahead of recovery; start it if none runs.
+            if ctx.config.prefetch > 0 && start_prefetcher {
                 spawn_prefetcher(ctx, name);
             }
             exit::OK
@@ -136,7 +139,10 @@ pub async fn prefetch(ctx: &Ctx, name: &str) -> u8 {
             return exit::FAILURE;
         }
     };
-    match walnut_core::wal::prefetch(&repo, &ctx.config.state_dir, name, ctx.config.prefetch).await {
+    // Recovery asks for the next segment within seconds (or retries a missing one every 5 s):
+    // a prefetcher asked nothing new for 10 s has no recovery to serve.
+    let (count, idle) = (ctx.config.prefetch, ctx.config.wal_worker_idle.min(std::time::Duration::from_secs(10)));
+    match walnut_core::wal::prefetch(&repo, &ctx.config.state_dir, name, count, idle).await {
         Ok(n) => {
             tracing::debug!("prefetched {n} segments after {name}");
             exit::OK
