@@ -25,15 +25,7 @@ fn check_proves_create_only_writes_and_cleans_up() {
         pg.wait_archived(&seg, WAIT);
         let o = backup_push(&env, &pg, None);
         assert!(o.status.success(), "{backend:?}: backup-push: {}", stderr(&o));
-        let o = std::process::Command::new(walnut_bin())
-            .arg("--config")
-            .arg(&env.config)
-            .arg("check")
-            .env("PGHOST", "127.0.0.1")
-            .env("PGPORT", pg.port.to_string())
-            .env("PGUSER", "postgres")
-            .output()
-            .unwrap();
+        let o = check(&env, &pg);
         let out = stdout(&o);
         assert!(o.status.success(), "{backend:?}: check failed:\n{out}\n{}", stderr(&o));
         assert!(out.contains("✔ create-only writes refused if taken"), "{backend:?}: {out}");

@@ -241,15 +241,6 @@ fn s3_outage_is_bounded_and_recovers() {
     }
 }
 
-fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// A burst of segments is archived with fewer uploading process starts than segments
 /// (upload-ahead), and a real recovery through restore_command reads segments from the spool
 /// (prefetch).

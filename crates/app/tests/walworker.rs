@@ -6,21 +6,12 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 use walnut_testkit::PgCluster;
 use walnut_testkit::pg::PgOptions;
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn json_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// Files below the state directory's `workers/` ending in `ext`.
 fn worker_files(env: &Env, ext: &str) -> Vec<PathBuf> {

@@ -153,6 +153,16 @@ impl Env {
     }
 }
 
+/// The JSON lines of a log (walnut's `--json` reports appended by an archive or restore command).
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Prints a summary line of the suite (the fault matrix, the bad-input count...) and keeps it in
 /// `CARGO_TARGET_TMPDIR/walnut-summary/NAME.txt`, where `scripts/test.sh` prints it at the end
 /// (cargo captures a passing test's output).
