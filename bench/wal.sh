@@ -224,6 +224,21 @@ for ds in pgbench realistic; do
   fi
 done
 
+# ---------------------------------------------------------------- where a segment's time goes
+# walnut wal-stages times each stage of a push and a fetch in one process (the identity read,
+# reading, validating and decoding, hashing, compressing, upload, download, decompressing and
+# checking, the durable write); the process's own cost is a command that does nothing else.
+for ds in pgbench realistic; do
+  for kind in file s3; do
+    if [[ $kind == file ]]; then repo=file://$W/repo/$ds-stages; else repo=s3://walnut/$ds-stages; fi
+    c=$(walnut_conf "$ds-$kind-stages" "$repo" 0 0)
+    first=$(ls -d "$W/seg/$ds/pg_wal/"[0-9A-F]* | head -1)
+    "${AS_PG[@]}" "$WALNUT" -q --config "$c" wal-push "$first" >>"$W/cmd.log" 2>&1 # the identity
+    "${AS_PG[@]}" "$WALNUT" -q --config "$c" wal-stages "$W/seg/$ds/pg_wal/"[0-9A-F]* >"$W/res/stages.$ds.$kind" 2>>"$W/cmd.log"
+  done
+done
+for _ in $(seq 10); do timed "$W/res/startup" "$WALNUT -q --config $c show-config >/dev/null" x x; done
+
 # ---------------------------------------------------------------- peak memory of one push
 # The second segment of the realistic set into a repository that already holds the first; with
 # upload_ahead = 4, the next 4 segments are marked .ready beside it (so 5 are handled at once).
@@ -321,6 +336,12 @@ for ds in pgbench realistic; do
     done; done
   fi
 done
+echo
+echo "== Where a segment's time goes (walnut wal-stages, median over the dataset's segments) =="
+for ds in pgbench realistic; do for kind in file s3; do
+  echo "-- $ds, $kind"; sed 's/^/   /' "$W/res/stages.$ds.$kind"
+done; done
+echo "   process start, runtime, config, logging (walnut show-config, p50): $(median "$W/res/startup") ms"
 echo
 echo "== Peak memory (max RSS) and CPU time (user+sys) of one push, realistic segment =="
 for l in "${MEM_LABELS[@]}"; do read -r rss cpu <"$W/res/mem.$l"; printf '%-22s %8s MiB %8s s CPU\n' "$l" "$rss" "$cpu"; done

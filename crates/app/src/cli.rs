@@ -79,6 +79,13 @@ pub enum Command {
         #[arg(long)]
         deep: bool,
     },
+    /// Time each stage of a push and a fetch of WAL segment files against the repository (for
+    /// the benchmarks; the objects go to probe keys and are deleted).
+    #[command(hide = true)]
+    WalStages {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Decode WAL segment files and print their summaries and the decoding throughput.
     WalInspect {
         /// Segment files (named as in pg_wal).

@@ -596,6 +596,60 @@ pub async fn inventory(repo: &Repository, with_summaries: bool) -> Result<crate:
     Ok(inv)
 }
 
+/// One stage of archiving or restoring a WAL file, and how long it took.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stage {
+    pub stage: &'static str,
+    pub micros: u64,
+}
+
+/// Times, for the benchmarks, each stage a push and a fetch of the WAL file at `path` go
+/// through, in the order walnut runs them: the identity read, reading the file, validating it
+/// and decoding its records, the SHA-256 alone, compression with the checksum (the envelope),
+/// the upload, the download, decompression with the check, and the durable write into
+/// `scratch`. The object goes to a probe key, never to `wal/`, and is deleted after.
+pub async fn stage_timings(
+    repo: &Repository,
+    codec: Codec,
+    path: &Path,
+    scratch: &Path,
+) -> Result<Vec<Stage>, WalError> {
+    let mut stages = Vec::new();
+    let mut t = std::time::Instant::now();
+    let mut lap = |stage: &'static str, stages: &mut Vec<Stage>| {
+        stages.push(Stage { stage, micros: t.elapsed().as_micros() as u64 });
+        t = std::time::Instant::now();
+    };
+    repo.identity().await?;
+    lap("identity read", &mut stages);
+    let content: Bytes = tokio::fs::read(path).await.map_err(WalError::io(format!("read {}", path.display())))?.into();
+    lap("read the file", &mut stages);
+    let p = path.to_path_buf();
+    let prepared = cpu(move || prepare(&p, content)).await?;
+    lap("validate + decode records", &mut stages);
+    let c = prepared.content.clone();
+    cpu(move || envelope::sha256(&c)).await;
+    lap("sha256 alone", &mut stages);
+    let meta = serde_json::json!({ "name": prepared.name.to_string(), "summary": prepared.summary });
+    let c = prepared.content.clone();
+    let object = cpu(move || envelope::encode(&c, &meta, codec)).await;
+    lap("compress + checksum", &mut stages);
+    let key = format!("probe/stages-{}-{}", std::process::id(), prepared.name);
+    repo.store().put(&key, object, walnut_storage::PutMode::Overwrite).await?;
+    lap("upload", &mut stages);
+    let raw = repo.store().get(&key).await;
+    lap("download", &mut stages);
+    let _ = repo.store().delete(&key).await;
+    let raw = raw?;
+    let k = key.clone();
+    let decoded = cpu(move || envelope::decode(&raw)).await.map_err(|source| RepoError::Corrupt { key: k, source })?;
+    lap("decompress + verify", &mut stages);
+    write_durably(&scratch.join(prepared.name.to_string()), &decoded.content).await?;
+    lap("write + fsync", &mut stages);
+    let _ = tokio::fs::remove_file(scratch.join(prepared.name.to_string())).await;
+    Ok(stages)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,7 @@ pub async fn run(cli: Cli) -> u8 {
             finish(backup::fetch(&ctx, &dest, &reference, &tablespace_map).await)
         }
         Command::WalInspect { paths } => finish(walinfo::inspect(&ctx, &paths)),
+        Command::WalStages { paths } => finish(walinfo::stages(&ctx, &paths).await),
         Command::Enable { restart } => finish(enable::run(&ctx, restart).await),
         Command::Agent { listen } => finish(crate::run_agent(ctx, listen).await),
         Command::Check => finish(check::run(&ctx).await),

@@ -125,3 +125,29 @@ pub fn inspect(ctx: &Ctx, paths: &[std::path::PathBuf]) -> Result<()> {
     }
     Ok(())
 }
+
+/// `walnut wal-stages FILE...`: each stage's median over the files, in milliseconds (JSON with
+/// `--json`: every file's stages).
+pub async fn stages(ctx: &Ctx, paths: &[std::path::PathBuf]) -> Result<()> {
+    let repo = ctx.repository()?;
+    let scratch = tempfile::tempdir()?;
+    let mut all = Vec::new();
+    for p in paths {
+        all.push(walnut_core::wal::stage_timings(&repo, ctx.config.codec, p, scratch.path()).await?);
+    }
+    if ctx.global.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    let Some(first) = all.first() else { return Ok(()) };
+    let mut total = 0.0;
+    for (i, s) in first.iter().enumerate() {
+        let mut v: Vec<u64> = all.iter().map(|f| f[i].micros).collect();
+        v.sort_unstable();
+        let median = v[v.len() / 2] as f64 / 1000.0;
+        total += median;
+        println!("{:<28} {median:>8.1} ms", s.stage);
+    }
+    println!("{:<28} {total:>8.1} ms (sum of medians, {} files)", "all stages", all.len());
+    Ok(())
+}
