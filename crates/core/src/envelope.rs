@@ -117,13 +117,31 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// Encodes `content` (CPU-bound: call from a blocking thread for large content).
 pub fn encode(content: &[u8], meta: &serde_json::Value, codec: Codec) -> Bytes {
+    encode_with_sum(content, meta, codec).0
+}
+
+/// [`encode`], also returning the SHA-256 of `content` (the one in the trailer), which is
+/// computed on a second thread while the first compresses: one pass over the content each.
+pub fn encode_with_sum(content: &[u8], meta: &serde_json::Value, codec: Codec) -> (Bytes, [u8; 32]) {
     let meta_bytes = if meta.is_null() { Vec::new() } else { serde_json::to_vec(meta).expect("JSON value") };
-    let (ids, payload): (Vec<u8>, std::borrow::Cow<'_, [u8]>) = match codec.compression {
-        Compression::None => (vec![], content.into()),
-        Compression::Zstd => {
-            (vec![1], zstd::bulk::compress(content, codec.level).expect("zstd compress into memory").into())
+    let compress = || -> (Vec<u8>, std::borrow::Cow<'_, [u8]>) {
+        match codec.compression {
+            Compression::None => (vec![], content.into()),
+            Compression::Zstd => {
+                (vec![1], zstd::bulk::compress(content, codec.level).expect("zstd compress into memory").into())
+            }
+            Compression::Lz4 => (vec![2], lz4_flex::compress(content).into()),
         }
-        Compression::Lz4 => (vec![2], lz4_flex::compress(content).into()),
+    };
+    // Small contents are not worth a thread.
+    let ((ids, payload), content_sum) = if content.len() >= 1 << 20 {
+        std::thread::scope(|scope| {
+            let sum = scope.spawn(|| sha256(content));
+            let compressed = compress();
+            (compressed, sum.join().expect("hashing thread"))
+        })
+    } else {
+        (compress(), sha256(content))
     };
     debug_assert_eq!(codec.compression.id().map(|i| vec![i]).unwrap_or_default(), ids);
     let mut out = Vec::with_capacity(payload.len() + meta_bytes.len() + 64);
@@ -136,8 +154,8 @@ pub fn encode(content: &[u8], meta: &serde_json::Value, codec: Codec) -> Bytes {
     out.extend_from_slice(&sha256(&meta_bytes));
     out.extend_from_slice(&payload);
     out.extend_from_slice(&(content.len() as u64).to_le_bytes());
-    out.extend_from_slice(&sha256(content));
-    out.into()
+    out.extend_from_slice(&content_sum);
+    (out.into(), content_sum)
 }
 
 /// Parses the metadata from the first bytes of an object: `Ok(None)` if more bytes are needed.
@@ -218,6 +236,20 @@ pub fn decode(object: &[u8]) -> Result<Decoded, EnvelopeError> {
     if declared > MAX_CONTENT {
         return Err(corrupt(format!("declared content length {declared} is over the {MAX_CONTENT}-byte limit")));
     }
+    // Large zstd contents (every WAL segment): decompressed in pieces that a second thread
+    // hashes (and gathers) while the next piece is decompressed.
+    if ids == [1] && declared >= PIPELINE_MIN && declared <= ONE_SHOT {
+        plausible(declared, payload, ZSTD_MAX_RATIO, "zstd")?;
+        let stream = zstd::Decoder::with_buffer(payload).map_err(|e| corrupt(format!("zstd: {e}")))?;
+        let (content, actual) = inflate_hashed(stream, declared, "zstd")?;
+        if content.len() as u64 != declared {
+            return Err(corrupt(format!("content is {} bytes, trailer says {declared}", content.len())));
+        }
+        if actual != expected_sum {
+            return Err(EnvelopeError::Checksum { expected: hex::encode(expected_sum), actual: hex::encode(actual) });
+        }
+        return Ok(Decoded { content: content.into(), meta, sha256: actual });
+    }
     let content = match ids {
         [] => {
             if payload.len() as u64 != declared {
@@ -294,6 +326,69 @@ fn plausible(declared: u64, payload: &[u8], ratio: u64, what: &str) -> Result<()
 
 /// Decompresses a stream into a buffer that grows with the output, failing once the output
 /// exceeds `declared` bytes.
+/// Contents from this size on are decompressed and hashed in a pipeline ([`inflate_hashed`]).
+const PIPELINE_MIN: u64 = 1 << 20;
+
+/// [`inflate`] with the SHA-256 of the content, computed by a second thread piece by piece as
+/// the pieces come out of `stream` (which also gathers them into the content).
+fn inflate_hashed(
+    mut stream: impl std::io::Read,
+    declared: u64,
+    what: &str,
+) -> Result<(Vec<u8>, [u8; 32]), EnvelopeError> {
+    const PIECE: usize = 1 << 20;
+    let (to_hasher, pieces) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    std::thread::scope(|scope| {
+        let hasher = scope.spawn(move || {
+            let mut out = Vec::with_capacity(declared.min(PREALLOC) as usize);
+            let mut h = Sha256::new();
+            for piece in pieces {
+                h.update(&piece);
+                out.extend_from_slice(&piece);
+            }
+            (out, <[u8; 32]>::from(h.finalize()))
+        });
+        let mut total = 0u64;
+        let read = loop {
+            let mut piece = vec![0u8; PIECE];
+            let mut filled = 0;
+            let got = loop {
+                match stream.read(&mut piece[filled..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        filled += n;
+                        if filled == PIECE {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(EnvelopeError::Corrupt(format!("{what}: {e}"))),
+                }
+            };
+            if let Err(e) = got {
+                break Err(e);
+            }
+            total += filled as u64;
+            if total > declared {
+                break Err(EnvelopeError::Corrupt(format!(
+                    "{what}: the content is longer than the declared {declared} bytes"
+                )));
+            }
+            if filled == 0 {
+                break Ok(());
+            }
+            piece.truncate(filled);
+            let last = filled < PIECE;
+            if to_hasher.send(piece).is_err() || last {
+                break Ok(());
+            }
+        };
+        drop(to_hasher);
+        let (out, sum) = hasher.join().expect("hashing thread");
+        read.map(|()| (out, sum))
+    })
+}
+
 fn inflate(stream: impl std::io::Read, declared: u64, what: &str) -> Result<Vec<u8>, EnvelopeError> {
     use std::io::Read;
     let mut out = Vec::with_capacity(declared.min(PREALLOC) as usize);
@@ -348,6 +443,29 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         (0..100_000u32).flat_map(|i| (i / 7).to_le_bytes()).collect()
+    }
+
+    /// Contents large enough for the decompress-and-hash pipeline (several pieces, the last one
+    /// partial): they round-trip, and a flipped byte or a cut payload is refused.
+    #[test]
+    fn large_contents_round_trip_and_corruption_is_caught() {
+        let data: Vec<u8> = (0..(3 << 20) + 12345).map(|i: u32| (i % 251) as u8 ^ (i >> 13) as u8).collect();
+        let (object, sum) = encode_with_sum(&data, &serde_json::json!({"k": 1}), Codec::default());
+        assert_eq!(sum, sha256(&data));
+        let d = decode(&object).unwrap();
+        assert_eq!(d.content.as_ref(), &data[..]);
+        assert_eq!(d.sha256, sum);
+        let body_end = object.len() - TRAILER;
+        let mut flipped = object.to_vec();
+        flipped[body_end - 100] ^= 0x40;
+        assert!(decode(&flipped).is_err(), "a flipped payload byte is refused");
+        let mut cut = object[..body_end - 1000].to_vec();
+        cut.extend_from_slice(&object[body_end..]);
+        assert!(decode(&cut).is_err(), "a cut payload is refused");
+        let mut wrong_sum = object.to_vec();
+        let last = wrong_sum.len() - 1;
+        wrong_sum[last] ^= 1;
+        assert!(matches!(decode(&wrong_sum), Err(EnvelopeError::Checksum { .. })));
     }
 
     #[test]

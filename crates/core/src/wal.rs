@@ -89,6 +89,16 @@ pub struct WalPusher {
     pub upload_ahead: usize,
 }
 
+/// What storing one file did.
+struct Stored {
+    /// Uploaded now (else an identical copy was there).
+    uploaded: bool,
+    /// The stored object's size.
+    size: u64,
+    /// The SHA-256 of the file's content.
+    sum: [u8; 32],
+}
+
 /// A validated file, ready to store.
 struct Prepared {
     name: WalFileName,
@@ -193,7 +203,7 @@ impl WalPusher {
                 Ok((false, false))
             } else {
                 walnut_storage::crashpoint::hit("wal-push:before-upload");
-                let stored = self.store_one(&prepared).await.map(|(up, _)| (up, !up));
+                let stored = self.store_one(&prepared).await.map(|s| (s.uploaded, !s.uploaded));
                 walnut_storage::crashpoint::hit("wal-push:after-upload");
                 stored
             }
@@ -232,16 +242,16 @@ impl WalPusher {
         Ok(identity)
     }
 
-    /// Stores one prepared file create-only. Returns (uploaded now, object size).
-    async fn store_one(&self, p: &Prepared) -> Result<(bool, u64), WalError> {
+    /// Stores one prepared file create-only.
+    async fn store_one(&self, p: &Prepared) -> Result<Stored, WalError> {
         let key = layout::wal_key(&p.name);
         let codec = self.codec;
         let meta = serde_json::json!({ "name": p.name.to_string(), "summary": p.summary });
         let content = p.content.clone();
-        let (object, sum) = cpu(move || (envelope::encode(&content, &meta, codec), envelope::sha256(&content))).await;
+        let (object, sum) = cpu(move || envelope::encode_with_sum(&content, &meta, codec)).await;
         let size = object.len() as u64;
         match self.repo.put_new(&key, object).await {
-            Ok(()) => return Ok((true, size)),
+            Ok(()) => return Ok(Stored { uploaded: true, size, sum }),
             Err(StorageError::AlreadyExists { .. }) => {}
             // A store may refuse a create-only PUT of an existing key before it has read the body
             // (an S3 server answering 412 at once): the client then sees a broken connection, not
@@ -255,7 +265,7 @@ impl WalPusher {
         }
         let stored = self.repo.store().get(&key).await?;
         match same_sum(&stored, &sum) {
-            Ok(()) => Ok((false, stored.len() as u64)),
+            Ok(()) => Ok(Stored { uploaded: false, size: stored.len() as u64, sum }),
             Err((stored, ours)) => Err(WalError::Conflict { name: p.name.to_string(), stored, ours }),
         }
     }
@@ -292,10 +302,9 @@ impl WalPusher {
                 if !prepared.identity.as_ref().is_some_and(|i| i.same_cluster(identity)) {
                     return None;
                 }
-                let (_, size) = self.store_one(&prepared).await.ok()?;
-                let sum = cpu(move || envelope::sha256(&prepared.content)).await;
+                let stored = self.store_one(&prepared).await.ok()?;
                 let name = prepared.name.to_string();
-                state.record_ahead(&name, &AheadRecord { sha256: sum, object_size: size }).ok()?;
+                state.record_ahead(&name, &AheadRecord { sha256: stored.sum, object_size: stored.size }).ok()?;
                 Some(name)
             })
             .buffer_unordered(self.upload_ahead.max(1))
