@@ -238,7 +238,7 @@ pub fn decode(object: &[u8]) -> Result<Decoded, EnvelopeError> {
     }
     // Large zstd contents (every WAL segment): decompressed in pieces that a second thread
     // hashes (and gathers) while the next piece is decompressed.
-    if ids == [1] && declared >= PIPELINE_MIN && declared <= ONE_SHOT {
+    if ids == [1] && (PIPELINE_MIN..=ONE_SHOT).contains(&declared) {
         plausible(declared, payload, ZSTD_MAX_RATIO, "zstd")?;
         let stream = zstd::Decoder::with_buffer(payload).map_err(|e| corrupt(format!("zstd: {e}")))?;
         let (content, actual) = inflate_hashed(stream, declared, "zstd")?;
