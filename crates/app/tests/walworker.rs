@@ -91,3 +91,24 @@ fn a_worker_killed_after_an_upload_loses_nothing() {
     let text = std::fs::read_to_string(pg.log_path()).unwrap();
     assert!(!text.contains("different file with this name"), "no conflict after the kill:\n{text}");
 }
+
+/// Archiving switched away from walnut (here: paused) while `.ready` segments pile up: the
+/// worker stops working ahead and exits once no request came for worker_idle.
+#[test]
+fn the_worker_stops_when_postgresql_stops_asking() {
+    let env = Env::with_extra(Backend::File, "[wal]\nworker = true\nworker_idle = \"2s\"\nupload_ahead = 2\n");
+    let (pg, last) = backlog(3);
+    set_archive_command(&pg, &env.archive_command());
+    pg.wait_archived(&last, WAIT);
+    PgCluster::wait_for("a worker", Duration::from_secs(30), || !worker_files(&env, "sock").is_empty());
+    set_archive_command(&pg, "false");
+    for _ in 0..3 {
+        pg.sql("INSERT INTO t SELECT g FROM generate_series(1, 2000) g");
+        pg.switch_wal();
+    }
+    PgCluster::wait_for("the worker to exit though .ready files are left", Duration::from_secs(30), || {
+        worker_files(&env, "sock").is_empty()
+    });
+    let ready = std::fs::read_dir(pg.pgdata.join("pg_wal/archive_status")).unwrap();
+    assert!(ready.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".ready")));
+}

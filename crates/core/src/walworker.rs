@@ -170,7 +170,7 @@ impl Worker {
 
     /// Scans `archive_status` and starts uploads of `.ready` segments not stored yet; forgets
     /// segments PostgreSQL has finished with (no `.ready` any more).
-    fn scan(self: &Arc<Self>) -> std::io::Result<usize> {
+    fn scan(self: &Arc<Self>) -> std::io::Result<()> {
         let mut ready = Vec::new();
         for e in std::fs::read_dir(self.pg_wal.join("archive_status"))? {
             let e = e?;
@@ -183,7 +183,6 @@ impl Worker {
         }
         ready.sort();
         self.done.lock().unwrap().retain(|n, _| ready.contains(n));
-        let mut started = 0;
         for name in ready.iter() {
             let known =
                 self.done.lock().unwrap().contains_key(name) || self.inflight.lock().unwrap().contains_key(name);
@@ -195,10 +194,9 @@ impl Worker {
                         tracing::warn!("{name}: {e} (the archive command will report it)");
                     }
                 });
-                started += 1;
             }
         }
-        Ok(ready.len().max(started))
+        Ok(())
     }
 
     /// Re-reads the repository identity: a repository re-created at the same URL (another
@@ -228,8 +226,8 @@ impl Worker {
         }
     }
 
-    /// Serves on `socket` (already bound) and archives until idle for `idle` (no request and
-    /// no `.ready` segment), `pg_wal` is gone, or the repository was re-created.
+    /// Serves on `socket` (already bound) and archives until no request came for `idle`,
+    /// `pg_wal` is gone, or the repository was re-created.
     pub async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener, idle: Duration) {
         let accept = {
             let me = self.clone();
@@ -241,25 +239,22 @@ impl Worker {
             })
         };
         let mut last_check = Instant::now() - REVALIDATE;
-        let mut quiet_since = Instant::now();
         loop {
+            // It works ahead for PostgreSQL only while PostgreSQL asks: with no request for
+            // `idle` (archiving switched to another command, or paused, or the server stopped)
+            // it stops, whatever `.ready` files are left.
+            if self.last_request.lock().unwrap().elapsed() >= idle && self.inflight.lock().unwrap().is_empty() {
+                tracing::info!("idle for {idle:?} (no archive request); stopping");
+                break;
+            }
             if last_check.elapsed() >= REVALIDATE {
                 last_check = Instant::now();
                 if !self.revalidate().await {
                     break;
                 }
             }
-            let busy = match self.scan() {
-                Ok(n) => n > 0 || !self.inflight.lock().unwrap().is_empty(),
-                Err(e) => {
-                    tracing::info!("{}: {e}; stopping", self.pg_wal.display());
-                    break;
-                }
-            };
-            if busy || self.last_request.lock().unwrap().elapsed() < SCAN {
-                quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= idle {
-                tracing::info!("idle for {idle:?}; stopping");
+            if let Err(e) = self.scan() {
+                tracing::info!("{}: {e}; stopping", self.pg_wal.display());
                 break;
             }
             tokio::select! {
