@@ -558,7 +558,7 @@ impl Config {
             pg_bindir: file.postgres.bindir,
             upload_ahead: in_range(file.wal.upload_ahead, "wal.upload_ahead", DEFAULT_UPLOAD_AHEAD, 0, MAX_AHEAD)?,
             prefetch: in_range(file.wal.prefetch, "wal.prefetch", DEFAULT_PREFETCH, 0, MAX_AHEAD)?,
-            wal_worker: file.wal.worker.unwrap_or(false),
+            wal_worker: file.wal.worker.unwrap_or(true),
             wal_worker_idle: at_least(file.wal.worker_idle, "wal.worker_idle", Duration::from_secs(60), 1)?,
             backup_parallel: in_range(file.backup.parallel, "backup.parallel", 2, 1, MAX_PARALLEL)?,
             backup_part_size: part_size_mb << 20,

@@ -268,7 +268,9 @@ fn terminate(agent: &mut AgentProc, within: Duration) -> Duration {
 #[test]
 fn sigterm_lets_a_backup_finish_or_abandons_it_cleanly() {
     let mut env =
-        Env::with_extra(Backend::File, "[backup]\narchive_wait = \"120s\"\n[agent]\nshutdown_timeout = \"60s\"");
+        // No WAL worker: part 2 breaks archiving with `false`, and a worker started in part 1
+        // would go on storing the .ready segments the backup waits for.
+        Env::with_extra(Backend::File, "[backup]\narchive_wait = \"120s\"\n[agent]\nshutdown_timeout = \"60s\"\n[wal]\nworker = false");
     let pg = env.cluster();
     let seg = pg.switch_wal();
     pg.wait_archived(&seg, Duration::from_secs(60));
@@ -302,7 +304,7 @@ fn sigterm_lets_a_backup_finish_or_abandons_it_cleanly() {
 
     // 2. Archiving stays broken past a short grace period: the backup is abandoned, marked
     //    FAILED at once (not left RUNNING), and the agent exits shortly after the grace period.
-    env.write_config("[backup]\narchive_wait = \"120s\"\n[agent]\nshutdown_timeout = \"3s\"");
+    env.write_config("[backup]\narchive_wait = \"120s\"\n[agent]\nshutdown_timeout = \"3s\"\n[wal]\nworker = false");
     let port = free_port();
     let mut agent = start_agent(&env, &pg, port, None);
     let failed = pg.archiver().2;

@@ -37,7 +37,12 @@ fn list(env: &Env) -> Vec<serde_json::Value> {
 
 #[test]
 fn killed_at_every_stage_nothing_is_lost_and_the_next_run_succeeds() {
-    let env = Env::with_extra(Backend::File, "[backup]\nparallel = 1\npart_size_mb = 1\narchive_wait = \"30s\"");
+    // The per-process path: the named wal-push stages are in it (the worker has its own crash
+    // test in tests/walworker.rs).
+    let env = Env::with_extra(
+        Backend::File,
+        "[backup]\nparallel = 1\npart_size_mb = 1\narchive_wait = \"30s\"\n[wal]\nworker = false",
+    );
     let pg = PgCluster::start(PgOptions {
         archive_command: Some(env.archive_command()),
         extra_conf: "fsync = on\n".into(),

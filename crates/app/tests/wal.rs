@@ -245,7 +245,8 @@ fn s3_outage_is_bounded_and_recovers() {
 /// (upload-ahead), and a real recovery through restore_command reads segments from the spool
 /// (prefetch).
 fn upload_ahead_and_prefetch(backend: Backend) {
-    let env = Env::with_extra(backend, "[wal]\nupload_ahead = 4\nprefetch = 4\n");
+    // The per-process path's upload-ahead (the WAL worker has its own tests).
+    let env = Env::with_extra(backend, "[wal]\nupload_ahead = 4\nprefetch = 4\nworker = false\n");
     let push_log = env.dir.path().join("push.jsonl");
     // Archiving starts failing, so a backlog of .ready segments builds up.
     let pg = PgCluster::start(PgOptions { archive_command: Some("false".into()), ..Default::default() });

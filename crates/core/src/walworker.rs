@@ -331,12 +331,21 @@ pub async fn push_via(socket: &Path, name: &str, fingerprint: &str, wait: Durati
     tokio::time::timeout(wait, talk).await.unwrap_or_else(|_| Err(ClientError::Lost(format!("no answer in {wait:?}"))))
 }
 
+/// Creates the directory of `socket` (and the state directory above it) private to the user:
+/// 0700, refused when another user owns it.
+pub fn private_socket_dir(socket: &Path) -> std::io::Result<()> {
+    let dir = socket.parent().ok_or_else(|| std::io::Error::other("socket path without a directory"))?;
+    if let Some(base) = dir.parent() {
+        crate::state::private_dir(base)?;
+    }
+    crate::state::private_dir(dir)
+}
+
 /// Takes the worker lock beside `socket` and binds the socket: `None` when another worker of
 /// the same pg_wal and repository holds the lock. The lock file stays open for the worker's life.
 pub fn bind(socket: &Path) -> std::io::Result<Option<(std::fs::File, tokio::net::UnixListener)>> {
     use fs2::FileExt;
-    let dir = socket.parent().ok_or_else(|| std::io::Error::other("socket path without a directory"))?;
-    crate::state::private_dir(dir)?;
+    private_socket_dir(socket)?;
     let lock =
         std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(socket.with_extension("lock"))?;
     if lock.try_lock_exclusive().is_err() {

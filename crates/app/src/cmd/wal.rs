@@ -160,6 +160,10 @@ pub async fn prefetch(ctx: &Ctx, name: &str) -> u8 {
 async fn push_through_worker(ctx: &Ctx, path: &Path, start: Instant) -> Option<u8> {
     let name = path.file_name()?.to_str()?;
     walnut_pg::WalFileName::parse(name).ok()?.segment()?;
+    // No state directory (a user without a home): no socket anywhere safe, so no worker.
+    if ctx.config.state_dir.as_os_str().is_empty() {
+        return None;
+    }
     let url = ctx.config.repo_url().ok()?;
     let pg_wal = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let socket = walworker::socket_path(&ctx.config.state_dir, url, pg_wal);
@@ -200,7 +204,8 @@ fn spawn_worker(ctx: &Ctx, pg_wal: &Path, socket: &Path) {
     let recent = std::fs::metadata(&marker)
         .and_then(|m| m.modified())
         .is_ok_and(|t| t.elapsed().is_ok_and(|e| e < std::time::Duration::from_secs(5)));
-    if recent || socket.parent().is_none_or(|d| std::fs::create_dir_all(d).is_err()) {
+    // The socket's directory, the user's own (0700) like the whole state directory.
+    if recent || walworker::private_socket_dir(socket).is_err() {
         return;
     }
     let _ = std::fs::write(&marker, b"");
