@@ -73,7 +73,12 @@ S3_ID=$(sed -n 's/^access_key_id=//p' "$W/s3.out") S3_SECRET=$(sed -n 's/^secret
 walnut_conf() {
   local f=$W/conf/$1.toml
   printf 'repo = "%s"\nstate_dir = "%s"\n' "$2" "$W/state/$1" >"$f"
-  [[ $# -ge 4 ]] && printf '[wal]\nupload_ahead = %s\nprefetch = %s\nworker = %s\n' "$3" "$4" "${5:-false}" >>"$f"
+  # The per-process path unless asked for the worker (walnut's default is the worker).
+  if [[ $# -ge 4 ]]; then
+    printf '[wal]\nupload_ahead = %s\nprefetch = %s\nworker = %s\n' "$3" "$4" "${5:-false}" >>"$f"
+  else
+    printf '[wal]\nworker = false\n' >>"$f"
+  fi
   [[ $2 == s3://* ]] && printf '[s3]\nendpoint = "%s"\nregion = "us-east-1"\naccess_key_id = "%s"\nsecret_access_key = "%s"\nforce_path_style = true\n' \
     "$S3_ENDPOINT" "$S3_ID" "$S3_SECRET" >>"$f"
   if [[ $2 == file://* ]]; then mkdir -p "${2#file://}" && chown postgres:postgres "${2#file://}"; fi
