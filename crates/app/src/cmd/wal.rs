@@ -210,7 +210,8 @@ fn spawn_worker(ctx: &Ctx, pg_wal: &Path, socket: &Path) {
     }
     let _ = std::fs::write(&marker, b"");
     let (Ok(exe), Ok(pg_wal)) = (std::env::current_exe(), std::fs::canonicalize(pg_wal)) else { return };
-    let log = std::fs::File::create(socket.with_extension("log")).ok();
+    // Appended to: a second worker that finds the lock taken must not truncate the running one's.
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(socket.with_extension("log")).ok();
     let mut c = Command::new(exe);
     if let Some(p) = &ctx.config.path {
         c.arg("--config").arg(p);
