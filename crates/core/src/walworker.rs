@@ -123,7 +123,8 @@ impl Worker {
     }
 
     /// Stores `name` (a file in `pg_wal`) unless this worker already stored this very file.
-    /// Returns how: "identical" (stored before, same file), "stored" (now).
+    /// Returns how: "stored-ahead" (stored before it was asked for, same file), "stored" (now,
+    /// or found identical in the repository).
     pub async fn archive(self: &Arc<Self>, name: &str) -> Result<&'static str, String> {
         let path = self.pg_wal.join(name);
         let now = stamp(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -141,8 +142,14 @@ impl Worker {
                 })
                 .clone()
         };
-        let result = upload.await;
-        self.inflight.lock().unwrap().remove(name);
+        let result = upload.clone().await;
+        {
+            // Only this upload's entry: a later one for the same name may have taken its place.
+            let mut inflight = self.inflight.lock().unwrap();
+            if inflight.get(name).is_some_and(|u| u.ptr_eq(&upload)) {
+                inflight.remove(name);
+            }
+        }
         let stored = result?;
         if stored == now {
             self.done.lock().unwrap().insert(name.to_string(), stored);

@@ -212,9 +212,8 @@ async fn scheduler(agent: Arc<Agent>) {
                 let mut s = agent.schedule.lock().await;
                 s.failures = 0;
                 s.last_failure = None;
-                // The new anchor, at once, as the repository will say on the next refresh
-                // (stored times have microseconds: the schedule must not move by nanoseconds).
-                s.last_scheduled = Some(walnut_core::timefmt::as_stored(m.start_time));
+                // The new anchor, at once (the repository says the same on the next refresh).
+                s.last_scheduled = Some(m.start_time);
                 drop(s);
                 agent.retention().await;
                 next_retention = tokio::time::Instant::now() + interval;

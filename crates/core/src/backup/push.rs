@@ -497,8 +497,10 @@ pub(super) async fn push_inner(
         end_lsn,
         start_wal: start_seg.to_string(),
         end_wal: end_seg.to_string(),
-        start_time: started,
-        end_time: chrono::Utc::now(),
+        // At stored precision: the manifest in memory equals the one read back (the agent
+        // anchors its schedule on start_time).
+        start_time: crate::timefmt::as_stored(started),
+        end_time: crate::timefmt::as_stored(chrono::Utc::now()),
         label,
         backup_label,
         tablespace_map,
