@@ -79,6 +79,16 @@ pub enum Command {
         #[arg(long)]
         deep: bool,
     },
+    /// Read every backup's objects and the WAL it needs, check each against its checksum, and
+    /// give a verdict per backup: restorable to [earliest, latest], or what breaks it.
+    Verify {
+        /// Only this backup (ID, name or LATEST).
+        #[arg(long, value_name = "REF")]
+        backup: Option<String>,
+        /// Also read every file in the parts against the manifest and decode every WAL record.
+        #[arg(long)]
+        deep: bool,
+    },
     /// Time each stage of a push and a fetch of WAL segment files against the repository (for
     /// the benchmarks; the objects go to probe keys and are deleted).
     #[command(hide = true)]

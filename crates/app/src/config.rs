@@ -256,6 +256,9 @@ pub struct AgentSection {
     pub shutdown_timeout: Option<ConfigDuration>,
     /// Retention runs after every scheduled backup and also this often.
     pub retention_interval: Option<ConfigDuration>,
+    /// `walnut verify` of the whole repository runs this often (the first one this long after
+    /// the agent starts).
+    pub verify_interval: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,6 +321,7 @@ pub struct Config {
     pub agent_token: Option<Secret>,
     pub agent_shutdown_timeout: Duration,
     pub agent_retention_interval: Duration,
+    pub agent_verify_interval: Duration,
     pub settings: Settings,
 }
 
@@ -579,6 +583,12 @@ impl Config {
                 Duration::from_secs(3600),
                 1,
             )?,
+            agent_verify_interval: at_least(
+                file.agent.verify_interval,
+                "agent.verify_interval",
+                Duration::from_secs(24 * 3600),
+                1,
+            )?,
             settings,
         })
     }
@@ -616,6 +626,7 @@ impl std::fmt::Debug for Config {
             .field("agent_token", &self.agent_token)
             .field("agent_shutdown_timeout", &self.agent_shutdown_timeout)
             .field("agent_retention_interval", &self.agent_retention_interval)
+            .field("agent_verify_interval", &self.agent_verify_interval)
             .field("settings", &self.settings)
             .finish()
     }

@@ -419,3 +419,45 @@ fn settings_belong_to_one_cluster_and_are_in_force() {
         pg_b.sql("SELECT setting FROM pg_settings WHERE name = 'archive_timeout'").trim().parse().unwrap();
     assert_eq!(running, want, "PostgreSQL runs the agent's archive_timeout");
 }
+
+/// The value of a metric in a Prometheus exposition (`None` when absent).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn the_agent_verifies_on_its_interval_and_a_defect_fails_health() {
+    let env = Env::with_extra(Backend::File, "[agent]\nverify_interval = \"1s\"");
+    let pg = env.cluster();
+    let o = backup_push(&env, &pg, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let port = free_port();
+    let _agent = start_agent(&env, &pg, port, None);
+    let runs = |at_least: f64| {
+        PgCluster::wait_for("verify runs", Duration::from_secs(60), || {
+            metric(&http(port, "GET", "/metrics", "", None).1, "walnut_verify_runs_total").unwrap_or(0.0) >= at_least
+        });
+        http(port, "GET", "/metrics", "", None).1
+    };
+    let m = runs(1.0);
+    assert_eq!(metric(&m, "walnut_verify_defects"), Some(0.0), "{m}");
+    assert!(metric(&m, "walnut_verify_last_success_timestamp_seconds").is_some(), "{m}");
+    let (status, body) = http(port, "GET", "/v1/health", "", None);
+    assert_eq!(status, 200, "{body}");
+
+    // A flipped byte in a part: the next run finds it, health names it.
+    let data = env.dir.path().join("repo/backups");
+    let id = std::fs::read_dir(&data).unwrap().next().unwrap().unwrap().file_name();
+    let part = std::fs::read_dir(data.join(&id).join("data")).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = std::fs::read(&part).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&part, bytes).unwrap();
+    let done = metric(&http(port, "GET", "/metrics", "", None).1, "walnut_verify_runs_total").unwrap();
+    let m = runs(done + 2.0);
+    assert!(metric(&m, "walnut_verify_defects").unwrap() >= 1.0, "{m}");
+    let (status, body) = http(port, "GET", "/v1/health", "", None);
+    assert_eq!(status, 503, "{body}");
+    let part_name = part.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(body.contains("verify") && body.contains(&part_name), "health names the part: {body}");
+}

@@ -151,7 +151,7 @@ pub struct VerifyReport {
 
 /// The first missing segment after a backup's start, on the newest timeline descending from
 /// it, when segments exist beyond it (a gap): the planner's walk ([`plan::contiguous`]).
-fn first_gap(inv: &WalInventory, b: &BackupPoint, size: WalSegSize) -> Option<String> {
+pub(crate) fn first_gap(inv: &WalInventory, b: &BackupPoint, size: WalSegSize) -> Option<String> {
     let newest =
         inv.segments.keys().chain(inv.histories.keys()).copied().filter(|t| *t >= b.tli).max().unwrap_or(b.tli);
     let path = plan::path_to(inv, newest);
@@ -161,32 +161,11 @@ fn first_gap(inv: &WalInventory, b: &BackupPoint, size: WalSegSize) -> Option<St
     gap.then(|| seg_name(plan::tli_for(&path, missing, size), missing, size))
 }
 
-/// Checks the archive (see the module docs).
-pub async fn verify(repo: &Repository, deep: bool, now: DateTime<Utc>) -> Result<VerifyReport, ArchiveError> {
-    let c = load(repo).await?;
-    let (inv, points, size) = (&c.inv, &c.points, c.seg_size);
-    let mut problems: Vec<String> = Vec::new();
-    let mut backups = Vec::new();
-    let newest_tli = inv.segments.keys().chain(inv.histories.keys()).max().copied();
-    for b in points {
-        let req = Request { target: Target::Latest, backup: Some(b.id.to_string()), timeline: TimelineChoice::Latest };
-        let status = match (plan::plan(points, inv, size, &req, now), first_gap(inv, b, size)) {
-            (Ok(p), None) => format!(
-                "PITR possible up to {} (LSN {})",
-                p.restorable.latest_time.to_rfc3339(),
-                p.restorable.latest_lsn
-            ),
-            (Ok(p), Some(missing)) => {
-                problems.push(format!("backup {} cannot reach the end of the archive: {missing} is missing", b.id));
-                format!("PITR possible only up to LSN {} ({missing} missing)", p.last_segment_lsn)
-            }
-            (Err(e), _) => {
-                problems.push(format!("backup {}: {e}", b.id));
-                format!("not restorable: {e}")
-            }
-        };
-        backups.push(BackupVerdict { backup: b.id.to_string(), timeline: b.tli.0, status });
-    }
+/// History files and segments agree: parents known, no segment before a switch point, every
+/// later timeline has its history file, each end-of-recovery record sits where its history file
+/// puts the switch.
+pub(crate) fn consistency_problems(inv: &WalInventory, size: WalSegSize) -> Vec<String> {
+    let mut problems = Vec::new();
     // History files agree with the segments: the parent exists and the child starts at the switch.
     for (t, h) in &inv.histories {
         if let Some(parent) = h.last() {
@@ -236,6 +215,36 @@ pub async fn verify(repo: &Repository, deep: bool, now: DateTime<Utc>) -> Result
             }
         }
     }
+    problems
+}
+
+/// Checks the archive (see the module docs).
+pub async fn verify(repo: &Repository, deep: bool, now: DateTime<Utc>) -> Result<VerifyReport, ArchiveError> {
+    let c = load(repo).await?;
+    let (inv, points, size) = (&c.inv, &c.points, c.seg_size);
+    let mut problems: Vec<String> = Vec::new();
+    let mut backups = Vec::new();
+    let newest_tli = inv.segments.keys().chain(inv.histories.keys()).max().copied();
+    for b in points {
+        let req = Request { target: Target::Latest, backup: Some(b.id.to_string()), timeline: TimelineChoice::Latest };
+        let status = match (plan::plan(points, inv, size, &req, now), first_gap(inv, b, size)) {
+            (Ok(p), None) => format!(
+                "PITR possible up to {} (LSN {})",
+                p.restorable.latest_time.to_rfc3339(),
+                p.restorable.latest_lsn
+            ),
+            (Ok(p), Some(missing)) => {
+                problems.push(format!("backup {} cannot reach the end of the archive: {missing} is missing", b.id));
+                format!("PITR possible only up to LSN {} ({missing} missing)", p.last_segment_lsn)
+            }
+            (Err(e), _) => {
+                problems.push(format!("backup {}: {e}", b.id));
+                format!("not restorable: {e}")
+            }
+        };
+        backups.push(BackupVerdict { backup: b.id.to_string(), timeline: b.tli.0, status });
+    }
+    problems.extend(consistency_problems(inv, size));
     // Objects: every segment is a readable walnut object; deep: checksummed and decoded whole.
     let keys: Vec<String> = inv
         .segments

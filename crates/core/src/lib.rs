@@ -21,6 +21,7 @@ pub mod schedule;
 pub mod state;
 pub mod summary;
 pub mod timefmt;
+pub mod verify;
 pub mod wal;
 pub mod walindex;
 pub mod walworker;

@@ -48,6 +48,13 @@ pub(super) async fn health(State(a): State<Arc<Agent>>) -> Response {
     if stale {
         reasons.push("no backup within twice full_backup_frequency".into());
     }
+    if let Some(v) = &a.metrics.lock().await.verify {
+        match v.defects {
+            Some(0) => {}
+            Some(n) => reasons.push(format!("verify at {} found {n} defect(s): {}", v.at.to_rfc3339(), v.summary)),
+            None => reasons.push(format!("verify at {} could not run: {}", v.at.to_rfc3339(), v.summary)),
+        }
+    }
     let body = serde_json::json!({
         "healthy": reasons.is_empty(),
         "reasons": reasons,
@@ -107,7 +114,41 @@ pub(super) async fn metrics(State(a): State<Arc<Agent>>) -> Response {
             m.retention_runs.to_string(),
         ),
         ("walnut_retention_failures_total", "Failed retention runs.", COUNTER, m.retention_failures.to_string()),
+        (
+            "walnut_verify_runs_total",
+            "Verify runs of the whole repository (every [agent] verify_interval).",
+            COUNTER,
+            m.verify_runs.to_string(),
+        ),
     ]);
+    if let Some(v) = &m.verify {
+        samples.push((
+            "walnut_verify_last_run_timestamp_seconds",
+            "End of the last verify run.",
+            GAUGE,
+            v.at.timestamp().to_string(),
+        ));
+        samples.push((
+            "walnut_verify_duration_seconds",
+            "Duration of the last verify run.",
+            GAUGE,
+            format!("{:.3}", v.seconds),
+        ));
+        samples.push((
+            "walnut_verify_defects",
+            "Defects the last verify run found (-1: it could not run).",
+            GAUGE,
+            v.defects.map_or("-1".to_string(), |n| n.to_string()),
+        ));
+        if let Some(t) = v.last_success {
+            samples.push((
+                "walnut_verify_last_success_timestamp_seconds",
+                "End of the last verify run that found every backup whole and restorable.",
+                GAUGE,
+                t.timestamp().to_string(),
+            ));
+        }
+    }
     drop(m);
     if let Ok(ar) = archiver(&a.ctx).await {
         samples.push((

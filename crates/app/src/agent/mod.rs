@@ -44,6 +44,19 @@ struct Metrics {
     retention_runs: u64,
     retention_failures: u64,
     last_error: Option<String>,
+    verify: Option<VerifyOutcome>,
+    verify_runs: u64,
+}
+
+/// The last `verify` the agent ran.
+struct VerifyOutcome {
+    at: chrono::DateTime<chrono::Utc>,
+    seconds: f64,
+    /// Defects found (0: every backup restorable and whole); `None` when verify could not run.
+    defects: Option<usize>,
+    /// The first defects, named, for the health report.
+    summary: String,
+    last_success: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 pub struct Agent {
@@ -60,6 +73,9 @@ pub struct Agent {
     stop: CancellationToken,
     /// Cancelled when running backups must be abandoned.
     abandon: CancellationToken,
+    /// Held by retention and verify, so verify never reports as missing what retention is
+    /// deleting at that moment.
+    maintenance: Mutex<()>,
     /// Backups started through the API: tasks of the agent's own, so a client that goes away
     /// does not cancel them half-way; a shutdown waits for them.
     tasks: tokio_util::task::TaskTracker,
@@ -135,6 +151,7 @@ impl Agent {
     }
 
     async fn retention(&self) {
+        let _maintenance = self.maintenance.lock().await;
         let s = self.settings.read().await.clone();
         let rule = walnut_core::retention::Rule::Policy(walnut_core::retention::Policy {
             recovery_window: s.recovery_window,
@@ -160,6 +177,66 @@ impl Agent {
         if let Err(e) = walnut_core::wal::inventory(&self.repo, true).await {
             tracing::warn!("update the WAL summary index: {e}");
         }
+    }
+}
+
+/// Runs `verify` of the whole repository every `[agent] verify_interval`.
+async fn verifier(agent: Arc<Agent>) {
+    let interval = agent.ctx.config.agent_verify_interval;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = agent.stop.cancelled() => return,
+        }
+        let started = std::time::Instant::now();
+        let opts = walnut_core::verify::Options { backup: None, deep: false, parallel: 2 };
+        let progress = Arc::new(backup::Progress::default());
+        let run = {
+            let _maintenance = agent.maintenance.lock().await;
+            tokio::select! {
+                r = walnut_core::verify::run(&agent.repo, &opts, progress, chrono::Utc::now()) => r,
+                _ = agent.stop.cancelled() => return,
+            }
+        };
+        let now = chrono::Utc::now();
+        let mut m = agent.metrics.lock().await;
+        let last_success = m.verify.as_ref().and_then(|v| v.last_success);
+        let outcome = match run {
+            Ok(r) => {
+                let named: Vec<String> = r
+                    .backups
+                    .iter()
+                    .flat_map(|b| b.defects.iter().map(move |d| format!("backup {}: {}: {}", b.id, d.object, d.reason)))
+                    .chain(r.problems.iter().cloned())
+                    .take(3)
+                    .collect();
+                let defects = if r.ok { 0 } else { r.defects().max(1) };
+                if defects > 0 {
+                    tracing::error!("verify found {defects} defect(s): {}", named.join("; "));
+                } else {
+                    tracing::info!("verify: {} backup(s) restorable and whole", r.backups.len());
+                }
+                VerifyOutcome {
+                    at: now,
+                    seconds: started.elapsed().as_secs_f64(),
+                    defects: Some(defects),
+                    summary: named.join("; "),
+                    last_success: if defects == 0 { Some(now) } else { last_success },
+                }
+            }
+            Err(e) => {
+                tracing::error!("verify could not run: {e:#}");
+                VerifyOutcome {
+                    at: now,
+                    seconds: started.elapsed().as_secs_f64(),
+                    defects: None,
+                    summary: format!("{e:#}"),
+                    last_success,
+                }
+            }
+        };
+        m.verify = Some(outcome);
+        m.verify_runs += 1;
     }
 }
 
@@ -253,6 +330,7 @@ impl Agent {
             settings: RwLock::new(settings),
             settings_path,
             backup_lock: Mutex::new(()),
+            maintenance: Mutex::new(()),
             metrics: Mutex::new(Metrics::default()),
             schedule: Mutex::new(ScheduleState::default()),
             wake: Notify::new(),
@@ -320,11 +398,13 @@ pub fn router(state: Arc<Agent>) -> Router {
 pub async fn serve(state: Arc<Agent>, listener: tokio::net::TcpListener) -> Result<()> {
     tracing::info!("walnut agent listening on http://{}", listener.local_addr()?);
     let sched = tokio::spawn(scheduler(state.clone()));
+    let verifier = tokio::spawn(verifier(state.clone()));
     let grace = state.ctx.config.agent_shutdown_timeout;
     let stopping = state.stop.clone();
     axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move { stopping.cancelled().await })
         .await?;
+    verifier.abort();
     // The server is closed; the scheduler returns once a running backup is DONE or abandoned.
     if tokio::time::timeout(grace + Duration::from_secs(30), sched).await.is_err() {
         tracing::error!("the scheduler did not stop in time");

@@ -53,6 +53,7 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Command::WalShow => finish(walinfo::show(&ctx).await),
         Command::WalVerify { deep } => finish(walinfo::verify(&ctx, deep).await),
+        Command::Verify { backup, deep } => finish(walinfo::verify_all(&ctx, backup, deep).await),
         Command::RestorePoint { name } => finish(restore_point::run(&ctx, &name).await),
         Command::Restore(args) => finish(restore::run(&ctx, &args).await),
         Command::Demo { keep } => finish(demo::run(&ctx, keep).await),
@@ -147,6 +148,7 @@ fn show_config(ctx: &Ctx) -> u8 {
             "token": redacted(&c.agent_token),
             "shutdown_timeout": humantime::format_duration(c.agent_shutdown_timeout).to_string(),
             "retention_interval": humantime::format_duration(c.agent_retention_interval).to_string(),
+            "verify_interval": humantime::format_duration(c.agent_verify_interval).to_string(),
         },
         "settings": c.settings,
     });

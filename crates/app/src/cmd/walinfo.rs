@@ -75,6 +75,63 @@ pub async fn verify(ctx: &Ctx, deep: bool) -> Result<()> {
     Ok(())
 }
 
+/// `walnut verify`: every backup's objects and WAL read and checked, a verdict per backup.
+pub async fn verify_all(ctx: &Ctx, backup: Option<String>, deep: bool) -> Result<()> {
+    use walnut_core::verify;
+    let repo = ctx.repository()?;
+    let progress = std::sync::Arc::new(walnut_core::backup::Progress::default());
+    let opts = verify::Options { backup, deep, parallel: ctx.config.backup_parallel.max(4) };
+    let started = std::time::Instant::now();
+    let r = {
+        let _bar = crate::output::Bar::start("verifying", progress.clone(), ctx.global.quiet || ctx.global.json);
+        verify::run(&repo, &opts, progress, chrono::Utc::now()).await?
+    };
+    let took = started.elapsed();
+    if ctx.global.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        for b in &r.backups {
+            let name = b.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+            match &b.restorable {
+                Some(w) => println!(
+                    "backup {}{name}: {} to [{}, {}] (LSN {} .. {}, timeline {})",
+                    b.id,
+                    b.verdict,
+                    w.earliest_time.to_rfc3339(),
+                    w.latest_time.to_rfc3339(),
+                    w.earliest_lsn,
+                    w.latest_lsn,
+                    w.timeline
+                ),
+                None => println!("backup {}{name}: {}", b.id, b.verdict),
+            }
+            for d in &b.defects {
+                println!("  DEFECT {}: {}", d.object, d.reason);
+            }
+        }
+        for p in &r.problems {
+            println!("PROBLEM: {p}");
+        }
+        println!(
+            "{} backup(s), {} part(s), {} WAL segment(s), {} checked in {:.1?} ({}){}",
+            r.backups.len(),
+            r.parts_checked,
+            r.segments_checked,
+            crate::output::bytes(r.bytes_checked),
+            took,
+            crate::output::rate(r.bytes_checked, took),
+            if deep { ", every file and WAL record decoded" } else { "" }
+        );
+    }
+    if !r.ok {
+        bail!("verify found {} defect(s): see the lines above", r.defects().max(1));
+    }
+    if r.backups.is_empty() {
+        bail!("no DONE backup to verify: take one with `walnut backup-push`");
+    }
+    Ok(())
+}
+
 /// Decodes segment files (no repository needed) and reports summaries and throughput.
 pub fn inspect(ctx: &Ctx, paths: &[std::path::PathBuf]) -> Result<()> {
     let mut total_bytes = 0u64;

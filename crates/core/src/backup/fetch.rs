@@ -58,17 +58,34 @@ impl Read for QueueReader {
     }
 }
 
+/// Counts what passes through it, and hashes it too when asked (verification).
 pub(super) struct CountingReader<R> {
     pub(super) inner: R,
     pub(super) count: u64,
+    pub(super) hash: Option<sha2::Sha256>,
 }
 
 impl<R: Read> Read for CountingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
         let n = self.inner.read(buf)?;
         self.count += n as u64;
+        if let Some(h) = &mut self.hash {
+            h.update(&buf[..n]);
+        }
         Ok(n)
     }
+}
+
+/// What reading a part is for.
+pub(super) enum PartUse<'a> {
+    /// Restore: every file checked against the manifest and written below `dest`, fsynced by the
+    /// syncer's threads.
+    Extract { dest: &'a Path, fsync: &'a std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)> },
+    /// Verification, nothing written: the whole content is hashed against the part's trailer
+    /// and the manifest; with `files`, the tar is read too and every file checked against the
+    /// manifest.
+    Check { files: bool },
 }
 
 /// fsyncs restored files on a few threads while extraction goes on (an fsync inside the extraction
@@ -138,23 +155,22 @@ pub(super) fn sync_dirs(root: &Path, files: &[String]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Extracts one part into `dest`, verifying every file against the manifest and the part's
-/// checksum. Returns the paths written.
+/// Reads one part: extracts it (verifying every file against the manifest and the part's
+/// trailer) or only checks it (see [`PartUse`]). Returns the paths of the files it held.
 pub(super) fn extract_part(
     key: &str,
     reader: ChannelReader,
-    dest: &Path,
     expected: &HashMap<String, FileEntry>,
     progress: &Progress,
-    fsync: &std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)>,
-) -> Result<Vec<String>, BackupError> {
+    usage: PartUse<'_>,
+) -> Result<(Vec<String>, u64, [u8; 32]), BackupError> {
     use std::os::unix::fs::PermissionsExt;
     let corrupt = |reason: String| BackupError::Corrupt { key: key.to_string(), reason };
     let mut payload = PayloadReader::new(reader).map_err(|e| corrupt(e.to_string()))?;
     let codecs = payload.codecs.clone();
     let mut written = Vec::new();
     let payload_ref = &mut payload;
-    let n = std::thread::scope(|scope| -> Result<u64, BackupError> {
+    let n = std::thread::scope(|scope| -> Result<(u64, Option<[u8; 32]>), BackupError> {
         // Decompression runs on its own thread, a few MiB ahead of this one (which checksums and
         // writes): a part whose sibling parts are done still uses two cores.
         let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(4);
@@ -188,8 +204,22 @@ pub(super) fn extract_part(
         // (itself checksummed) manifest, tar headers are checked by the parser and against the
         // manifest's paths and sizes, and nothing else in the tar is written. Hashing the whole
         // part again would add a second SHA-256 pass over every restored byte.
-        let mut counting = CountingReader { inner: QueueReader { rx, cur: Vec::new(), pos: 0 }, count: 0 };
-        {
+        let checking = matches!(usage, PartUse::Check { .. });
+        let mut counting = CountingReader {
+            inner: QueueReader { rx, cur: Vec::new(), pos: 0 },
+            count: 0,
+            hash: checking.then(<sha2::Sha256 as sha2::Digest>::new),
+        };
+        if let PartUse::Check { files: false } = usage {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = counting.read(&mut buf).map_err(|e| corrupt(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                progress.done.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        } else {
             let mut archive = tar::Archive::new(&mut counting);
             for entry in archive.entries().map_err(|e| corrupt(e.to_string()))? {
                 let mut entry = entry.map_err(|e| corrupt(e.to_string()))?;
@@ -197,52 +227,134 @@ pub(super) fn extract_part(
                 if !safe_relative(&path) {
                     return Err(corrupt(format!("unsafe path {}", path.display())));
                 }
-                let target = dest.join(&path);
-                match entry.header().entry_type() {
-                    tar::EntryType::Directory => {
+                match (entry.header().entry_type(), &usage) {
+                    (tar::EntryType::Directory, PartUse::Check { .. }) => {}
+                    (tar::EntryType::Directory, PartUse::Extract { dest, .. }) => {
+                        let target = dest.join(&path);
                         std::fs::create_dir_all(&target).map_err(io_ctx(format!("create {}", target.display())))?;
                         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700))
                             .map_err(io_ctx(format!("chmod {}", target.display())))?;
                     }
-                    tar::EntryType::Regular => {
+                    (tar::EntryType::Regular, _) => {
                         let rel = path.to_string_lossy().into_owned();
                         let want = expected
                             .get(&rel)
                             .ok_or_else(|| corrupt(format!("{rel} is in the part but not in the manifest")))?;
-                        if let Some(parent) = target.parent() {
-                            std::fs::create_dir_all(parent).map_err(io_ctx(format!("create {}", parent.display())))?;
-                        }
-                        let mut file =
-                            std::fs::File::create(&target).map_err(io_ctx(format!("create {}", target.display())))?;
+                        let mut out = match &usage {
+                            PartUse::Extract { dest, fsync } => {
+                                let target = dest.join(&path);
+                                if let Some(parent) = target.parent() {
+                                    std::fs::create_dir_all(parent)
+                                        .map_err(io_ctx(format!("create {}", parent.display())))?;
+                                }
+                                let file = std::fs::File::create(&target)
+                                    .map_err(io_ctx(format!("create {}", target.display())))?;
+                                Some((target, file, *fsync))
+                            }
+                            PartUse::Check { .. } => None,
+                        };
                         let mut h = HashingReader::new(&mut entry);
-                        std::io::copy(&mut h, &mut file).map_err(|e| corrupt(format!("{rel}: {e}")))?;
+                        match &mut out {
+                            Some((_, file, _)) => std::io::copy(&mut h, file),
+                            None => std::io::copy(&mut h, &mut std::io::sink()),
+                        }
+                        .map_err(|e| corrupt(format!("{rel}: {e}")))?;
                         let (n, sum) = h.finish();
                         if n != want.size || hex::encode(sum) != want.sha256 {
                             return Err(corrupt(format!("{rel}: content does not match the manifest checksum")));
                         }
-                        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))
-                            .map_err(io_ctx(format!("chmod {}", target.display())))?;
-                        let mtime = std::time::UNIX_EPOCH + Duration::from_secs(want.mtime.max(0) as u64);
-                        let _ = file.set_modified(mtime);
                         progress.done.fetch_add(n, Ordering::Relaxed);
                         written.push(rel);
-                        // Flushed by the syncer's threads while extraction goes on.
-                        if fsync.send((target, file)).is_err() {
-                            return Err(BackupError::Invalid("the fsync threads stopped".into()));
+                        if let Some((target, file, fsync)) = out {
+                            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))
+                                .map_err(io_ctx(format!("chmod {}", target.display())))?;
+                            let mtime = std::time::UNIX_EPOCH + Duration::from_secs(want.mtime.max(0) as u64);
+                            let _ = file.set_modified(mtime);
+                            // Flushed by the syncer's threads while extraction goes on.
+                            if fsync.send((target, file)).is_err() {
+                                return Err(BackupError::Invalid("the fsync threads stopped".into()));
+                            }
                         }
                     }
-                    other => return Err(corrupt(format!("unexpected tar entry type {other:?}"))),
+                    (other, _) => return Err(corrupt(format!("unexpected tar entry type {other:?}"))),
                 }
             }
         }
         std::io::copy(&mut counting, &mut std::io::sink()).map_err(|e| corrupt(e.to_string()))?;
-        Ok(counting.count)
+        Ok((counting.count, counting.hash.map(|h| <[u8; 32]>::from(sha2::Digest::finalize(h)))))
     })?;
-    let (tn, _) = payload.trailer().map_err(|e| corrupt(e.to_string()))?;
+    let (n, sum) = n;
+    let (tn, tsum) = payload.trailer().map_err(|e| corrupt(e.to_string()))?;
     if n != tn {
         return Err(corrupt(format!("the part holds {n} bytes of tar, its trailer says {tn}")));
     }
-    Ok(written)
+    if let Some(sum) = sum
+        && sum != tsum
+    {
+        return Err(corrupt(format!(
+            "checksum mismatch: the stored part is corrupt (expected {}, got {})",
+            hex::encode(tsum),
+            hex::encode(sum)
+        )));
+    }
+    Ok((written, tn, tsum))
+}
+
+/// Downloads part `key` and hands it, as a blocking reader, to `use_it` on a blocking thread.
+/// A download that failed is reported as the storage error it is, whatever `use_it` made of
+/// the truncated stream.
+async fn read_part<T: Send + 'static>(
+    repo: &Repository,
+    key: &str,
+    use_it: impl FnOnce(ChannelReader) -> Result<T, BackupError> + Send + 'static,
+) -> Result<T, BackupError> {
+    let mut stream = repo.store().get_stream(key).await?;
+    let (tx, rx) = mpsc::channel(4);
+    let forward = tokio::spawn(async move {
+        while let Some(chunk) = stream.next().await {
+            let stop = chunk.is_err();
+            if tx.send(chunk).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let reader = ChannelReader { rx, cur: Bytes::new(), failed: failed.clone() };
+    let r = tokio::task::spawn_blocking(move || use_it(reader)).await.expect("part reader panicked");
+    forward.abort();
+    let failed = failed.lock().unwrap().take();
+    match (r, failed) {
+        (Err(_), Some(e)) => Err(BackupError::Storage(e)),
+        (r, _) => r,
+    }
+}
+
+/// Reads part `part` of a backup whose files are `expected` and checks it without writing
+/// anything: its content against its trailer and the manifest's checksum, and with `files`
+/// every file in it against the manifest. Returns the paths of the files it holds (`files`
+/// only).
+pub async fn check_part(
+    repo: &Repository,
+    part: &PartEntry,
+    expected: Arc<HashMap<String, FileEntry>>,
+    files: bool,
+    progress: Arc<Progress>,
+) -> Result<Vec<String>, BackupError> {
+    let (key, want_len, want_sum) = (part.key.clone(), part.content_bytes, part.content_sha256.clone());
+    read_part(repo, &part.key, move |reader| {
+        let (held, len, sum) = extract_part(&key, reader, &expected, &progress, PartUse::Check { files })?;
+        if len != want_len || hex::encode(sum) != want_sum {
+            return Err(BackupError::Corrupt {
+                key,
+                reason: format!(
+                    "the part holds {len} bytes with SHA-256 {}, the manifest says {want_len} bytes with {want_sum}",
+                    hex::encode(sum)
+                ),
+            });
+        }
+        Ok(held)
+    })
+    .await
 }
 
 /// Downloads and extracts a backup into `dest` (which must exist and be empty), in parallel,
@@ -287,32 +399,14 @@ pub async fn fetch(
                 (repo.clone(), expected.clone(), progress.clone(), dest.to_path_buf());
             let fsync = fsync.clone();
             async move {
-                let mut stream = repo.store().get_stream(&part.key).await?;
-                let (tx, rx) = mpsc::channel(4);
-                let forward = tokio::spawn(async move {
-                    while let Some(chunk) = stream.next().await {
-                        let stop = chunk.is_err();
-                        if tx.send(chunk).await.is_err() || stop {
-                            break;
-                        }
-                    }
-                });
                 let key = part.key.clone();
-                let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
-                let reader = ChannelReader { rx, cur: Bytes::new(), failed: failed.clone() };
-                let r = tokio::task::spawn_blocking(move || {
-                    extract_part(&key, reader, &dest, &expected, &progress, &fsync)
+                let r = read_part(&repo, &part.key, move |reader| {
+                    extract_part(&key, reader, &expected, &progress, PartUse::Extract { dest: &dest, fsync: &fsync })
+                        .map(|(files, _, _)| files)
                 })
-                .await
-                .expect("extract task panicked");
-                forward.abort();
+                .await;
                 walnut_storage::crashpoint::hit("backup-fetch:after-a-part");
-                // A download that failed is a storage error, whatever the extraction made of it.
-                let failed = failed.lock().unwrap().take();
-                match (r, failed) {
-                    (Err(_), Some(e)) => Err(BackupError::Storage(e)),
-                    (r, _) => r,
-                }
+                r
             }
         })
         .buffer_unordered(parallel.max(1))
