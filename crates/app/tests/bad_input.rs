@@ -277,7 +277,11 @@ fn bad_inputs_fail_with_a_clear_error() {
 
     // Backups.
     rows.push(Row::new("unknown backup", &c(&["backup-show", "nosuch"]), &["no backup matches \"nosuch\""]));
-    rows.push(Row::new("verify an unknown backup", &c(&["verify", "--backup", "nosuch"]), &["no backup matches \"nosuch\""]));
+    rows.push(Row::new(
+        "verify an unknown backup",
+        &c(&["verify", "--backup", "nosuch"]),
+        &["no backup matches \"nosuch\""],
+    ));
     let bf = absent("fetch");
     rows.push(
         Row::new("fetch an unknown backup", &c(&["backup-fetch", &d(&bf), "nosuch"]), &["no backup matches"]).dest(&bf),
