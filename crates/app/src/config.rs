@@ -178,6 +178,8 @@ pub struct FileConfig {
     pub wal: WalSection,
     #[serde(default)]
     pub backup: BackupSection,
+    #[serde(default)]
+    pub encryption: EncryptionSection,
     /// `az://` settings by object_store's Azure key names (`account_name`, `account_key`,
     /// `endpoint`, ...); the `AZURE_*` environment variables win over them.
     #[serde(default)]
@@ -247,6 +249,19 @@ impl std::fmt::Debug for PostgresSection {
     }
 }
 
+/// Encryption at rest (age): public keys for writing, a secret key for reading.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionSection {
+    /// age X25519 public keys (`age1...`) every new object is encrypted to.
+    pub recipients: Option<Vec<String>>,
+    /// A file of such keys, one per line (`#` comments).
+    pub recipients_file: Option<PathBuf>,
+    /// An age identity file (`AGE-SECRET-KEY-1...`) for reading; `WALNUT_AGE_IDENTITY` (the key
+    /// itself) wins.
+    pub identity_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSection {
@@ -302,6 +317,8 @@ pub struct Config {
     pub path: Option<PathBuf>,
     pub repo: Option<String>,
     pub codec: Codec,
+    /// Secret keys for reading encrypted objects (never shown).
+    pub identities: Option<std::sync::Arc<walnut_core::crypt::Identities>>,
     pub state_dir: PathBuf,
     pub storage: StorageOptions,
     pub pgdata: Option<PathBuf>,
@@ -396,6 +413,46 @@ pub const MAX_AHEAD: usize = 256;
 
 pub const DEFAULT_UPLOAD_AHEAD: usize = 4;
 pub const DEFAULT_PREFETCH: usize = 8;
+
+/// `[encryption] recipients` and `recipients_file`, parsed (both may be given: all are used).
+fn recipients(e: &EncryptionSection) -> Result<Option<std::sync::Arc<walnut_core::crypt::Recipients>>, BadKey> {
+    use walnut_core::crypt::Recipients;
+    let mut lines: Vec<String> = e.recipients.clone().unwrap_or_default();
+    if let Some(f) = &e.recipients_file {
+        let text = std::fs::read_to_string(f).map_err(|err| {
+            BadKey::new("encryption.recipients_file", format!("cannot be read: {}: {err}", f.display()))
+        })?;
+        lines.extend(text.lines().map(str::to_string));
+    }
+    if e.recipients.is_none() && e.recipients_file.is_none() {
+        return Ok(None);
+    }
+    let key = if e.recipients_file.is_some() { "encryption.recipients_file" } else { "encryption.recipients" };
+    Recipients::parse(lines.iter().map(String::as_str), "the age recipients")
+        .map(|r| Some(std::sync::Arc::new(r)))
+        .map_err(|problem| BadKey::new(key, format!("is invalid: {problem}")))
+}
+
+/// The identity for reading: `WALNUT_AGE_IDENTITY` (the key itself) or `[encryption]
+/// identity_file`. Errors never include the key.
+fn identities(e: &EncryptionSection) -> Result<Option<std::sync::Arc<walnut_core::crypt::Identities>>, BadKey> {
+    use walnut_core::crypt::Identities;
+    if let Some(secret) = env("WALNUT_AGE_IDENTITY") {
+        return Identities::parse(&secret, "WALNUT_AGE_IDENTITY").map(|i| Some(std::sync::Arc::new(i))).map_err(
+            |problem| BadKey {
+                key: "WALNUT_AGE_IDENTITY".into(),
+                problem: format!("is invalid: {problem}"),
+                from_env: true,
+            },
+        );
+    }
+    let Some(f) = &e.identity_file else { return Ok(None) };
+    let text = std::fs::read_to_string(f)
+        .map_err(|err| BadKey::new("encryption.identity_file", format!("cannot be read: {}: {err}", f.display())))?;
+    Identities::parse(&text, &f.display().to_string())
+        .map(|i| Some(std::sync::Arc::new(i)))
+        .map_err(|problem| BadKey::new("encryption.identity_file", format!("is invalid: {problem}")))
+}
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
@@ -554,7 +611,8 @@ impl Config {
         Ok(Config {
             path: path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())),
             repo: repo_override.map(str::to_string).or(env("WALNUT_REPO")).or(file.repo),
-            codec: Codec { compression, level },
+            codec: Codec { compression, level, seal: recipients(&file.encryption)? },
+            identities: identities(&file.encryption)?,
             state_dir: env("WALNUT_STATE_DIR").map(PathBuf::from).or(file.state_dir).unwrap_or_else(default_state_dir),
             storage,
             pgdata: env("PGDATA").map(PathBuf::from).or(file.postgres.pgdata),

@@ -45,7 +45,7 @@ impl Ctx {
             pgdata: pgdata.map(Path::to_path_buf).or(self.config.pgdata.clone()),
             name,
             scheduled,
-            codec: self.config.codec,
+            codec: self.config.codec.clone(),
             parallel: self.config.backup_parallel,
             part_size: self.config.backup_part_size,
             archive_wait: self.config.backup_archive_wait,
@@ -56,7 +56,7 @@ impl Ctx {
     pub fn repository(&self) -> Result<Repository> {
         let url = self.config.repo_url()?;
         let store = walnut_storage::open(url, &self.config.storage)?;
-        Ok(Repository::new(store))
+        Ok(Repository::new(store).with_keys(self.config.identities.clone()))
     }
 }
 

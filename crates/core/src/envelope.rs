@@ -5,13 +5,15 @@
 //! "WLNT"            4 bytes magic
 //! version           u8  (2; version 1 has no metadata checksum and is still read)
 //! n                 u8  number of codecs in the chain
-//! codec ids         n bytes, in the order they were applied on write (compression, later encryption)
+//! codec ids         n bytes, in the order they were applied on write (compression, then encryption)
 //! meta length       u32 LE
 //! meta              JSON object (may be empty: length 0)
 //! meta SHA-256      32 bytes (version 2): what planners read without the payload is verified too
 //! payload           the content after every codec
 //! content length    u64 LE   } trailer: written last, so a writer can stream; a reader verifies
 //! content SHA-256   32 bytes } the decoded content against it before anything is used
+//! payload SHA-256   32 bytes   encrypted objects only (codec 16, age): the stored form, so
+//!                              that an object can be checked whole without the identity
 //! ```
 //!
 //! Readers never guess: the codec chain is recorded in every object. Readers never trust a
@@ -19,8 +21,10 @@
 //! declared content length by [`MAX_CONTENT`] and by what the payload can expand to, and
 //! nothing is allocated by a declared length before those checks (see [`decode`]).
 
+use crate::crypt::{AGE, Identities, Recipients, Refused};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
 const MAGIC: &[u8; 4] = b"WLNT";
 /// The version written.
@@ -43,6 +47,30 @@ fn check_meta(meta: &[u8], sum: &[u8]) -> Result<(), EnvelopeError> {
     }
 }
 const TRAILER: usize = 40;
+/// The trailer of an encrypted object: [`TRAILER`] plus the SHA-256 of the payload.
+const SEALED_TRAILER: usize = TRAILER + 32;
+
+fn trailer_len(ids: &[u8]) -> usize {
+    if ids.last() == Some(&AGE) { SEALED_TRAILER } else { TRAILER }
+}
+
+/// The recipients an encrypted object names in its metadata, for messages.
+fn recipients_of(meta: &serde_json::Value) -> String {
+    match meta.get("recipients").and_then(|r| r.as_array()) {
+        Some(r) if !r.is_empty() => r.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "),
+        _ => "(recipients not recorded)".into(),
+    }
+}
+
+/// `meta` with the recipients of an encrypted object added (metadata is a JSON object).
+fn with_recipients(meta: &serde_json::Value, seal: &Recipients) -> serde_json::Value {
+    let mut m = match meta {
+        serde_json::Value::Object(m) => m.clone(),
+        _ => serde_json::Map::new(),
+    };
+    m.insert("recipients".into(), serde_json::json!(seal.public_keys()));
+    serde_json::Value::Object(m)
+}
 /// The longest metadata a reader accepts.
 pub const MAX_META: usize = 64 << 20;
 
@@ -76,16 +104,24 @@ impl std::str::FromStr for Compression {
     }
 }
 
-/// How new objects are encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How new objects are encoded: compressed, then encrypted to `seal` when set.
+#[derive(Debug, Clone)]
 pub struct Codec {
     pub compression: Compression,
     pub level: i32,
+    pub seal: Option<Arc<Recipients>>,
 }
 
 impl Default for Codec {
     fn default() -> Self {
-        Codec { compression: Compression::Zstd, level: 1 }
+        Codec { compression: Compression::Zstd, level: 1, seal: None }
+    }
+}
+
+impl Codec {
+    /// The same codec without encryption (objects that must stay readable without a key).
+    pub fn clear(&self) -> Codec {
+        Codec { seal: None, ..self.clone() }
     }
 }
 
@@ -101,6 +137,33 @@ pub enum EnvelopeError {
     Corrupt(String),
     #[error("checksum mismatch: the stored object is corrupt (expected {expected}, got {actual})")]
     Checksum { expected: String, actual: String },
+    #[error(
+        "object encrypted to recipient {recipients}; no identity configured (set encryption.identity_file or \
+         WALNUT_AGE_IDENTITY)"
+    )]
+    NoIdentity { recipients: String },
+    #[error(
+        "the identity does not match any recipient of this object (encrypted to {recipients}; the identity \
+         configured is the key of {ours}): configure the secret key of one of its recipients"
+    )]
+    WrongIdentity { recipients: String, ours: String },
+}
+
+impl EnvelopeError {
+    /// An encrypted object (metadata `meta`) read without an identity.
+    pub fn no_identity(meta: &serde_json::Value) -> EnvelopeError {
+        EnvelopeError::NoIdentity { recipients: recipients_of(meta) }
+    }
+
+    /// A refusal to decrypt, as the error it is for the object with metadata `meta`.
+    fn refused(r: Refused, meta: &serde_json::Value, keys: &Identities) -> EnvelopeError {
+        match r {
+            Refused::NotARecipient => {
+                EnvelopeError::WrongIdentity { recipients: recipients_of(meta), ours: keys.public_keys().join(", ") }
+            }
+            Refused::Corrupt(why) => EnvelopeError::Corrupt(format!("encrypted payload: {why}")),
+        }
+    }
 }
 
 /// A decoded object: its verified content and metadata.
@@ -144,7 +207,16 @@ pub fn encode_with_sum(content: &[u8], meta: &serde_json::Value, codec: Codec) -
         (compress(), sha256(content))
     };
     debug_assert_eq!(codec.compression.id().map(|i| vec![i]).unwrap_or_default(), ids);
-    let mut out = Vec::with_capacity(payload.len() + meta_bytes.len() + 64);
+    let (ids, payload, meta_bytes, payload_sum) = match &codec.seal {
+        None => (ids, payload, meta_bytes, None),
+        Some(seal) => {
+            let sealed = seal.encrypt(&payload);
+            let sum = sha256(&sealed);
+            let meta = serde_json::to_vec(&with_recipients(meta, seal)).expect("JSON value");
+            ([ids, vec![AGE]].concat(), sealed.into(), meta, Some(sum))
+        }
+    };
+    let mut out = Vec::with_capacity(payload.len() + meta_bytes.len() + 96);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.push(ids.len() as u8);
@@ -155,6 +227,9 @@ pub fn encode_with_sum(content: &[u8], meta: &serde_json::Value, codec: Codec) -
     out.extend_from_slice(&payload);
     out.extend_from_slice(&(content.len() as u64).to_le_bytes());
     out.extend_from_slice(&content_sum);
+    if let Some(sum) = payload_sum {
+        out.extend_from_slice(&sum);
+    }
     (out.into(), content_sum)
 }
 
@@ -185,9 +260,55 @@ pub fn meta_from_prefix(prefix: &[u8]) -> Result<Option<serde_json::Value>, Enve
     serde_json::from_slice(meta).map(Some).map_err(|e| EnvelopeError::Corrupt(format!("metadata: {e}")))
 }
 
-/// Reads the trailer's checksum without decoding (cheap comparisons of stored objects).
+/// The codec ids of an object, from its header.
+fn codec_ids(object: &[u8]) -> Option<&[u8]> {
+    if object.len() < 6 || &object[..4] != MAGIC {
+        return None;
+    }
+    object.get(6..6 + object[5] as usize)
+}
+
+/// Whether an object is encrypted (its chain ends with age).
+pub fn is_encrypted(object: &[u8]) -> bool {
+    codec_ids(object).is_some_and(|ids| ids.last() == Some(&AGE))
+}
+
+/// Reads the trailer's content checksum without decoding (cheap comparisons of stored objects:
+/// the same content has the same checksum, encrypted or not).
 pub fn stored_checksum(object: &[u8]) -> Option<[u8; 32]> {
-    (object.len() >= 6 + TRAILER && &object[..4] == MAGIC).then(|| split_trailer(&object[object.len() - TRAILER..]).1)
+    let t = trailer_len(codec_ids(object)?);
+    (object.len() >= 6 + t).then(|| split_trailer(&object[object.len() - t..]).1)
+}
+
+/// Checks an object whole: decoded and verified (see [`decode_with`]) when it can be, and an
+/// encrypted object without `keys` against the checksum of its stored form.
+pub fn check_stored(object: &[u8], keys: Option<&Identities>) -> Result<(), EnvelopeError> {
+    if keys.is_none() && is_encrypted(object) {
+        let body = object.len().checked_sub(SEALED_TRAILER).filter(|b| *b >= 10).ok_or(EnvelopeError::NotAnObject)?;
+        let start = payload_start(object)?;
+        if start > body {
+            return Err(EnvelopeError::Corrupt("metadata longer than the object".into()));
+        }
+        let want = &object[body + TRAILER..];
+        let actual = sha256(&object[start..body]);
+        if actual[..] != *want {
+            return Err(EnvelopeError::Checksum { expected: hex::encode(want), actual: hex::encode(actual) });
+        }
+        return Ok(());
+    }
+    decode_with(object, keys).map(|_| ())
+}
+
+/// Where the payload begins (after the header and the metadata, whose checksum is verified).
+fn payload_start(object: &[u8]) -> Result<usize, EnvelopeError> {
+    match meta_from_prefix(object)? {
+        Some(_) => {
+            let n = object[5] as usize;
+            let len = u32::from_le_bytes(object[6 + n..10 + n].try_into().expect("4 bytes")) as usize;
+            Ok(10 + n + len + meta_sum_len(object[4]))
+        }
+        None => Err(EnvelopeError::Corrupt("truncated header".into())),
+    }
 }
 
 /// Decodes and verifies an object: every codec undone, length and SHA-256 checked.
@@ -198,6 +319,13 @@ pub fn stored_checksum(object: &[u8]) -> Option<[u8; 32]> {
 /// length. Output buffers are reserved by the declared length only up to [`PREALLOC`] (or when
 /// the codec's own header confirms it); beyond that they grow with what is actually produced.
 pub fn decode(object: &[u8]) -> Result<Decoded, EnvelopeError> {
+    decode_with(object, None)
+}
+
+/// [`decode`], decrypting with `keys` an object encrypted to one of them: the stored form is
+/// checked against its checksum first, then decrypted (age authenticates every chunk), then
+/// the rest of the chain undone and the content checked as for any object.
+pub fn decode_with(object: &[u8], keys: Option<&Identities>) -> Result<Decoded, EnvelopeError> {
     if object.len() < 6 + 4 + TRAILER || &object[..4] != MAGIC {
         return Err(EnvelopeError::NotAnObject);
     }
@@ -216,7 +344,8 @@ pub fn decode(object: &[u8]) -> Result<Decoded, EnvelopeError> {
         .map(|b| u32::from_le_bytes(b) as usize)
         .ok_or_else(|| corrupt("truncated header".into()))?;
     pos += 4;
-    let body_end = object.len() - TRAILER;
+    let sealed = ids.last() == Some(&AGE);
+    let body_end = object.len().checked_sub(trailer_len(ids)).ok_or(EnvelopeError::NotAnObject)?;
     if pos > body_end || meta_len.saturating_add(sum_len) > body_end - pos {
         return Err(corrupt(format!("metadata length {meta_len} is longer than the object ({} bytes)", object.len())));
     }
@@ -229,9 +358,23 @@ pub fn decode(object: &[u8]) -> Result<Decoded, EnvelopeError> {
     pos += meta_len + sum_len;
     let payload = &object[pos..body_end];
     let (declared, expected_sum) = split_trailer(&object[body_end..]);
+    let ids = if sealed { &ids[..ids.len() - 1] } else { ids };
     if let Some(unknown) = ids.iter().find(|&&id| !matches!(id, 1 | 2 | LZ4_FRAME)) {
         return Err(EnvelopeError::UnknownCodec(*unknown));
     }
+    let opened;
+    let payload = if sealed {
+        let want = &object[body_end + TRAILER..];
+        let actual = sha256(payload);
+        if actual[..] != *want {
+            return Err(EnvelopeError::Checksum { expected: hex::encode(want), actual: hex::encode(actual) });
+        }
+        let keys = keys.ok_or_else(|| EnvelopeError::NoIdentity { recipients: recipients_of(&meta) })?;
+        opened = keys.decrypt(payload).map_err(|r| EnvelopeError::refused(r, &meta, keys))?;
+        &opened[..]
+    } else {
+        payload
+    };
     // Refuse absurd lengths before anything is allocated (a corrupt trailer).
     if declared > MAX_CONTENT {
         return Err(corrupt(format!("declared content length {declared} is over the {MAX_CONTENT}-byte limit")));
@@ -473,7 +616,7 @@ mod tests {
         let data = sample();
         for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
             let meta = serde_json::json!({"kind": "segment"});
-            let obj = encode(&data, &meta, Codec { compression, level: 3 });
+            let obj = encode(&data, &meta, Codec { compression, level: 3, seal: None });
             let d = decode(&obj).unwrap();
             assert_eq!(d.content.as_ref(), data.as_slice());
             assert_eq!(d.meta, meta);
@@ -496,7 +639,7 @@ mod tests {
     #[test]
     fn a_flipped_byte_in_the_metadata_is_detected() {
         let meta = serde_json::json!({"summary": {"last_commit": "2026-01-01T12:00:00Z", "xid_max": 1234}});
-        let obj = encode(b"content", &meta, Codec { compression: Compression::Zstd, level: 1 });
+        let obj = encode(b"content", &meta, Codec { compression: Compression::Zstd, level: 1, seal: None });
         let start = 6 + 1 + 4;
         let len = serde_json::to_vec(&meta).unwrap().len();
         for pos in start..start + len + 32 {
@@ -512,7 +655,7 @@ mod tests {
     fn every_flipped_byte_is_detected() {
         let data = sample();
         for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
-            let obj = encode(&data, &serde_json::Value::Null, Codec { compression, level: 1 });
+            let obj = encode(&data, &serde_json::Value::Null, Codec { compression, level: 1, seal: None });
             for pos in (0..obj.len()).step_by(obj.len() / 97 + 1).chain([obj.len() - 1, obj.len() / 2]) {
                 let mut bad = obj.to_vec();
                 bad[pos] ^= 0x40;
@@ -542,7 +685,7 @@ mod tests {
         let meta = serde_json::json!({"kind": "segment", "name": "000000010000000000000001"});
         [Compression::None, Compression::Zstd, Compression::Lz4]
             .into_iter()
-            .map(|c| (c, encode(&data[..20_000], &meta, Codec { compression: c, level: 1 }).to_vec()))
+            .map(|c| (c, encode(&data[..20_000], &meta, Codec { compression: c, level: 1, seal: None }).to_vec()))
             .chain([(Compression::Zstd, streamed(&data[..20_000], Compression::Zstd))])
             .chain([(Compression::Lz4, streamed(&data[..20_000], Compression::Lz4))])
             .collect()
@@ -550,13 +693,13 @@ mod tests {
 
     fn streamed(content: &[u8], compression: Compression) -> Vec<u8> {
         use std::io::Write;
-        let codec = Codec { compression, level: 1 };
-        let mut obj = stream_header(codec);
-        let mut w = HashingWriter::new(Compressor::new(Vec::new(), codec).unwrap());
+        let codec = Codec { compression, level: 1, seal: None };
+        let mut obj = stream_header(&codec);
+        let mut w = HashingWriter::new(Compressor::new(Vec::new(), &codec).unwrap());
         w.write_all(content).unwrap();
         let (c, len, sum) = w.finish();
         obj.extend_from_slice(&c.finish().unwrap());
-        obj.extend_from_slice(&stream_trailer(len, sum));
+        obj.extend_from_slice(&stream_trailer(len, sum, None));
         obj
     }
 
@@ -608,7 +751,7 @@ mod tests {
         let zeros = vec![0u8; 16 << 20];
         for content in [&b""[..], b"x", &zeros[..]] {
             for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
-                let obj = encode(content, &serde_json::Value::Null, Codec { compression, level: 19 });
+                let obj = encode(content, &serde_json::Value::Null, Codec { compression, level: 19, seal: None });
                 assert_eq!(decode(&obj).unwrap().content.as_ref(), content, "{compression:?} {}", content.len());
                 let obj = streamed(content, compression);
                 assert_eq!(decode(&obj).unwrap().content.as_ref(), content, "streamed {compression:?}");
@@ -619,7 +762,8 @@ mod tests {
     /// Uncompressed content is exactly as long as its payload.
     #[test]
     fn uncompressed_length_must_match_the_payload() {
-        let obj = encode(b"hello", &serde_json::Value::Null, Codec { compression: Compression::None, level: 0 });
+        let obj =
+            encode(b"hello", &serde_json::Value::Null, Codec { compression: Compression::None, level: 0, seal: None });
         let e = decode(&declaring(&obj, 6)).unwrap_err();
         assert!(e.to_string().contains("6"), "{e}");
     }
@@ -701,28 +845,80 @@ mod tests {
 const LZ4_FRAME: u8 = 3;
 
 /// The header of a streamed object: written first, before the payload.
-pub fn stream_header(codec: Codec) -> Vec<u8> {
-    let ids: Vec<u8> = match codec.compression {
+pub fn stream_header(codec: &Codec) -> Vec<u8> {
+    let mut ids: Vec<u8> = match codec.compression {
         Compression::None => vec![],
         Compression::Zstd => vec![1],
         Compression::Lz4 => vec![LZ4_FRAME],
     };
-    let mut out = Vec::with_capacity(16);
+    let meta = match &codec.seal {
+        None => Vec::new(),
+        Some(seal) => {
+            ids.push(AGE);
+            serde_json::to_vec(&with_recipients(&serde_json::Value::Null, seal)).expect("JSON value")
+        }
+    };
+    let mut out = Vec::with_capacity(16 + meta.len() + 32);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.push(ids.len() as u8);
     out.extend_from_slice(&ids);
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&sha256(&[]));
+    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(&sha256(&meta));
     out
 }
 
-/// The trailer of a streamed object.
-pub fn stream_trailer(content_len: u64, sha256: [u8; 32]) -> Vec<u8> {
-    let mut t = Vec::with_capacity(TRAILER);
+/// The trailer of a streamed object (`payload_sha256`: an encrypted one's stored form).
+pub fn stream_trailer(content_len: u64, sha256: [u8; 32], payload_sha256: Option<[u8; 32]>) -> Vec<u8> {
+    let mut t = Vec::with_capacity(SEALED_TRAILER);
     t.extend_from_slice(&content_len.to_le_bytes());
     t.extend_from_slice(&sha256);
+    if let Some(p) = payload_sha256 {
+        t.extend_from_slice(&p);
+    }
     t
+}
+
+/// The encrypting end of a streamed object (below the compressor): plain, or age with the
+/// SHA-256 of what it writes (the payload's stored form, for the trailer).
+pub enum Sealing<W: std::io::Write> {
+    Plain(W),
+    Age(age::stream::StreamWriter<HashingWriter<W>>),
+}
+
+impl<W: std::io::Write> Sealing<W> {
+    pub fn new(inner: W, codec: &Codec) -> std::io::Result<Self> {
+        Ok(match &codec.seal {
+            None => Sealing::Plain(inner),
+            Some(seal) => Sealing::Age(seal.writer(HashingWriter::new(inner))?),
+        })
+    }
+    /// The inner writer, and the payload's SHA-256 when encrypted.
+    pub fn finish(self) -> std::io::Result<(W, Option<[u8; 32]>)> {
+        match self {
+            Sealing::Plain(w) => Ok((w, None)),
+            Sealing::Age(a) => {
+                let (w, _, sum) = a.finish()?.finish();
+                Ok((w, Some(sum)))
+            }
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Sealing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sealing::Plain(w) => w.write(buf),
+            Sealing::Age(a) => a.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sealing::Plain(w) => w.flush(),
+            Sealing::Age(a) => a.flush(),
+        }
+    }
 }
 
 /// A writer that hashes and counts what passes through it.
@@ -761,7 +957,7 @@ pub enum Compressor<W: std::io::Write> {
 }
 
 impl<W: std::io::Write> Compressor<W> {
-    pub fn new(inner: W, codec: Codec) -> std::io::Result<Self> {
+    pub fn new(inner: W, codec: &Codec) -> std::io::Result<Self> {
         Ok(match codec.compression {
             Compression::None => Compressor::None(inner),
             Compression::Zstd => Compressor::Zstd(zstd::Encoder::new(inner, codec.level)?),
@@ -802,6 +998,11 @@ pub struct PayloadReader<R> {
     pos: usize,
     eof: bool,
     pub codecs: Vec<u8>,
+    pub meta: serde_json::Value,
+    /// The trailer's length (longer for an encrypted object).
+    trailer: usize,
+    /// An encrypted object's payload, hashed as it is read.
+    payload_hash: Option<Sha256>,
 }
 
 impl<R: std::io::Read> PayloadReader<R> {
@@ -832,7 +1033,14 @@ impl<R: std::io::Read> PayloadReader<R> {
         let mut sum = vec![0u8; meta_sum_len(head[4])];
         inner.read_exact(&mut sum).map_err(|_| EnvelopeError::Corrupt("truncated header".into()))?;
         check_meta(&meta, &sum)?;
-        Ok(PayloadReader { inner, buf: Vec::new(), pos: 0, eof: false, codecs })
+        let meta = if meta.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&meta).map_err(|e| EnvelopeError::Corrupt(format!("metadata: {e}")))?
+        };
+        let trailer = trailer_len(&codecs);
+        let payload_hash = (trailer == SEALED_TRAILER).then(Sha256::new);
+        Ok(PayloadReader { inner, buf: Vec::new(), pos: 0, eof: false, codecs, meta, trailer, payload_hash })
     }
 
     fn fill(&mut self) -> std::io::Result<()> {
@@ -840,7 +1048,7 @@ impl<R: std::io::Read> PayloadReader<R> {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
-        while !self.eof && self.buf.len() - self.pos <= TRAILER {
+        while !self.eof && self.buf.len() - self.pos <= self.trailer {
             let mut chunk = [0u8; 64 * 1024];
             let n = self.inner.read(&mut chunk)?;
             if n == 0 {
@@ -852,35 +1060,75 @@ impl<R: std::io::Read> PayloadReader<R> {
         Ok(())
     }
 
-    /// The trailer (content length, SHA-256), once the payload has been read to its end.
+    /// The trailer (content length, SHA-256), once the payload has been read to its end; an
+    /// encrypted object's payload is checked against its SHA-256 here.
     pub fn trailer(&mut self) -> Result<(u64, [u8; 32]), EnvelopeError> {
         self.fill().map_err(|e| EnvelopeError::Corrupt(e.to_string()))?;
         let rest = &self.buf[self.pos..];
-        if !self.eof || rest.len() != TRAILER {
-            return Err(EnvelopeError::Corrupt(format!("{} bytes after the payload, expected {TRAILER}", rest.len())));
+        if !self.eof || rest.len() != self.trailer {
+            return Err(EnvelopeError::Corrupt(format!(
+                "{} bytes after the payload, expected {}",
+                rest.len(),
+                self.trailer
+            )));
+        }
+        if let Some(h) = self.payload_hash.take() {
+            let actual: [u8; 32] = h.finalize().into();
+            if actual[..] != rest[TRAILER..] {
+                return Err(EnvelopeError::Checksum {
+                    expected: hex::encode(&rest[TRAILER..]),
+                    actual: hex::encode(actual),
+                });
+            }
         }
         Ok(split_trailer(rest))
+    }
+
+    /// Whether the payload is encrypted.
+    pub fn sealed(&self) -> bool {
+        self.payload_hash.is_some() || self.trailer == SEALED_TRAILER
     }
 }
 
 impl<R: std::io::Read> std::io::Read for PayloadReader<R> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         self.fill()?;
-        let available = (self.buf.len() - self.pos).saturating_sub(TRAILER);
+        let available = (self.buf.len() - self.pos).saturating_sub(self.trailer);
         if available == 0 {
-            if self.eof && self.buf.len() - self.pos < TRAILER {
+            if self.eof && self.buf.len() - self.pos < self.trailer {
                 return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "object shorter than its trailer"));
             }
             return Ok(0);
         }
         let n = available.min(out.len());
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        if let Some(h) = &mut self.payload_hash {
+            h.update(&out[..n]);
+        }
         self.pos += n;
         Ok(n)
     }
 }
 
-/// Undoes the codec chain of a streamed payload.
+/// Undoes the codec chain of a streamed payload: decrypts with `keys` (an encrypted object whose
+/// metadata is `meta`), then decompresses.
+pub fn decoder<'a, R: std::io::BufRead + 'a>(
+    payload: R,
+    codecs: &[u8],
+    keys: Option<&'a Identities>,
+    meta: &serde_json::Value,
+) -> Result<Box<dyn std::io::Read + 'a>, EnvelopeError> {
+    match codecs.split_last() {
+        Some((&AGE, rest)) => {
+            let keys = keys.ok_or_else(|| EnvelopeError::NoIdentity { recipients: recipients_of(meta) })?;
+            let plain = keys.reader(payload).map_err(|r| EnvelopeError::refused(r, meta, keys))?;
+            decompressor(std::io::BufReader::with_capacity(1 << 20, plain), rest)
+        }
+        _ => decompressor(payload, codecs),
+    }
+}
+
+/// Undoes the compression of a streamed payload.
 pub fn decompressor<'a, R: std::io::BufRead + 'a>(
     payload: R,
     codecs: &[u8],
@@ -927,13 +1175,13 @@ mod stream_tests {
     fn streamed_objects_round_trip_and_detect_corruption() {
         let content: Vec<u8> = (0..500_000u32).flat_map(|i| (i % 1000).to_le_bytes()).collect();
         for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
-            let codec = Codec { compression, level: 1 };
-            let mut obj = stream_header(codec);
-            let mut w = HashingWriter::new(Compressor::new(Vec::new(), codec).unwrap());
+            let codec = Codec { compression, level: 1, seal: None };
+            let mut obj = stream_header(&codec);
+            let mut w = HashingWriter::new(Compressor::new(Vec::new(), &codec).unwrap());
             w.write_all(&content).unwrap();
             let (c, len, sum) = w.finish();
             obj.extend_from_slice(&c.finish().unwrap());
-            obj.extend_from_slice(&stream_trailer(len, sum));
+            obj.extend_from_slice(&stream_trailer(len, sum, None));
             let read_back = |obj: &[u8]| -> Result<Vec<u8>, String> {
                 let mut p = PayloadReader::new(obj).map_err(|e| e.to_string())?;
                 let codecs = p.codecs.clone();
@@ -958,6 +1206,98 @@ mod stream_tests {
             let mid = bad.len() / 2;
             bad[mid] ^= 0x10;
             assert!(read_back(&bad).is_err(), "{compression:?}: corruption detected");
+        }
+    }
+}
+
+#[cfg(test)]
+mod sealed_tests {
+    use super::*;
+    use crate::crypt::{Identities, Recipients};
+    use std::io::{Read, Write};
+
+    fn keys() -> (Identities, Arc<Recipients>) {
+        use age::secrecy::ExposeSecret;
+        let id = age::x25519::Identity::generate();
+        let public = id.to_public().to_string();
+        let secret = id.to_string().expose_secret().to_string();
+        (Identities::parse(&secret, "t").unwrap(), Arc::new(Recipients::parse([public.as_str()], "t").unwrap()))
+    }
+
+    fn marker_content() -> Vec<u8> {
+        (0..200_000u32).flat_map(|i| format!("row {i} SECRET-MARKER ").into_bytes()).collect()
+    }
+
+    #[test]
+    fn whole_objects_are_encrypted_checked_and_refused_by_name() {
+        let (id, to) = keys();
+        let (other, _) = keys();
+        let content = marker_content();
+        let meta = serde_json::json!({"name": "x"});
+        for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
+            let codec = Codec { compression, level: 1, seal: Some(to.clone()) };
+            let obj = encode(&content, &meta, codec.clone());
+            let clear = encode(&content, &meta, codec.clear());
+            assert!(is_encrypted(&obj) && !is_encrypted(&clear));
+            assert!(!obj.windows(13).any(|w| w == b"SECRET-MARKER"), "{compression:?}: no clear text");
+            // The same content has the same content checksum, encrypted or not (re-push checks).
+            assert_eq!(stored_checksum(&obj), stored_checksum(&clear));
+            let d = decode_with(&obj, Some(&id)).unwrap();
+            assert_eq!(d.content.to_vec(), content);
+            assert_eq!(d.meta["name"], "x");
+            assert_eq!(d.meta["recipients"][0], to.public_keys()[0]);
+            // Metadata stays readable without the key.
+            assert_eq!(meta_from_prefix(&obj).unwrap().unwrap()["name"], "x");
+            let e = decode(&obj).unwrap_err();
+            assert!(matches!(e, EnvelopeError::NoIdentity { .. }), "{e}");
+            assert!(
+                e.to_string().contains(&to.public_keys()[0]) && e.to_string().contains("WALNUT_AGE_IDENTITY"),
+                "{e}"
+            );
+            let e = decode_with(&obj, Some(&other)).unwrap_err();
+            assert!(matches!(e, EnvelopeError::WrongIdentity { .. }), "{e}");
+            assert!(e.to_string().contains(&other.public_keys()[0]), "{e}");
+            // Checked whole without the key; a flipped byte found with and without it.
+            check_stored(&obj, None).unwrap();
+            let mut bad = obj.to_vec();
+            let mid = bad.len() / 2;
+            bad[mid] ^= 1;
+            assert!(matches!(check_stored(&bad, None), Err(EnvelopeError::Checksum { .. })));
+            assert!(decode_with(&bad, Some(&id)).is_err());
+            // Truncated ciphertext (trailer kept): refused.
+            let mut cut = obj[..obj.len() - SEALED_TRAILER - 100].to_vec();
+            cut.extend_from_slice(&obj[obj.len() - SEALED_TRAILER..]);
+            assert!(decode_with(&cut, Some(&id)).is_err());
+            assert!(check_stored(&cut, None).is_err());
+        }
+    }
+
+    #[test]
+    fn streamed_objects_are_encrypted_and_checked() {
+        let (id, to) = keys();
+        let content = marker_content();
+        for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
+            let codec = Codec { compression, level: 1, seal: Some(to.clone()) };
+            let mut obj = stream_header(&codec);
+            let mut w = HashingWriter::new(Compressor::new(Sealing::new(Vec::new(), &codec).unwrap(), &codec).unwrap());
+            w.write_all(&content).unwrap();
+            let (c, len, sum) = w.finish();
+            let (payload, psum) = c.finish().unwrap().finish().unwrap();
+            obj.extend_from_slice(&payload);
+            obj.extend_from_slice(&stream_trailer(len, sum, psum));
+            assert!(!obj.windows(13).any(|w| w == b"SECRET-MARKER"));
+            assert_eq!(decode_with(&obj, Some(&id)).unwrap().content.to_vec(), content, "{compression:?}");
+            check_stored(&obj, None).unwrap();
+            let mut p = PayloadReader::new(&obj[..]).unwrap();
+            assert!(p.sealed());
+            let (codecs, meta) = (p.codecs.clone(), p.meta.clone());
+            let mut out = Vec::new();
+            decoder(std::io::BufReader::new(&mut p), &codecs, Some(&id), &meta).unwrap().read_to_end(&mut out).unwrap();
+            assert_eq!(out, content);
+            assert_eq!(p.trailer().unwrap(), (len, sum));
+            let mut p = PayloadReader::new(&obj[..]).unwrap();
+            let e = decoder(std::io::BufReader::new(&mut p), &codecs, None, &meta).err().unwrap();
+            assert!(matches!(e, EnvelopeError::NoIdentity { .. }));
         }
     }
 }

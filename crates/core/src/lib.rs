@@ -9,6 +9,7 @@
 
 pub mod archive;
 pub mod backup;
+pub mod crypt;
 pub mod durable;
 pub mod envelope;
 pub mod layout;

@@ -8,6 +8,7 @@ use crate::envelope::{self, Codec, EnvelopeError};
 use crate::layout;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use walnut_pg::{PgMajor, SystemId, WalSegSize};
 use walnut_storage::{DynStore, PutMode, StorageError};
 
@@ -111,6 +112,8 @@ pub enum RepoError {
 #[derive(Debug, Clone)]
 pub struct Repository {
     store: DynStore,
+    /// Secret keys that open encrypted objects (none on a host that only writes).
+    keys: Option<Arc<crate::crypt::Identities>>,
 }
 
 /// Runs CPU-bound work off the async executor.
@@ -120,7 +123,16 @@ pub async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T
 
 impl Repository {
     pub fn new(store: DynStore) -> Repository {
-        Repository { store }
+        Repository { store, keys: None }
+    }
+
+    /// This handle, reading encrypted objects with `keys`.
+    pub fn with_keys(self, keys: Option<Arc<crate::crypt::Identities>>) -> Repository {
+        Repository { keys, ..self }
+    }
+
+    pub fn keys(&self) -> Option<&Arc<crate::crypt::Identities>> {
+        self.keys.as_ref()
     }
 
     pub fn store(&self) -> &DynStore {
@@ -162,7 +174,7 @@ impl Repository {
         let obj = envelope::encode(
             &body,
             &serde_json::Value::Null,
-            Codec { compression: crate::Compression::None, level: 0 },
+            Codec { compression: crate::Compression::None, level: 0, seal: None },
         );
         match self.store.put(layout::IDENTITY, obj, PutMode::Create).await {
             Ok(()) => Ok(fresh),
@@ -186,8 +198,25 @@ impl Repository {
     /// Reads and verifies one object.
     pub async fn get_object(&self, key: &str) -> Result<envelope::Decoded, RepoError> {
         let raw = self.store.get(key).await?;
-        let k = key.to_string();
-        cpu(move || envelope::decode(&raw)).await.map_err(|source| RepoError::Corrupt { key: k, source })
+        self.decode(key, raw).await
+    }
+
+    /// Decodes and verifies an object read from `key` (decrypting it with this handle's keys).
+    pub async fn decode(&self, key: &str, raw: Bytes) -> Result<envelope::Decoded, RepoError> {
+        let (k, keys) = (key.to_string(), self.keys.clone());
+        cpu(move || envelope::decode_with(&raw, keys.as_deref()))
+            .await
+            .map_err(|source| RepoError::Corrupt { key: k, source })
+    }
+
+    /// Reads one object whole and checks it: decoded when it can be, an encrypted one without
+    /// this handle's keys against the checksum of its stored form.
+    pub async fn check_object(&self, key: &str) -> Result<(), RepoError> {
+        let raw = self.store.get(key).await?;
+        let (k, keys) = (key.to_string(), self.keys.clone());
+        cpu(move || envelope::check_stored(&raw, keys.as_deref()))
+            .await
+            .map_err(|source| RepoError::Corrupt { key: k, source })
     }
 
     /// An object's envelope metadata, read with a range request (the object itself may be large).

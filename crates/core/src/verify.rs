@@ -13,9 +13,10 @@
 //! corrupt or missing, or "not restorable" with the object and reason that break it.
 
 use crate::archive::{self, ArchiveError};
-use crate::backup::{self, BackupError, FileEntry, Manifest, Progress, Status};
+use crate::backup::{self, BackupError, FileEntry, Progress, Status};
+use crate::envelope::EnvelopeError;
 use crate::plan::{self, Request, Target, TimelineChoice, WalInventory};
-use crate::repo::Repository;
+use crate::repo::{RepoError, Repository};
 use crate::{layout, summary};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -126,6 +127,9 @@ fn chain(
 
 /// Reads one WAL object whole and checks it; `deep` decodes every record of a segment too.
 async fn check_wal(repo: &Repository, key: &str, start: Option<walnut_pg::Lsn>, deep: bool) -> Option<String> {
+    if !deep {
+        return repo.check_object(key).await.err().map(|e| e.to_string());
+    }
     match repo.get_object(key).await {
         Ok(d) => match (deep, start) {
             (true, Some(start)) => {
@@ -141,52 +145,73 @@ async fn check_wal(repo: &Repository, key: &str, start: Option<walnut_pg::Lsn>, 
     }
 }
 
-/// Checks one backup's manifest and parts. Returns its defects.
+/// Checks one backup's manifest and parts. Returns whether its manifest is whole, its
+/// defects, and the parts read. Without the key, an encrypted backup's parts are checked in
+/// their stored form, from the manifest's clear catalog.
 async fn check_backup(
     repo: &Repository,
     id: &str,
     deep: bool,
     parallel: usize,
     progress: Arc<Progress>,
-) -> (Option<Manifest>, Vec<Defect>, usize) {
+) -> (bool, Vec<Defect>, usize) {
     let manifest_key = layout::backup_manifest(id);
-    let m = match backup::load_manifest(repo, id).await {
-        Ok(m) => m,
-        Err(e) => return (None, vec![Defect { object: manifest_key, reason: e.to_string() }], 0),
+    let broken = |reason: String| (false, vec![Defect { object: manifest_key.clone(), reason }], 0);
+    let catalog = match backup::load_catalog(repo, id).await {
+        Ok(c) => c,
+        Err(e) => return broken(e.to_string()),
+    };
+    if let Err(e) = repo.check_object(&manifest_key).await {
+        return broken(e.to_string());
+    }
+    let manifest = match backup::load_manifest(repo, id).await {
+        Ok(m) => Some(m),
+        Err(BackupError::Repo(RepoError::Corrupt { source: EnvelopeError::NoIdentity { .. }, .. })) if !deep => None,
+        Err(e) => return broken(e.to_string()),
+    };
+    // (key, stored bytes, content bytes and SHA-256 when the manifest could be read)
+    let parts: Vec<(String, u64, Option<(u64, String)>)> = match &manifest {
+        Some(m) => m
+            .parts
+            .iter()
+            .map(|p| (p.key.clone(), p.stored_bytes, Some((p.content_bytes, p.content_sha256.clone()))))
+            .collect(),
+        None => catalog.parts.iter().map(|p| (p.key.clone(), p.stored_bytes, None)).collect(),
     };
     let mut defects = Vec::new();
     let stored: HashMap<String, u64> = match repo.store().list(&layout::backup_dir(id)).await {
         Ok(list) => list.into_iter().map(|o| (o.key, o.size)).collect(),
-        Err(e) => return (Some(m), vec![Defect { object: layout::backup_dir(id), reason: e.to_string() }], 0),
+        Err(e) => return (true, vec![Defect { object: layout::backup_dir(id), reason: e.to_string() }], 0),
     };
     let mut to_read = Vec::new();
-    for p in &m.parts {
-        match stored.get(&p.key) {
+    for (key, size, want) in parts {
+        match stored.get(&key) {
             None => defects.push(Defect {
-                object: p.key.clone(),
+                object: key,
                 reason: "missing: the manifest lists it, the store does not hold it".into(),
             }),
-            Some(&size) if size != p.stored_bytes => defects.push(Defect {
-                object: p.key.clone(),
-                reason: format!("stored size is {size} bytes, the manifest says {}", p.stored_bytes),
+            Some(&actual) if actual != size => defects.push(Defect {
+                object: key,
+                reason: format!("stored size is {actual} bytes, the manifest says {size}"),
             }),
-            Some(_) => to_read.push(p.clone()),
+            Some(_) => to_read.push((key, want)),
         }
     }
+    let files = manifest.as_ref().map(|m| m.files.clone()).unwrap_or_default();
     let expected: Arc<HashMap<String, FileEntry>> =
-        Arc::new(m.files.iter().map(|f| (f.path.clone(), f.clone())).collect());
+        Arc::new(files.iter().map(|f| (f.path.clone(), f.clone())).collect());
     let results: Vec<(String, Result<Vec<String>, BackupError>)> = futures::stream::iter(to_read)
-        .map(|p| {
+        .map(|(key, want)| {
             let (expected, progress) = (expected.clone(), progress.clone());
             async move {
-                let r = backup::check_part(repo, &p, expected, deep, progress).await;
-                (p.key, r)
+                let r = backup::check_part(repo, &key, want, expected, deep, progress).await;
+                (key, r)
             }
         })
         .buffer_unordered(parallel.max(1))
         .collect()
         .await;
-    let parts = results.len();
+    let read = results.len();
     let mut seen = BTreeSet::new();
     for (key, r) in results {
         match r {
@@ -197,14 +222,14 @@ async fn check_backup(
     }
     // Deep, and every part read: each file of the manifest was found in its part.
     if deep && defects.is_empty() {
-        for f in m.files.iter().filter(|f| !seen.contains(&f.path)) {
+        for f in files.iter().filter(|f| !seen.contains(&f.path)) {
             defects.push(Defect {
                 object: f.part.clone(),
                 reason: format!("{} is in the manifest but not in the part", f.path),
             });
         }
     }
-    (Some(m), defects, parts)
+    (true, defects, read)
 }
 
 /// Runs the verification (see the module docs).
@@ -218,7 +243,7 @@ pub async fn run(
     let (inv, size) = (&c.inv, c.seg_size);
     let listed = backup::list(repo).await?;
     let chosen: Vec<String> = match &opts.backup {
-        Some(reference) => vec![backup::resolve(repo, reference).await?.id.to_string()],
+        Some(reference) => vec![backup::resolve_summary(repo, reference).await?.id.to_string()],
         None => listed.iter().filter(|b| b.status == Status::Done).map(|b| b.id.to_string()).collect(),
     };
     let points: BTreeMap<String, &plan::BackupPoint> = c.points.iter().map(|p| (p.id.to_string(), p)).collect();
@@ -239,8 +264,8 @@ pub async fn run(
     let parts_total: u64 = {
         let mut total = 0;
         for id in &chosen {
-            if let Ok(m) = backup::load_manifest(repo, id).await {
-                total += if opts.deep { m.data_bytes } else { m.parts.iter().map(|p| p.content_bytes).sum() };
+            if let Ok(c) = backup::load_catalog(repo, id).await {
+                total += c.summary.data_bytes;
             }
         }
         total
@@ -278,7 +303,7 @@ pub async fn run(
     let mut backups = Vec::new();
     let mut parts_checked = 0;
     for id in &chosen {
-        let (m, mut defects, parts) = check_backup(repo, id, deep, parallel, progress.clone()).await;
+        let (manifest_ok, mut defects, parts) = check_backup(repo, id, deep, parallel, progress.clone()).await;
         parts_checked += parts;
         let Some(b) = points.get(id) else { continue };
         let (segs, histories) = chain(inv, b.tli, size.segno(b.start), size);
@@ -297,7 +322,7 @@ pub async fn run(
         let req = Request { target: Target::Latest, backup: Some(id.clone()), timeline: TimelineChoice::Latest };
         let planned = plan::plan(&c.points, &usable, size, &req, now);
         let gap = archive::first_gap(&usable, b, size);
-        let backup_ok = m.is_some() && !defects.iter().any(|d| d.object.starts_with(&layout::backup_dir(id)));
+        let backup_ok = manifest_ok && !defects.iter().any(|d| d.object.starts_with(&layout::backup_dir(id)));
         let (verdict, restorable) = match planned {
             Ok(p) if backup_ok => {
                 let w = Window {

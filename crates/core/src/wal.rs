@@ -245,8 +245,15 @@ impl WalPusher {
     /// Stores one prepared file create-only.
     async fn store_one(&self, p: &Prepared) -> Result<Stored, WalError> {
         let key = layout::wal_key(&p.name);
-        let codec = self.codec;
-        let meta = serde_json::json!({ "name": p.name.to_string(), "summary": p.summary });
+        let codec = self.codec.clone();
+        let mut meta = serde_json::json!({ "name": p.name.to_string(), "summary": p.summary });
+        // A timeline history file's entries, in clear beside an encrypted content: planning and
+        // listing follow timelines without the key.
+        if let WalFileName::History(_) = p.name
+            && let Ok(entries) = walnut_pg::history::parse_history(&String::from_utf8_lossy(&p.content))
+        {
+            meta["history"] = history_meta(&entries);
+        }
         let content = p.content.clone();
         let (object, sum) = cpu(move || envelope::encode_with_sum(&content, &meta, codec)).await;
         let size = object.len() as u64;
@@ -596,13 +603,37 @@ pub async fn inventory(repo: &Repository, with_summaries: bool) -> Result<crate:
         }
     }
     for (t, key) in histories {
-        let d = repo.get_object(&key).await?;
-        let text = String::from_utf8_lossy(&d.content);
-        let entries = walnut_pg::history::parse_history(&text)
-            .map_err(|e| RepoError::Corrupt { key: key.clone(), source: EnvelopeError::Corrupt(e.to_string()) })?;
+        let corrupt = |why: String| RepoError::Corrupt { key: key.clone(), source: EnvelopeError::Corrupt(why) };
+        let meta = repo.object_meta(&key).await?;
+        let entries = match meta.get("history") {
+            Some(h) => history_from_meta(h).map_err(corrupt)?,
+            None => {
+                let d = repo.get_object(&key).await?;
+                walnut_pg::history::parse_history(&String::from_utf8_lossy(&d.content))
+                    .map_err(|e| corrupt(e.to_string()))?
+            }
+        };
         inv.histories.insert(t, entries);
     }
     Ok(inv)
+}
+
+/// A history file's entries as its metadata records them: `[{"tli": N, "switchpoint": "X/Y"}]`.
+fn history_meta(entries: &[walnut_pg::history::HistoryEntry]) -> serde_json::Value {
+    entries.iter().map(|e| serde_json::json!({ "tli": e.tli.0, "switchpoint": e.switchpoint.to_string() })).collect()
+}
+
+fn history_from_meta(v: &serde_json::Value) -> Result<Vec<walnut_pg::history::HistoryEntry>, String> {
+    let bad = || format!("history metadata {v} is not a list of {{tli, switchpoint}}");
+    v.as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|e| {
+            let tli = e["tli"].as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(bad)?;
+            let switchpoint = e["switchpoint"].as_str().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            Ok(walnut_pg::history::HistoryEntry { tli: walnut_pg::TimelineId(tli), switchpoint })
+        })
+        .collect()
 }
 
 /// One stage of archiving or restoring a WAL file, and how long it took.
@@ -650,8 +681,7 @@ pub async fn stage_timings(
     lap("download", &mut stages);
     let _ = repo.store().delete(&key).await;
     let raw = raw?;
-    let k = key.clone();
-    let decoded = cpu(move || envelope::decode(&raw)).await.map_err(|source| RepoError::Corrupt { key: k, source })?;
+    let decoded = repo.decode(&key, raw).await?;
     lap("decompress + verify", &mut stages);
     write_durably(&scratch.join(prepared.name.to_string()), &decoded.content).await?;
     lap("write + fsync", &mut stages);

@@ -97,7 +97,7 @@ pub async fn write(
         let object = envelope::encode(
             &body,
             &serde_json::json!({ "kind": "wal-index" }),
-            Codec { compression: Compression::Zstd, level: 3 },
+            Codec { compression: Compression::Zstd, level: 3, seal: None },
         );
         match repo.store().put(&key, object, PutMode::Create).await {
             Ok(()) => written += 1,

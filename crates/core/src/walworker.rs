@@ -53,7 +53,7 @@ pub fn socket_path(state_base: &Path, repo: &str, pg_wal: &Path) -> PathBuf {
 
 /// What makes two walnut invocations store a segment alike: a worker refuses requests from a
 /// client whose fingerprint differs (another repository, another codec).
-pub fn fingerprint(repo: &str, codec: Codec) -> String {
+pub fn fingerprint(repo: &str, codec: &Codec) -> String {
     hex::encode(&envelope::sha256(format!("{repo}\0{codec:?}").as_bytes())[..8])
 }
 
@@ -110,9 +110,9 @@ pub struct Worker {
 impl Worker {
     pub fn new(repo: Repository, codec: Codec, repo_url: &str, pg_wal: PathBuf, parallel: usize) -> Arc<Worker> {
         Arc::new(Worker {
-            pusher: WalPusher { repo, codec, state_base: None, upload_ahead: 0 },
+            pusher: WalPusher { repo, codec: codec.clone(), state_base: None, upload_ahead: 0 },
             pg_wal,
-            fingerprint: fingerprint(repo_url, codec),
+            fingerprint: fingerprint(repo_url, &codec),
             parallel: Arc::new(Semaphore::new(parallel.max(1))),
             done: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),

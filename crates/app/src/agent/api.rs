@@ -164,8 +164,8 @@ pub(super) async fn backups_post(State(a): State<Arc<Agent>>, body: axum::body::
 }
 
 pub(super) async fn backup_get(State(a): State<Arc<Agent>>, UrlPath(reference): UrlPath<String>) -> Response {
-    match backup::resolve(&a.repo, &reference).await {
-        Ok(m) => Json(backup::ManifestSummary::from(&m)).into_response(),
+    match backup::resolve_summary(&a.repo, &reference).await {
+        Ok(b) => Json(b.manifest).into_response(),
         Err(e @ backup::BackupError::NotFound(_)) => err(StatusCode::NOT_FOUND, e.to_string()),
         Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

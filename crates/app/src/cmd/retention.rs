@@ -42,8 +42,8 @@ pub async fn delete(ctx: &Ctx, what: &DeleteWhat) -> Result<()> {
             let t = match walnut_core::plan::parse_target_time(reference) {
                 Ok(t) => t,
                 Err(_) => {
-                    let m = backup::resolve(&repo, reference).await?;
-                    m.end_time
+                    let b = backup::resolve_summary(&repo, reference).await?;
+                    b.manifest.map(|m| m.end_time).unwrap_or_else(chrono::Utc::now)
                 }
             };
             (Rule::Before(t), *confirm)

@@ -24,7 +24,7 @@ pub async fn push(ctx: &Ctx, path: &Path) -> u8 {
     let pusher = WalPusher {
         state_base: Some(ctx.config.state_dir.clone()),
         repo,
-        codec: ctx.config.codec,
+        codec: ctx.config.codec.clone(),
         upload_ahead: ctx.config.upload_ahead,
     };
     match pusher.push(path).await {
@@ -167,7 +167,7 @@ async fn push_through_worker(ctx: &Ctx, path: &Path, start: Instant) -> Option<u
     let url = ctx.config.repo_url().ok()?;
     let pg_wal = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let socket = walworker::socket_path(&ctx.config.state_dir, url, pg_wal);
-    let fingerprint = walworker::fingerprint(url, ctx.config.codec);
+    let fingerprint = walworker::fingerprint(url, &ctx.config.codec);
     // The worker answers once it stored the segment: give it what one storage operation may take,
     // with its retries, twice over.
     let wait = ctx.config.storage.deadline * 2;
@@ -245,7 +245,7 @@ pub async fn worker(ctx: &Ctx, pg_wal: &Path) -> u8 {
         let repo = ctx.repository()?;
         let parallel = ctx.config.upload_ahead.max(1);
         tracing::info!("WAL worker for {} serving on {}", pg_wal.display(), socket.display());
-        let w = walworker::Worker::new(repo, ctx.config.codec, url, pg_wal.to_path_buf(), parallel);
+        let w = walworker::Worker::new(repo, ctx.config.codec.clone(), url, pg_wal.to_path_buf(), parallel);
         w.serve(listener, ctx.config.wal_worker_idle).await;
         let _ = std::fs::remove_file(&socket);
         anyhow::Ok(())

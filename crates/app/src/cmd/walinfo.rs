@@ -190,7 +190,7 @@ pub async fn stages(ctx: &Ctx, paths: &[std::path::PathBuf]) -> Result<()> {
     let scratch = tempfile::tempdir()?;
     let mut all = Vec::new();
     for p in paths {
-        all.push(walnut_core::wal::stage_timings(&repo, ctx.config.codec, p, scratch.path()).await?);
+        all.push(walnut_core::wal::stage_timings(&repo, ctx.config.codec.clone(), p, scratch.path()).await?);
     }
     if ctx.global.json {
         println!("{}", serde_json::to_string_pretty(&all)?);

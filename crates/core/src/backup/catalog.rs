@@ -31,8 +31,8 @@ pub async fn list(repo: &Repository) -> Result<Vec<BackupInfo>, BackupError> {
         .map(|(key_id, (has_manifest, marker))| async move {
             let id = BackupId::new_unchecked(key_id);
             if has_manifest {
-                let m = load_manifest(repo, &id).await?;
-                return Ok(BackupInfo { id, status: Status::Done, manifest: Some((&m).into()), error: None });
+                let summary = load_catalog(repo, &id).await?.summary;
+                return Ok(BackupInfo { id, status: Status::Done, manifest: Some(summary), error: None });
             }
             let marker_doc = match repo.get_object(&layout::backup_running(&id)).await {
                 Ok(d) => serde_json::from_slice::<RunningMarker>(&d.content).ok(),
@@ -51,6 +51,34 @@ pub async fn list(repo: &Repository) -> Result<Vec<BackupInfo>, BackupError> {
     loaded.into_iter().collect()
 }
 
+/// A DONE backup's catalog: read from the manifest's (clear, checksummed) metadata, with a range
+/// request, so that listing needs no key and no file list; from the manifest itself for
+/// manifests written before walnut recorded it.
+pub async fn load_catalog(repo: &Repository, id: &str) -> Result<Catalog, BackupError> {
+    let key = layout::backup_manifest(id);
+    let meta = repo.object_meta(&key).await?;
+    match meta.get("catalog") {
+        Some(c) => serde_json::from_value(c.clone())
+            .map_err(|e| BackupError::Corrupt { key, reason: format!("catalog metadata: {e}") }),
+        None => Ok(Catalog::from(&load_manifest(repo, id).await?)),
+    }
+}
+
+/// Finds a DONE backup by ID, name or `LATEST`: its ID and summary (no key needed).
+pub async fn resolve_summary(repo: &Repository, reference: &str) -> Result<BackupInfo, BackupError> {
+    let all = list(repo).await?;
+    let done: Vec<BackupInfo> = all.into_iter().filter(|b| b.status == Status::Done).collect();
+    let found = if reference.eq_ignore_ascii_case("latest") {
+        done.last().cloned()
+    } else {
+        done.iter()
+            .find(|b| b.id == reference)
+            .or_else(|| done.iter().find(|b| b.manifest.as_ref().and_then(|m| m.name.as_deref()) == Some(reference)))
+            .cloned()
+    };
+    found.ok_or_else(|| BackupError::NotFound(reference.to_string()))
+}
+
 pub async fn load_manifest(repo: &Repository, id: &str) -> Result<Manifest, BackupError> {
     let d = repo.get_object(&layout::backup_manifest(id)).await?;
     serde_json::from_slice(&d.content)
@@ -59,20 +87,8 @@ pub async fn load_manifest(repo: &Repository, id: &str) -> Result<Manifest, Back
 
 /// Finds a DONE backup by ID, name or `LATEST`.
 pub async fn resolve(repo: &Repository, reference: &str) -> Result<Manifest, BackupError> {
-    let all = list(repo).await?;
-    let done: Vec<&BackupInfo> = all.iter().filter(|b| b.status == Status::Done).collect();
-    let found = if reference.eq_ignore_ascii_case("latest") {
-        done.last().copied()
-    } else {
-        done.iter()
-            .find(|b| b.id == reference)
-            .or_else(|| done.iter().find(|b| b.manifest.as_ref().and_then(|m| m.name.as_deref()) == Some(reference)))
-            .copied()
-    };
-    match found {
-        Some(b) => load_manifest(repo, &b.id).await,
-        None => Err(BackupError::NotFound(reference.to_string())),
-    }
+    let b = resolve_summary(repo, reference).await?;
+    load_manifest(repo, &b.id).await
 }
 
 /// Claims a new backup ID by writing its RUNNING marker create-only: two backups started in the

@@ -163,26 +163,42 @@ pub(super) fn extract_part(
     expected: &HashMap<String, FileEntry>,
     progress: &Progress,
     usage: PartUse<'_>,
+    keys: Option<&crate::crypt::Identities>,
 ) -> Result<(Vec<String>, u64, [u8; 32]), BackupError> {
     use std::os::unix::fs::PermissionsExt;
     let corrupt = |reason: String| BackupError::Corrupt { key: key.to_string(), reason };
+    let refused =
+        |source: envelope::EnvelopeError| BackupError::Repo(RepoError::Corrupt { key: key.to_string(), source });
     let mut payload = PayloadReader::new(reader).map_err(|e| corrupt(e.to_string()))?;
-    let codecs = payload.codecs.clone();
+    let (codecs, meta) = (payload.codecs.clone(), payload.meta.clone());
+    if payload.sealed() && keys.is_none() {
+        if let PartUse::Check { files: false } = usage {
+            // Checked in its stored form: the payload against the trailer's SHA-256 of it.
+            let n = std::io::copy(&mut payload, &mut std::io::sink()).map_err(|e| corrupt(e.to_string()))?;
+            progress.done.fetch_add(n, Ordering::Relaxed);
+            let (tn, tsum) = payload.trailer().map_err(|e| corrupt(e.to_string()))?;
+            return Ok((vec![], tn, tsum));
+        }
+        return Err(refused(envelope::EnvelopeError::no_identity(&meta)));
+    }
+    let opening: std::sync::Mutex<Option<envelope::EnvelopeError>> = Default::default();
     let mut written = Vec::new();
     let payload_ref = &mut payload;
+    let opening_ref = &opening;
     let n = std::thread::scope(|scope| -> Result<(u64, Option<[u8; 32]>), BackupError> {
         // Decompression runs on its own thread, a few MiB ahead of this one (which checksums and
         // writes): a part whose sibling parts are done still uses two cores.
         let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(4);
         scope.spawn(move || {
-            let mut decompressed =
-                match envelope::decompressor(std::io::BufReader::with_capacity(1 << 20, payload_ref), &codecs) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        let _ = tx.send(Err(std::io::Error::other(e.to_string())));
-                        return;
-                    }
-                };
+            let buffered = std::io::BufReader::with_capacity(1 << 20, payload_ref);
+            let mut decompressed = match envelope::decoder(buffered, &codecs, keys, &meta) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string())));
+                    *opening_ref.lock().unwrap() = Some(e);
+                    return;
+                }
+            };
             loop {
                 let mut buf = Vec::with_capacity(1 << 20);
                 let r = (&mut decompressed).take(1 << 20).read_to_end(&mut buf).map(|_| buf);
@@ -282,7 +298,12 @@ pub(super) fn extract_part(
         }
         std::io::copy(&mut counting, &mut std::io::sink()).map_err(|e| corrupt(e.to_string()))?;
         Ok((counting.count, counting.hash.map(|h| <[u8; 32]>::from(sha2::Digest::finalize(h)))))
-    })?;
+    });
+    // A payload that could not be opened (no identity, not a recipient) is that, not a corrupt tar.
+    if let Some(e) = opening.lock().unwrap().take() {
+        return Err(refused(e));
+    }
+    let n = n?;
     let (n, sum) = n;
     let (tn, tsum) = payload.trailer().map_err(|e| corrupt(e.to_string()))?;
     if n != tn {
@@ -335,14 +356,18 @@ async fn read_part<T: Send + 'static>(
 /// only).
 pub async fn check_part(
     repo: &Repository,
-    part: &PartEntry,
+    key: &str,
+    want: Option<(u64, String)>,
     expected: Arc<HashMap<String, FileEntry>>,
     files: bool,
     progress: Arc<Progress>,
 ) -> Result<Vec<String>, BackupError> {
-    let (key, want_len, want_sum) = (part.key.clone(), part.content_bytes, part.content_sha256.clone());
-    read_part(repo, &part.key, move |reader| {
-        let (held, len, sum) = extract_part(&key, reader, &expected, &progress, PartUse::Check { files })?;
+    let (k, keys) = (key.to_string(), repo.keys().cloned());
+    read_part(repo, key, move |reader| {
+        let key = k;
+        let (held, len, sum) =
+            extract_part(&key, reader, &expected, &progress, PartUse::Check { files }, keys.as_deref())?;
+        let Some((want_len, want_sum)) = want else { return Ok(held) };
         if len != want_len || hex::encode(sum) != want_sum {
             return Err(BackupError::Corrupt {
                 key,
@@ -399,10 +424,10 @@ pub async fn fetch(
                 (repo.clone(), expected.clone(), progress.clone(), dest.to_path_buf());
             let fsync = fsync.clone();
             async move {
-                let key = part.key.clone();
+                let (key, keys) = (part.key.clone(), repo.keys().cloned());
                 let r = read_part(&repo, &part.key, move |reader| {
-                    extract_part(&key, reader, &expected, &progress, PartUse::Extract { dest: &dest, fsync: &fsync })
-                        .map(|(files, _, _)| files)
+                    let usage = PartUse::Extract { dest: &dest, fsync: &fsync };
+                    extract_part(&key, reader, &expected, &progress, usage, keys.as_deref()).map(|(files, _, _)| files)
                 })
                 .await;
                 walnut_storage::crashpoint::hit("backup-fetch:after-a-part");

@@ -107,7 +107,7 @@ pub struct BackupInfo {
 }
 
 /// A manifest without its file list.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ManifestSummary {
     pub name: Option<String>,
     pub scheduled: bool,
@@ -148,7 +148,43 @@ impl From<&Manifest> for ManifestSummary {
 
 pub(super) fn json_object(v: &impl Serialize) -> Bytes {
     let body = serde_json::to_vec_pretty(v).expect("serialisable");
-    envelope::encode(&body, &serde_json::Value::Null, Codec { compression: crate::Compression::None, level: 0 })
+    envelope::encode(
+        &body,
+        &serde_json::Value::Null,
+        Codec { compression: crate::Compression::None, level: 0, seal: None },
+    )
+}
+
+/// What listing, planning, retention and verification read of a manifest without decoding it
+/// (they need no key when the manifest is encrypted): kept in clear in its envelope metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Catalog {
+    #[serde(flatten)]
+    pub summary: ManifestSummary,
+    pub parts: Vec<CatalogPart>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CatalogPart {
+    pub key: String,
+    pub stored_bytes: u64,
+}
+
+impl From<&Manifest> for Catalog {
+    fn from(m: &Manifest) -> Self {
+        Catalog {
+            summary: m.into(),
+            parts: m.parts.iter().map(|p| CatalogPart { key: p.key.clone(), stored_bytes: p.stored_bytes }).collect(),
+        }
+    }
+}
+
+/// The manifest object: its JSON, encrypted when `codec` says so, with its [`Catalog`] in clear
+/// in the metadata.
+pub(super) fn manifest_object(m: &Manifest, codec: &Codec) -> Bytes {
+    let body = serde_json::to_vec_pretty(m).expect("serialisable");
+    let meta = serde_json::json!({ "catalog": Catalog::from(m) });
+    envelope::encode(&body, &meta, Codec { compression: crate::Compression::None, level: 0, seal: codec.seal.clone() })
 }
 
 /// PostgreSQL's own `backup_manifest` (version 1) for a fetched backup, so `pg_verifybackup`

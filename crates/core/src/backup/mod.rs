@@ -10,7 +10,7 @@
 //! backup needs is archived; only then is the backup DONE. A `running.json` marker, refreshed while
 //! the backup runs, lets listings show RUNNING, and FAILED once it goes stale.
 
-use crate::envelope::{self, Codec, Compressor, HashingReader, HashingWriter, PayloadReader};
+use crate::envelope::{self, Codec, Compressor, HashingReader, HashingWriter, PayloadReader, Sealing};
 use crate::layout;
 use crate::repo::{Identity, RepoError, Repository};
 use bytes::Bytes;

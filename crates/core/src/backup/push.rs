@@ -65,7 +65,7 @@ pub struct Progress {
 pub(super) enum Msg {
     Start(String),
     Data(Bytes),
-    End { content_len: u64, sha256: [u8; 32] },
+    End { content_len: u64, sha256: [u8; 32], payload_sha256: Option<[u8; 32]> },
 }
 
 /// Fixed-size chunks into the upload channel.
@@ -101,14 +101,14 @@ impl Write for ChunkWriter {
     }
 }
 
-type PartWriter = tar::Builder<HashingWriter<Compressor<ChunkWriter>>>;
+type PartWriter = tar::Builder<HashingWriter<Compressor<Sealing<ChunkWriter>>>>;
 
 pub(super) fn finish_part(builder: PartWriter, tx: &mpsc::Sender<Msg>) -> std::io::Result<()> {
     let hashing = builder.into_inner()?;
     let (compressor, content_len, sha256) = hashing.finish();
-    let mut chunks = compressor.finish()?;
+    let (mut chunks, payload_sha256) = compressor.finish()?.finish()?;
     chunks.send()?;
-    tx.blocking_send(Msg::End { content_len, sha256 })
+    tx.blocking_send(Msg::End { content_len, sha256, payload_sha256 })
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))
 }
 
@@ -132,7 +132,7 @@ pub(super) fn produce_stream(
             tx.blocking_send(Msg::Start(key.clone()))
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))?;
             let chunks = ChunkWriter { tx: tx.clone(), buf: Vec::with_capacity(CHUNK) };
-            let mut b = tar::Builder::new(HashingWriter::new(Compressor::new(chunks, codec)?));
+            let mut b = tar::Builder::new(HashingWriter::new(Compressor::new(Sealing::new(chunks, &codec)?, &codec)?));
             b.mode(tar::HeaderMode::Complete);
             current = Some((b, key));
         }
@@ -203,7 +203,7 @@ pub(super) async fn upload_stream(
             match msg {
                 Msg::Start(key) => {
                     let w = repo.store().put_writer(&key).await?;
-                    let header = envelope::stream_header(codec);
+                    let header = envelope::stream_header(&codec);
                     let n = header.len() as u64;
                     let (w, _, _) = current.insert((w, key, n));
                     tokio::select! {
@@ -219,9 +219,9 @@ pub(super) async fn upload_stream(
                         _ = stop.cancelled() => return Err(abandoned()),
                     }
                 }
-                Msg::End { content_len, sha256 } => {
+                Msg::End { content_len, sha256, payload_sha256 } => {
                     let (w, _, n) = current.as_mut().expect("part started");
-                    let trailer = envelope::stream_trailer(content_len, sha256);
+                    let trailer = envelope::stream_trailer(content_len, sha256, payload_sha256);
                     let stored = *n + trailer.len() as u64;
                     tokio::select! {
                         r = w.write(trailer.into()) => r?,
@@ -415,10 +415,10 @@ pub(super) async fn push_inner(
     let mut uploaders = Vec::new();
     for (i, files) in streams.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(2);
-        let (id, codec, part_size, progress) = (id.to_string(), opts.codec, opts.part_size, progress.clone());
+        let (id, codec, part_size, progress) = (id.to_string(), opts.codec.clone(), opts.part_size, progress.clone());
         producers
             .push(tokio::task::spawn_blocking(move || produce_stream(&id, i, files, codec, part_size, tx, &progress)));
-        uploaders.push(uploads.spawn(upload_stream(repo.clone(), opts.codec, rx, stop.clone())));
+        uploaders.push(uploads.spawn(upload_stream(repo.clone(), opts.codec.clone(), rx, stop.clone())));
     }
     let mut file_entries = Vec::new();
     let mut parts = Vec::new();
@@ -514,6 +514,6 @@ pub(super) async fn push_inner(
     };
     // Commit: the manifest, create-only, last.
     walnut_storage::crashpoint::hit("backup-push:before-manifest");
-    repo.store().put(&layout::backup_manifest(id), json_object(&manifest), PutMode::Create).await?;
+    repo.store().put(&layout::backup_manifest(id), manifest_object(&manifest, &opts.codec), PutMode::Create).await?;
     Ok(manifest)
 }
