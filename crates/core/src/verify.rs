@@ -145,6 +145,10 @@ async fn check_wal(repo: &Repository, key: &str, start: Option<walnut_pg::Lsn>, 
     }
 }
 
+/// A part to read: key, stored bytes, and content bytes and SHA-256 when the manifest could be
+/// read.
+type PartToCheck = (String, u64, Option<(u64, String)>);
+
 /// Checks one backup's manifest and parts. Returns whether its manifest is whole, its
 /// defects, and the parts read. Without the key, an encrypted backup's parts are checked in
 /// their stored form, from the manifest's clear catalog.
@@ -169,8 +173,7 @@ async fn check_backup(
         Err(BackupError::Repo(RepoError::Corrupt { source: EnvelopeError::NoIdentity { .. }, .. })) if !deep => None,
         Err(e) => return broken(e.to_string()),
     };
-    // (key, stored bytes, content bytes and SHA-256 when the manifest could be read)
-    let parts: Vec<(String, u64, Option<(u64, String)>)> = match &manifest {
+    let parts: Vec<PartToCheck> = match &manifest {
         Some(m) => m
             .parts
             .iter()

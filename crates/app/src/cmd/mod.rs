@@ -128,6 +128,10 @@ fn show_config(ctx: &Ctx) -> u8 {
             "ca_file": c.storage.tls.ca_file,
             "allow_invalid_certificates": c.storage.tls.allow_invalid_certificates,
         },
+        "encryption": {
+            "recipients": c.codec.seal.as_ref().map(|r| r.public_keys().to_vec()),
+            "identity": c.identities.as_ref().map(|i| format!("[redacted] (opens {})", i.public_keys().join(", "))),
+        },
         "azure": shown_settings(&c.storage.azure),
         "gcs": shown_settings(&c.storage.gcs),
         "storage": {
