@@ -8,7 +8,8 @@
 #   WALNUT_REV=HEAD nice -n 10 bash bench/backup.sh  # builds a git revision instead (for a dirty tree)
 #
 # Knobs (environment): SCALE=100 (pgbench -i -s), ROWS=5200000 (realistic rows), DATASETS="pgbench
-# realistic", STEP_TIMEOUT=900 (seconds, any one timed command), SKIP_PGBACKREST=1, SKIP_S3=1,
+# realistic", STEP_TIMEOUT=900 (seconds, any one timed command), SKIP_PGBACKREST=1, SKIP_S3=1, SKIP_AGE=1
+# (the file:// runs again with age encryption, compared with the clear ones),
 # PGBR_VARIANTS="lz4 zst zst1" (zst1 = zst at level 1, walnut's level), REPEAT=3 (runs of every
 # walnut and pgBackRest figure; the table shows the median, the spread is min-max), NO_WAIT=1 (do not wait
 # for bench/wal.sh), KEEP=1 (keep the work directory). Needs root (PostgreSQL 15 runs as the
@@ -110,6 +111,10 @@ url = "postgresql://postgres@127.0.0.1:$PORT/postgres"
 parallel = 2
 archive_wait = "120s"
 EOF
+  if [[ $1 == *-age ]]; then
+    [[ -s $W/age.key ]] || { "$WALNUT" age-keygen >"$W/age.key"; chown postgres:postgres "$W/age.key"; }
+    printf '[encryption]\nrecipients = ["%s"]\nidentity_file = "%s"\n' "$(sed -n 's/^# public key: //p' "$W/age.key")" "$W/age.key" >>"$f"
+  fi
   [[ $2 == s3://* ]] && printf '[s3]\nendpoint = "%s"\nregion = "us-east-1"\naccess_key_id = "%s"\nsecret_access_key = "%s"\nforce_path_style = true\n' \
     "$S3_ENDPOINT" "$S3_ID" "$S3_SECRET" >>"$f"
   if [[ $2 == file://* ]]; then mkdir -p "${2#file://}"; fi
@@ -303,9 +308,9 @@ EOF
 }
 
 # ---------------------------------------------------------------- the runs
-walnut_runs() { # DS KIND(file|s3)
+walnut_runs() { # DS KIND(file|s3|age: file:// encrypted with age)
   local ds=$1 kind=$2 c repo store k=w$2 out=$W/$1/out
-  if [[ $kind == file ]]; then repo=file://$W/repo/$ds store=$W/repo/$ds; else repo=s3://walnut/$ds store=$S3_BUCKET_DIR/$ds; fi
+  if [[ $kind != s3 ]]; then repo=file://$W/repo/$ds store=$W/repo/$ds; else repo=s3://walnut/$ds store=$S3_BUCKET_DIR/$ds; fi
   c=$(walnut_conf "$ds-$kind" "$repo")
   set_archive "$WALNUT -q --config $c wal-push %p"
   if step "$ds" "$k.push" "$WALNUT" --json --config "$c" backup-push --pgdata "$PGDATA"; then
@@ -313,7 +318,7 @@ walnut_runs() { # DS KIND(file|s3)
     sed -n 's/^ *"data_bytes": *\([0-9]*\).*/\1/p' "$R/$ds.$k.push.out" >"$R/$ds.$k.push.walnut_data"
     fresh_dir "$out"
     step "$ds" "$k.fetch" "$WALNUT" --config "$c" backup-fetch "$out" LATEST && check_restored "$ds" "$k.fetch" "$out"
-    if [[ $kind == file ]]; then
+    if [[ $kind != s3 ]]; then
       rm -rf "$out"; fresh_dir "$out"
       step "$ds" "$k.restore" "$WALNUT" --config "$c" restore "$out" && check_restored "$ds" "$k.restore" "$out"
     fi
@@ -351,6 +356,7 @@ for ds in $DATASETS; do
     say "$ds: round $rep of $REPEAT"
     walnut_runs "$ds" file
     ((HAVE_S3)) && walnut_runs "$ds" s3
+    [[ -z ${SKIP_AGE:-} ]] && walnut_runs "$ds" age
     if ((HAVE_PGBR)); then for v in $PGBR_VARIANTS; do pgbr_runs "$ds" "$v"; done; fi
   done
   basebackup_runs "$ds"
@@ -386,7 +392,7 @@ ratio_of() {
   esac
   awk -v a="$a" -v b="$b" 'BEGIN {if (a != "" && b > 0) printf "%.2f", a / b; else printf "n/a"}'
 }
-ROWS_SHOWN=(wfile.push ws3.push wfile.fetch ws3.fetch wfile.restore pbz.push pbt.push)
+ROWS_SHOWN=(wfile.push ws3.push wage.push wfile.fetch ws3.fetch wage.fetch wfile.restore wage.restore pbz.push pbt.push)
 for v in $PGBR_VARIANTS; do ROWS_SHOWN+=("$v.push" "$v.restore"); done
 label() {
   case $1 in
@@ -395,6 +401,9 @@ label() {
     wfile.fetch) echo "walnut backup-fetch file://" ;;
     ws3.fetch) echo "walnut backup-fetch s3" ;;
     wfile.restore) echo "walnut restore      file://" ;;
+    wage.push) echo "walnut backup-push  file:// +age" ;;
+    wage.fetch) echo "walnut backup-fetch file:// +age" ;;
+    wage.restore) echo "walnut restore      file:// +age" ;;
     pbz.push) echo "pg_basebackup -Ft -z (gzip)" ;;
     pbt.push) echo "pg_basebackup -Ft (no compr.)" ;;
     lz4.push) echo "pgBackRest backup   lz4-1" ;;
@@ -454,6 +463,23 @@ if ((HAVE_PGBR)); then
     echo
   done
   echo "  backup: walnut backup-push / pgbackrest backup; restore: walnut restore / pgbackrest restore (both from a local repo, recovery config written)"
+fi
+if [[ -z ${SKIP_AGE:-} ]]; then
+  echo
+  echo "== Encryption (age) / clear, file://: goal <= 1.10 wall time and <= 1.15 CPU =="
+  printf '%-16s' ''; for ds in "$@"; do printf ' | %-30s' "$ds"; done; echo
+  printf '%-16s' ''; for ds in "$@"; do printf ' | %9s %9s %10s' 'wall' 'CPU' 'verdict'; done; echo
+  for op in push fetch restore; do
+    printf '%-16s' "$op"
+    for ds in "$@"; do
+      wall=$(ratio_of "$ds" "wage.$op" "wfile.$op" secs)
+      cpu=$(awk -v a="$(num "$R/$ds.wage.$op.cpu")" -v b="$(num "$R/$ds.wfile.$op.cpu")" 'BEGIN {if (a != "" && b > 0) printf "%.2f", a / b; else printf "n/a"}')
+      verdict=$(awk -v w="$wall" -v c="$cpu" 'BEGIN {if (w == "n/a" || c == "n/a") print "-"; else print (w <= 1.10 && c <= 1.15) ? "met" : "NOT met"}')
+      printf ' | %9s %9s %10s' "$wall" "$cpu" "$verdict"
+    done
+    echo
+  done
+  echo "  medians of $REPEAT interleaved runs; the spreads of each figure are in the table above"
 fi
 echo
 echo "== Goal: faster than pgBackRest at the same compression ratio; peak memory under 256 MiB =="

@@ -89,6 +89,21 @@ pub enum Command {
         #[arg(long)]
         deep: bool,
     },
+    /// One restore drill: the latest backup restored to the latest point into a scratch
+    /// directory, started, checked (connections, pg_amcheck when installed, [drill] query),
+    /// timed and removed.
+    Drill {
+        /// Where to restore (default [drill] scratch_dir, else state_dir/drill).
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
+        /// Port for the restored server (default [drill] port, else a free one).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+    },
+    /// Print a new age identity (secret key) with its public key as a comment, in the format
+    /// of an age identity file (for the benchmarks and tests; any age key generator works).
+    #[command(hide = true)]
+    AgeKeygen,
     /// Time each stage of a push and a fetch of WAL segment files against the repository (for
     /// the benchmarks; the objects go to probe keys and are deleted).
     #[command(hide = true)]

@@ -180,6 +180,8 @@ pub struct FileConfig {
     pub backup: BackupSection,
     #[serde(default)]
     pub encryption: EncryptionSection,
+    #[serde(default)]
+    pub drill: DrillSection,
     /// `az://` settings by object_store's Azure key names (`account_name`, `account_key`,
     /// `endpoint`, ...); the `AZURE_*` environment variables win over them.
     #[serde(default)]
@@ -247,6 +249,20 @@ impl std::fmt::Debug for PostgresSection {
             .field("bindir", &self.bindir)
             .finish()
     }
+}
+
+/// Restore drills run by the agent.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillSection {
+    /// How often the agent runs a drill (none: the agent runs no drills).
+    pub interval: Option<ConfigDuration>,
+    /// Where the drill restores (default `state_dir/drill`).
+    pub scratch_dir: Option<PathBuf>,
+    /// The restored server's port (default: a free one).
+    pub port: Option<u16>,
+    /// A query run on the restored server (its first value is recorded), e.g. a row count.
+    pub query: Option<String>,
 }
 
 /// Encryption at rest (age): public keys for writing, a secret key for reading.
@@ -339,6 +355,10 @@ pub struct Config {
     pub agent_shutdown_timeout: Duration,
     pub agent_retention_interval: Duration,
     pub agent_verify_interval: Duration,
+    pub drill_interval: Option<Duration>,
+    pub drill_scratch_dir: Option<PathBuf>,
+    pub drill_port: Option<u16>,
+    pub drill_query: Option<String>,
     pub settings: Settings,
 }
 
@@ -647,6 +667,13 @@ impl Config {
                 Duration::from_secs(24 * 3600),
                 1,
             )?,
+            drill_interval: match file.drill.interval {
+                Some(d) => Some(at_least(Some(d), "drill.interval", Duration::ZERO, 1)?),
+                None => None,
+            },
+            drill_scratch_dir: file.drill.scratch_dir,
+            drill_port: file.drill.port,
+            drill_query: file.drill.query,
             settings,
         })
     }
@@ -685,6 +712,8 @@ impl std::fmt::Debug for Config {
             .field("agent_shutdown_timeout", &self.agent_shutdown_timeout)
             .field("agent_retention_interval", &self.agent_retention_interval)
             .field("agent_verify_interval", &self.agent_verify_interval)
+            .field("drill_interval", &self.drill_interval)
+            .field("drill_scratch_dir", &self.drill_scratch_dir)
             .field("settings", &self.settings)
             .finish()
     }

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use walnut_testkit::PgCluster;
 
@@ -60,7 +60,9 @@ fn start_agent(env: &Env, pg: &PgCluster, port: u16, token: Option<&str>) -> Age
     if let Some(t) = token {
         c.env("WALNUT_AGENT_TOKEN", t);
     }
-    c.stdout(Stdio::null()).stderr(Stdio::null());
+    // The agent's log, kept beside its config (printed by a test that fails).
+    let log = std::fs::File::create(env.dir.path().join("agent.log")).unwrap();
+    c.stdout(log.try_clone().unwrap()).stderr(log);
     let child = AgentProc(c.spawn().unwrap());
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -460,4 +462,49 @@ fn the_agent_verifies_on_its_interval_and_a_defect_fails_health() {
     assert_eq!(status, 503, "{body}");
     let part_name = part.file_name().unwrap().to_string_lossy().into_owned();
     assert!(body.contains("verify") && body.contains(&part_name), "health names the part: {body}");
+}
+
+#[test]
+fn the_agent_drills_on_its_interval_and_a_failed_drill_fails_health() {
+    let mut env = Env::new(Backend::File);
+    let scratch = env.dir.path().join("drills");
+    env.write_config(&format!("[drill]\ninterval = \"1s\"\nscratch_dir = \"{}\"", scratch.display()));
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g");
+    let o = backup_push(&env, &pg, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let port = free_port();
+    let _agent = start_agent(&env, &pg, port, None);
+    let get = || http(port, "GET", "/metrics", "", None).1;
+    let log = || std::fs::read_to_string(env.dir.path().join("agent.log")).unwrap_or_default();
+    PgCluster::wait_for("a drill", Duration::from_secs(120), || {
+        metric(&get(), "walnut_drill_runs_total").unwrap_or(0.0) >= 1.0 || log().contains("drill failed")
+    });
+    let m = get();
+    assert_eq!(metric(&m, "walnut_drill_success"), Some(1.0), "{m}\n{}", log());
+    assert!(metric(&m, "walnut_drill_last_success_timestamp").is_some(), "{m}");
+    assert!(metric(&m, "walnut_drill_recovery_seconds").unwrap() > 0.0, "{m}");
+    let (status, body) = http(port, "GET", "/v1/health", "", None);
+    assert_eq!(status, 200, "{body}");
+
+    // Break the backups (the agent may have taken a scheduled one too): the next drill fails
+    // and health says so.
+    let data = env.dir.path().join("repo/backups");
+    for b in std::fs::read_dir(&data).unwrap() {
+        let parts = b.unwrap().path().join("data");
+        for part in std::fs::read_dir(&parts).into_iter().flatten() {
+            let part = part.unwrap().path();
+            let mut bytes = std::fs::read(&part).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x08;
+            std::fs::write(&part, bytes).unwrap();
+        }
+    }
+    PgCluster::wait_for("a failed drill", Duration::from_secs(120), || {
+        metric(&get(), "walnut_drill_failures_total").unwrap_or(0.0) >= 1.0
+    });
+    let (status, body) = http(port, "GET", "/v1/health", "", None);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("restore drill") && body.contains("failed"), "{body}");
+    assert_eq!(metric(&get(), "walnut_drill_success"), Some(0.0));
 }

@@ -12,6 +12,13 @@ use std::str::FromStr;
 /// The codec id of age encryption in an envelope's chain (always the last step).
 pub const AGE: u8 = 16;
 
+/// A new X25519 key pair: (public key `age1...`, secret key `AGE-SECRET-KEY-1...`).
+pub fn generate() -> (String, String) {
+    use age::secrecy::ExposeSecret;
+    let id = age::x25519::Identity::generate();
+    (id.to_public().to_string(), id.to_string().expose_secret().to_string())
+}
+
 /// Public keys new objects are encrypted to.
 pub struct Recipients {
     keys: Vec<age::x25519::Recipient>,

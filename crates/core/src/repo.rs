@@ -213,6 +213,11 @@ impl Repository {
     /// this handle's keys against the checksum of its stored form.
     pub async fn check_object(&self, key: &str) -> Result<(), RepoError> {
         let raw = self.store.get(key).await?;
+        self.check_raw(key, raw).await
+    }
+
+    /// [`Repository::check_object`] of an object already read from `key`.
+    pub async fn check_raw(&self, key: &str, raw: Bytes) -> Result<(), RepoError> {
         let (k, keys) = (key.to_string(), self.keys.clone());
         cpu(move || envelope::check_stored(&raw, keys.as_deref()))
             .await

@@ -242,13 +242,15 @@ pub async fn run(
     progress: Arc<Progress>,
     now: DateTime<Utc>,
 ) -> Result<Report, ArchiveError> {
-    let c = archive::load(repo).await?;
-    let (inv, size) = (&c.inv, c.seg_size);
-    let listed = backup::list(repo).await?;
+    // The backup asked for first: an unknown reference is named as such, even in an empty repository.
     let chosen: Vec<String> = match &opts.backup {
         Some(reference) => vec![backup::resolve_summary(repo, reference).await?.id.to_string()],
-        None => listed.iter().filter(|b| b.status == Status::Done).map(|b| b.id.to_string()).collect(),
+        None => {
+            backup::list(repo).await?.iter().filter(|b| b.status == Status::Done).map(|b| b.id.to_string()).collect()
+        }
     };
+    let c = archive::load(repo).await?;
+    let (inv, size) = (&c.inv, c.seg_size);
     let points: BTreeMap<String, &plan::BackupPoint> = c.points.iter().map(|p| (p.id.to_string(), p)).collect();
     // The WAL every chosen backup reads, each object once.
     let mut wal: BTreeMap<String, Option<walnut_pg::Lsn>> = BTreeMap::new();

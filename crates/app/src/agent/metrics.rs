@@ -55,6 +55,15 @@ pub(super) async fn health(State(a): State<Arc<Agent>>) -> Response {
             None => reasons.push(format!("verify at {} could not run: {}", v.at.to_rfc3339(), v.summary)),
         }
     }
+    if let Some(d) = &a.metrics.lock().await.drill
+        && !d.ok
+    {
+        reasons.push(format!(
+            "the last restore drill ({}) failed: {}",
+            d.started_at.to_rfc3339(),
+            d.reason.as_deref().unwrap_or("unknown")
+        ));
+    }
     let body = serde_json::json!({
         "healthy": reasons.is_empty(),
         "reasons": reasons,
@@ -121,6 +130,51 @@ pub(super) async fn metrics(State(a): State<Arc<Agent>>) -> Response {
             m.verify_runs.to_string(),
         ),
     ]);
+    if a.ctx.config.drill_interval.is_some() {
+        samples.push(("walnut_drill_runs_total", "Restore drills run.", COUNTER, m.drill_runs.to_string()));
+        samples.push((
+            "walnut_drill_failures_total",
+            "Restore drills that failed.",
+            COUNTER,
+            m.drill_failures.to_string(),
+        ));
+    }
+    if let Some(t) = m.drill_last_success {
+        samples.push((
+            "walnut_drill_last_success_timestamp",
+            "End of the last restore drill that passed.",
+            GAUGE,
+            t.timestamp().to_string(),
+        ));
+    }
+    if let Some(d) = &m.drill {
+        samples.push((
+            "walnut_drill_duration_seconds",
+            "Duration of the last restore drill (fetch, replay, checks, clean-up).",
+            GAUGE,
+            format!("{:.3}", d.duration_seconds),
+        ));
+        samples.push((
+            "walnut_drill_recovery_seconds",
+            "Fetch and replay time of the last restore drill (the measured recovery time).",
+            GAUGE,
+            format!("{:.3}", d.recovery_seconds),
+        ));
+        samples.push((
+            "walnut_drill_success",
+            "Whether the last restore drill passed (1) or failed (0).",
+            GAUGE,
+            u8::from(d.ok).to_string(),
+        ));
+        if let Some(lag) = d.restored_lag_seconds {
+            samples.push((
+                "walnut_drill_restored_lag_seconds",
+                "How far the point the last drill restored was behind its start.",
+                GAUGE,
+                format!("{lag:.1}"),
+            ));
+        }
+    }
     if let Some(v) = &m.verify {
         samples.push((
             "walnut_verify_last_run_timestamp_seconds",

@@ -46,6 +46,10 @@ struct Metrics {
     last_error: Option<String>,
     verify: Option<VerifyOutcome>,
     verify_runs: u64,
+    drill: Option<crate::cmd::drill::Report>,
+    drill_runs: u64,
+    drill_failures: u64,
+    drill_last_success: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The last `verify` the agent ran.
@@ -240,6 +244,37 @@ async fn verifier(agent: Arc<Agent>) {
     }
 }
 
+/// Runs a restore drill every `[drill] interval` (when set), the first that long after start.
+async fn driller(agent: Arc<Agent>) {
+    let Some(interval) = agent.ctx.config.drill_interval else { return };
+    let base = crate::cmd::drill::scratch_base(&agent.ctx, None);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = agent.stop.cancelled() => return,
+        }
+        // The drill's own clean-up (stop its server, remove its directory) runs when it ends;
+        // a shutdown waits for the drill rather than leave a server behind.
+        let r = crate::cmd::drill::run_once(&agent.ctx, &base, agent.ctx.config.drill_port).await;
+        match &r.reason {
+            None => tracing::info!(
+                "drill passed: backup {} restored in {:.1} s",
+                r.backup.as_deref().unwrap_or("?"),
+                r.recovery_seconds
+            ),
+            Some(why) => tracing::error!("drill failed: {why}"),
+        }
+        let mut m = agent.metrics.lock().await;
+        m.drill_runs += 1;
+        if r.ok {
+            m.drill_last_success = Some(chrono::Utc::now());
+        } else {
+            m.drill_failures += 1;
+        }
+        m.drill = Some(r);
+    }
+}
+
 /// Where the agent keeps its settings: per repository URL and cluster (repository identity).
 fn settings_path(
     state_dir: &std::path::Path,
@@ -399,12 +434,16 @@ pub async fn serve(state: Arc<Agent>, listener: tokio::net::TcpListener) -> Resu
     tracing::info!("walnut agent listening on http://{}", listener.local_addr()?);
     let sched = tokio::spawn(scheduler(state.clone()));
     let verifier = tokio::spawn(verifier(state.clone()));
+    let driller = tokio::spawn(driller(state.clone()));
     let grace = state.ctx.config.agent_shutdown_timeout;
     let stopping = state.stop.clone();
     axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move { stopping.cancelled().await })
         .await?;
     verifier.abort();
+    if tokio::time::timeout(grace + Duration::from_secs(30), driller).await.is_err() {
+        tracing::error!("the restore drill did not stop in time");
+    }
     // The server is closed; the scheduler returns once a running backup is DONE or abandoned.
     if tokio::time::timeout(grace + Duration::from_secs(30), sched).await.is_err() {
         tracing::error!("the scheduler did not stop in time");

@@ -4,6 +4,7 @@
 pub mod backup;
 mod check;
 mod demo;
+pub mod drill;
 mod enable;
 pub mod restore;
 mod restore_point;
@@ -53,6 +54,15 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Command::WalShow => finish(walinfo::show(&ctx).await),
         Command::WalVerify { deep } => finish(walinfo::verify(&ctx, deep).await),
+        Command::AgeKeygen => {
+            let (public, secret) = walnut_core::crypt::generate();
+            println!("# public key: {public}\n{secret}");
+            exit::OK
+        }
+        Command::Drill { scratch, port } => {
+            let port = port.or(ctx.config.drill_port);
+            finish(drill::cli(&ctx, scratch.as_deref(), port).await)
+        }
         Command::Verify { backup, deep } => finish(walinfo::verify_all(&ctx, backup, deep).await),
         Command::RestorePoint { name } => finish(restore_point::run(&ctx, &name).await),
         Command::Restore(args) => finish(restore::run(&ctx, &args).await),
@@ -153,6 +163,12 @@ fn show_config(ctx: &Ctx) -> u8 {
             "shutdown_timeout": humantime::format_duration(c.agent_shutdown_timeout).to_string(),
             "retention_interval": humantime::format_duration(c.agent_retention_interval).to_string(),
             "verify_interval": humantime::format_duration(c.agent_verify_interval).to_string(),
+        },
+        "drill": {
+            "interval": c.drill_interval.map(|d| humantime::format_duration(d).to_string()),
+            "scratch_dir": c.drill_scratch_dir,
+            "port": c.drill_port,
+            "query": c.drill_query,
         },
         "settings": c.settings,
     });

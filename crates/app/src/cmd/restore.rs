@@ -14,6 +14,15 @@ use walnut_core::plan::{self, Plan, RecoveryTarget, Request, Target, TimelineCho
 use walnut_core::restore::{self, CatchUp, RecoveryConf, RecoveryOptions, check_dest, clean_dest, tablespace_targets};
 use walnut_pg::{Lsn, TimelineId};
 
+/// `println!` unless `--quiet` (a drill restores quietly).
+macro_rules! tell {
+    ($ctx:expr, $($arg:tt)*) => {
+        if !$ctx.global.quiet {
+            println!($($arg)*)
+        }
+    };
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct RestoreArgs {
     /// The new data directory (absent or empty).
@@ -323,7 +332,8 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();
             // PostgreSQL logs this when it stops as asked (not on a crash or a failed recovery).
             if a.target_action == "shutdown" && log_text.contains("shutdown at recovery target") {
-                println!(
+                tell!(
+                    ctx,
                     "recovery reached {} and the server shut down as asked ({:.1?})",
                     describe_target(&p.recovery_target),
                     t0.elapsed()
@@ -361,15 +371,18 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
         }
         if let Some((client, in_recovery, replayed, pause)) = state {
             if last_report.elapsed() > Duration::from_secs(if tty { 1 } else { 10 }) && in_recovery {
-                eprintln!("recovering: replayed up to {replayed}{}", watch.progress(target_what));
+                if !ctx.global.quiet {
+                    eprintln!("recovering: replayed up to {replayed}{}", watch.progress(target_what));
+                }
                 last_report = Instant::now();
             }
             if a.standby && in_recovery {
-                println!("standby is running on port {port}, replaying from the archive (replayed {replayed})");
+                tell!(ctx, "standby is running on port {port}, replaying from the archive (replayed {replayed})");
                 return Ok(());
             }
             if in_recovery && pause == "paused" && a.target_action == "pause" {
-                println!(
+                tell!(
+                    ctx,
                     "recovery paused at {} (replayed {replayed}) in {:.1?}; inspect, then SELECT pg_wal_replay_resume() to promote. psql -h 127.0.0.1 -p {port} -U {user}",
                     describe_target(&p.recovery_target),
                     t0.elapsed()
@@ -388,9 +401,10 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
                     client.batch_execute(&format!("ALTER ROLE {ident} PASSWORD '{verifier}'")).await.map_err(|e| {
                         anyhow::anyhow!("set the password of {role}: {}", walnut_core::backup::pg_error(&e))
                     })?;
-                    println!("password of role {role} changed");
+                    tell!(ctx, "password of role {role} changed");
                 }
-                println!(
+                tell!(
+                    ctx,
                     "recovered to {} and promoted in {:.1?}: the cluster accepts writes. Connect: psql -h 127.0.0.1 -p {port} -U {user} (data directory {})",
                     describe_target(&p.recovery_target),
                     t0.elapsed(),
