@@ -79,6 +79,11 @@ walnut_conf() {
   else
     printf '[wal]\nworker = false\n' >>"$f"
   fi
+  # A 6th argument "age": every object encrypted to a key made for the run.
+  if [[ ${6:-} == age ]]; then
+    [[ -s $W/age.key ]] || "$WALNUT" age-keygen >"$W/age.key"
+    printf '[encryption]\nrecipients = ["%s"]\n' "$(sed -n 's/^# public key: //p' "$W/age.key")" >>"$f"
+  fi
   [[ $2 == s3://* ]] && printf '[s3]\nendpoint = "%s"\nregion = "us-east-1"\naccess_key_id = "%s"\nsecret_access_key = "%s"\nforce_path_style = true\n' \
     "$S3_ENDPOINT" "$S3_ID" "$S3_SECRET" >>"$f"
   if [[ $2 == file://* ]]; then mkdir -p "${2#file://}" && chown postgres:postgres "${2#file://}"; fi
@@ -311,9 +316,11 @@ load_run walnut-file-worker "$WALNUT -q --config $(walnut_conf load-file-worker 
 stop_workers
 load_run walnut-s3-worker "$WALNUT -q --config $(walnut_conf load-s3-worker s3://walnut/load-worker 4 0 true) wal-push %p"
 stop_workers
+load_run walnut-file-worker-age "$WALNUT -q --config $(walnut_conf load-file-worker-age "file://$W/repo/load-file-worker-age" 4 0 true age) wal-push %p"
+stop_workers
 mkdir -p "$W/arch/load" && chown postgres:postgres "$W/arch/load"
 load_run cp-sync "cp %p $W/arch/load/%f && sync $W/arch/load/%f"
-LOAD_TARGETS=(walnut-file walnut-s3 walnut-file-worker walnut-s3-worker cp-sync)
+LOAD_TARGETS=(walnut-file walnut-s3 walnut-file-worker walnut-s3-worker walnut-file-worker-age cp-sync)
 if ((HAVE_PGBR)); then
   load_run pgbr-zst "pgbackrest --config=$(pgbr_setup load-zst zst) --stanza=bench archive-push %p"
   load_run pgbr-zst-async "pgbackrest --config=$(pgbr_setup load-zst-async zst async) --stanza=bench archive-push %p"
@@ -365,5 +372,9 @@ for t in "${LOAD_TARGETS[@]}"; do
 done
 echo "   backlog: .ready segments left by pgbench -i with archiving paused; drain: time to archive them all (no other load)"
 echo "   CPU s/GiB: whole-machine CPU time during the drain (every process: PostgreSQL, the S3 server, the archiver) per GiB of WAL"
-echo "   -worker: [wal] worker = true (the WAL worker stores .ready segments ahead; wal-push asks it over a Unix socket)"
+echo "   -worker: [wal] worker = true (the WAL worker stores .ready segments ahead; wal-push asks it over a Unix socket); -age: encrypted with age"
+read -r _ an au _ ac <"$W/res/load.walnut-file-worker-age.drain"; read -r _ cn cu _ cc <"$W/res/load.walnut-file-worker.drain"
+awk -v an="$an" -v au="$au" -v ac="$ac" -v cn="$cn" -v cu="$cu" -v cc="$cc" 'BEGIN {
+  w = (au / an) / (cu / cn); c = (ac / an) / (cc / cn)
+  printf "   encryption cost (file://, worker): drain time per segment x%.2f, CPU per segment x%.2f (goal <= 1.10 and <= 1.15: %s)\n", w, c, (w <= 1.10 && c <= 1.15) ? "met" : "NOT met" }'
 echo "   archived/s: archived_count delta / (load time + time to drain what was left); max .ready: largest backlog sampled every 0.5 s"
