@@ -921,6 +921,103 @@ impl<W: std::io::Write> std::io::Write for Sealing<W> {
     }
 }
 
+/// What [`reseal`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resealed {
+    /// The content's length and SHA-256, as the object's trailer records them (unchanged).
+    pub content_len: u64,
+    pub content_sha256: [u8; 32],
+    /// The size of the object written.
+    pub stored_bytes: u64,
+}
+
+/// Why [`reseal`] stopped: the object read is not what it should be, or the output failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResealError {
+    #[error(transparent)]
+    Object(#[from] EnvelopeError),
+    #[error("write the re-encrypted object: {0}")]
+    Write(std::io::Error),
+}
+
+/// Re-encrypts the object that `input` streams to the recipients `to`, writing the new object to
+/// `output`, in one pass with memory bounded by a few chunks (for backup parts of any size).
+///
+/// The compression is kept (the payload is not decompressed), and so are the metadata (with its
+/// recipients replaced) and the content trailer; an encrypted payload is decrypted with `keys`
+/// (age authenticates every chunk) and a clear one is encrypted. The old payload is checked
+/// against the checksum of its stored form at its end, so a damaged object is refused, never
+/// re-encrypted as it is. The caller proves the result readable (decode it with a key of `to`)
+/// before it replaces anything.
+pub fn reseal<R: std::io::Read, W: std::io::Write>(
+    input: R,
+    output: W,
+    keys: Option<&Identities>,
+    to: &Recipients,
+) -> Result<Resealed, ResealError> {
+    use std::io::{Read, Write};
+    let mut payload = PayloadReader::new(input)?;
+    let (codecs, meta) = (payload.codecs.clone(), payload.meta.clone());
+    let (compression, sealed) = match codecs.split_last() {
+        Some((&AGE, rest)) => (rest.to_vec(), true),
+        _ => (codecs.clone(), false),
+    };
+    if let Some(&id) = compression.iter().find(|&&id| !matches!(id, 1 | 2 | LZ4_FRAME)) {
+        return Err(EnvelopeError::UnknownCodec(id).into());
+    }
+    let keys = match (sealed, keys) {
+        (true, None) => return Err(EnvelopeError::no_identity(&meta).into()),
+        (_, keys) => keys,
+    };
+    let new_meta = serde_json::to_vec(&with_recipients(&meta, to)).expect("JSON value");
+    let ids = [compression, vec![AGE]].concat();
+    let mut out = HashingWriter::new(output);
+    let mut header = Vec::with_capacity(16 + new_meta.len() + 32);
+    header.extend_from_slice(MAGIC);
+    header.push(VERSION);
+    header.push(ids.len() as u8);
+    header.extend_from_slice(&ids);
+    header.extend_from_slice(&(new_meta.len() as u32).to_le_bytes());
+    header.extend_from_slice(&new_meta);
+    header.extend_from_slice(&sha256(&new_meta));
+    out.write_all(&header).map_err(ResealError::Write)?;
+    let mut sealer = to.writer(HashingWriter::new(&mut out)).map_err(ResealError::Write)?;
+    {
+        let buffered = std::io::BufReader::with_capacity(1 << 20, &mut payload);
+        let mut plain: Box<dyn Read + '_> = match keys.filter(|_| sealed) {
+            Some(keys) => keys.reader(buffered).map_err(|r| EnvelopeError::refused(r, &meta, keys))?,
+            None => Box::new(buffered),
+        };
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = match plain.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let what = if sealed { "encrypted payload" } else { "payload" };
+                    return Err(EnvelopeError::Corrupt(format!("{what}: {e}")).into());
+                }
+            };
+            sealer.write_all(&buf[..n]).map_err(ResealError::Write)?;
+        }
+    }
+    let (_, _, payload_sum) = sealer.finish().map_err(ResealError::Write)?.finish();
+    let (content_len, content_sha256) = payload.trailer()?;
+    out.write_all(&stream_trailer(content_len, content_sha256, Some(payload_sum))).map_err(ResealError::Write)?;
+    out.flush().map_err(ResealError::Write)?;
+    let (_, stored_bytes, _) = out.finish();
+    Ok(Resealed { content_len, content_sha256, stored_bytes })
+}
+
+/// The recipients an object is encrypted to, from its metadata (empty: not encrypted).
+pub fn recipients(meta: &serde_json::Value) -> Vec<String> {
+    match meta.get("recipients").and_then(|r| r.as_array()) {
+        Some(r) => r.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        None => Vec::new(),
+    }
+}
+
 /// A writer that hashes and counts what passes through it.
 pub struct HashingWriter<W> {
     pub inner: W,

@@ -78,6 +78,9 @@ pub fn is_backup_id(id: &str) -> bool {
 /// and hosts (refreshed by the running backup's heartbeat; stale after 3 heartbeats).
 pub const BACKUP_LOCK: &str = "locks/backup.json";
 
+/// The maintenance lock: `rekey` and retention's deletions, one at a time (see `lock`).
+pub const MAINTENANCE_LOCK: &str = "locks/maintenance.json";
+
 /// A short-lived object `walnut check` writes and deletes (`name` makes it unique to the run).
 pub fn probe(name: &str) -> String {
     format!("probe/{name}")
@@ -99,7 +102,22 @@ pub fn backup_running(id: &str) -> String {
 
 /// A data part of a backup: stream `stream`, part `n`.
 pub fn backup_part(id: &str, stream: usize, n: usize) -> String {
-    format!("{BACKUPS_DIR}/{id}/data/s{stream:02}-p{n:04}.tar")
+    format!("{}/s{stream:02}-p{n:04}.tar", backup_data_dir(id))
+}
+
+/// The key a backup part gets when `rekey` re-encrypts it (a new key, so that the manifest
+/// switches to it in one write): `...-p0001.tar` -> `...-p0001.k1.tar` -> `...-p0001.k2.tar`.
+pub fn rekeyed_part(key: &str) -> String {
+    let stem = key.strip_suffix(".tar").unwrap_or(key);
+    match stem.rsplit_once(".k").and_then(|(base, n)| n.parse::<u32>().ok().map(|n| (base, n))) {
+        Some((base, n)) => format!("{base}.k{}.tar", n + 1),
+        None => format!("{stem}.k1.tar"),
+    }
+}
+
+/// The directory of a backup's data parts.
+pub fn backup_data_dir(id: &str) -> String {
+    format!("{BACKUPS_DIR}/{id}/data")
 }
 
 /// The backup ID a key belongs to, if it is below `backups/`.
@@ -121,5 +139,9 @@ mod backup_tests {
         }
         assert_eq!(backup_id_of(&backup_part("20260102T030405", 1, 2)), Some("20260102T030405"));
         assert_eq!(backup_id_of("wal/00000001/x"), None);
+        let part = backup_part("20260102T030405", 1, 2);
+        assert_eq!(rekeyed_part(&part), "backups/20260102T030405/data/s01-p0002.k1.tar");
+        assert_eq!(rekeyed_part(&rekeyed_part(&part)), "backups/20260102T030405/data/s01-p0002.k2.tar");
+        assert!(rekeyed_part(&part).starts_with(&backup_data_dir("20260102T030405")));
     }
 }

@@ -27,6 +27,11 @@ pub enum PruneError {
     Repo(#[from] RepoError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(
+        "the repository's maintenance lock is held ({0}); retention deletes nothing meanwhile: run it again once \
+         that has finished"
+    )]
+    Busy(String),
 }
 
 /// What a rule decides for this repository now: the backups (keep or delete, with reasons) and
@@ -85,11 +90,27 @@ pub async fn decide(repo: &Repository, rule: &Rule, now: DateTime<Utc>) -> Resul
 
 /// Carries out a decision (in the order of the module docs). Returns (backups, WAL objects)
 /// deleted.
+///
+/// Holds the maintenance lock while it deletes: a `rekey` that rewrote a manifest retention had
+/// just deleted would bring back a backup without its parts.
 pub async fn execute(repo: &Repository, outcome: &Outcome) -> Result<(usize, usize), PruneError> {
     let deleting = outcome.deleting();
+    if deleting.is_empty() && outcome.wal_delete.is_empty() {
+        return Ok((0, 0));
+    }
+    let lock = crate::lock::maintenance(repo, "retention").await.map_err(|e| match e {
+        crate::lock::LockError::Held(who) => PruneError::Busy(who),
+        crate::lock::LockError::Storage(e) => e.into(),
+    })?;
+    let done = delete_planned(repo, outcome, &deleting).await;
+    lock.release().await;
+    done
+}
+
+async fn delete_planned(repo: &Repository, outcome: &Outcome, deleting: &[&str]) -> Result<(usize, usize), PruneError> {
     delete_all(repo, deleting.iter().map(|id| layout::backup_manifest(id)).collect()).await?;
     let mut objects = Vec::new();
-    for id in &deleting {
+    for id in deleting {
         objects.extend(repo.store().list(&layout::backup_dir(id)).await?.into_iter().map(|o| o.key));
     }
     delete_all(repo, objects).await?;

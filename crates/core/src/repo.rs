@@ -226,11 +226,16 @@ impl Repository {
 
     /// An object's envelope metadata, read with a range request (the object itself may be large).
     pub async fn object_meta(&self, key: &str) -> Result<serde_json::Value, RepoError> {
+        Ok(self.object_head(key).await?.0)
+    }
+
+    /// An object's envelope metadata and whether it is encrypted, read with a range request.
+    pub async fn object_head(&self, key: &str) -> Result<(serde_json::Value, bool), RepoError> {
         let mut want = 4096u64;
         loop {
             let head = self.store.get_range(key, 0..want).await?;
             match envelope::meta_from_prefix(&head) {
-                Ok(Some(meta)) => return Ok(meta),
+                Ok(Some(meta)) => return Ok((meta, envelope::is_encrypted(&head))),
                 Ok(None) if (head.len() as u64) == want => want *= 4,
                 Ok(None) => {
                     return Err(RepoError::Corrupt {

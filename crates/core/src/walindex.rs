@@ -79,6 +79,53 @@ pub async fn load(repo: &Repository) -> Result<Known, walnut_storage::StorageErr
     Ok(known)
 }
 
+/// Records the new stored sizes of segments whose objects were rewritten with the same content
+/// (`rekey`): every index object that covers one of them is rewritten in place, so that readers
+/// keep using the index. Returns the index objects rewritten. An unreadable index object is left
+/// as it is (readers skip it anyway).
+pub async fn resize(
+    repo: &Repository,
+    sizes: &HashMap<(TimelineId, SegNo), u64>,
+) -> Result<usize, walnut_storage::StorageError> {
+    if sizes.is_empty() {
+        return Ok(0);
+    }
+    let mut rewritten = 0;
+    for o in repo.store().list(layout::WAL_INDEX_DIR).await? {
+        if layout::parse_wal_index_key(&o.key).is_none() {
+            continue;
+        }
+        let Ok(d) = repo.get_object(&o.key).await else { continue };
+        let Ok(mut index) = serde_json::from_slice::<IndexObject>(&d.content) else { continue };
+        if index.format != FORMAT {
+            continue;
+        }
+        let mut changed = false;
+        for e in &mut index.entries {
+            if let Some(&size) = sizes.get(&(TimelineId(index.timeline), SegNo(e.segno)))
+                && size != e.size
+            {
+                e.size = size;
+                changed = true;
+            }
+        }
+        if changed {
+            repo.store().put(&o.key, index_object(&index), PutMode::Overwrite).await?;
+            rewritten += 1;
+        }
+    }
+    Ok(rewritten)
+}
+
+fn index_object(index: &IndexObject) -> bytes::Bytes {
+    let body = serde_json::to_vec(index).expect("serialisable");
+    envelope::encode(
+        &body,
+        &serde_json::json!({ "kind": "wal-index" }),
+        Codec { compression: Compression::Zstd, level: 3, seal: None },
+    )
+}
+
 /// Writes `entries` (one timeline's, any order) as index objects of up to [`CHUNK`] segments.
 pub async fn write(
     repo: &Repository,
@@ -92,13 +139,7 @@ pub async fn write(
     for chunk in entries.chunks(CHUNK) {
         let (first, last) = (chunk[0].segno, chunk[chunk.len() - 1].segno);
         let key = layout::wal_index_key(&SegName::new(tli, SegNo(first), size), &SegName::new(tli, SegNo(last), size));
-        let body = serde_json::to_vec(&IndexObject { format: FORMAT, timeline: tli.0, entries: chunk.to_vec() })
-            .expect("serialisable");
-        let object = envelope::encode(
-            &body,
-            &serde_json::json!({ "kind": "wal-index" }),
-            Codec { compression: Compression::Zstd, level: 3, seal: None },
-        );
+        let object = index_object(&IndexObject { format: FORMAT, timeline: tli.0, entries: chunk.to_vec() });
         match repo.store().put(&key, object, PutMode::Create).await {
             Ok(()) => written += 1,
             Err(walnut_storage::StorageError::AlreadyExists { .. }) => {}

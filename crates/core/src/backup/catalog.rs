@@ -116,34 +116,16 @@ pub(super) async fn claim_backup_id(
 
 /// The repository-wide backup lock ([`layout::BACKUP_LOCK`]), taken create-only.
 pub(super) async fn take_backup_lock(repo: &Repository, marker: &RunningMarker) -> Result<(), BackupError> {
-    for _ in 0..2 {
-        match repo.store().put(layout::BACKUP_LOCK, json_object(marker), PutMode::Create).await {
-            Ok(()) => return Ok(()),
-            Err(StorageError::AlreadyExists { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let held = repo.store().head(layout::BACKUP_LOCK).await?;
-        let fresh = held.as_ref().is_some_and(|i| {
-            chrono::Utc::now() - i.last_modified < chrono::Duration::from_std(HEARTBEAT * 3).unwrap_or_default()
-        });
-        let holder = match repo.get_object(layout::BACKUP_LOCK).await {
-            Ok(d) => serde_json::from_slice::<RunningMarker>(&d.content).ok(),
-            Err(_) => None,
-        };
-        // A holder on this host whose process is gone (killed) is stale at once.
-        let gone = holder.as_ref().is_some_and(|m| {
-            m.host == marker.host && !m.host.is_empty() && !std::path::Path::new(&format!("/proc/{}", m.pid)).exists()
-        });
-        if fresh && !gone {
-            let who = holder
-                .map(|m| format!("started {} on host {} by pid {}", m.started_at, m.host, m.pid))
-                .unwrap_or_else(|| "(its lock is unreadable)".into());
-            return Err(BackupError::Busy(who));
-        }
-        // Stale: its process is gone. Take it over (create-only again, so one taker wins).
-        let _ = repo.store().delete(layout::BACKUP_LOCK).await;
-    }
-    Err(BackupError::Busy("another process took the backup lock at the same moment".into()))
+    let me = crate::lock::Holder {
+        started_at: marker.started_at.clone(),
+        host: marker.host.clone(),
+        pid: marker.pid,
+        what: None,
+    };
+    crate::lock::take(repo, layout::BACKUP_LOCK, json_object(marker), &me).await.map_err(|e| match e {
+        crate::lock::LockError::Held(who) => BackupError::Busy(who),
+        crate::lock::LockError::Storage(e) => e.into(),
+    })
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use super::*;
 
 /// A `Read` over byte chunks arriving on a channel (from an async download).
-pub(super) struct ChannelReader {
+pub(crate) struct ChannelReader {
     pub(super) rx: mpsc::Receiver<Result<Bytes, StorageError>>,
     pub(super) cur: Bytes,
     /// The download's failure, kept so that it is reported as what it is (storage unreachable,
@@ -324,7 +324,7 @@ pub(super) fn extract_part(
 /// Downloads part `key` and hands it, as a blocking reader, to `use_it` on a blocking thread.
 /// A download that failed is reported as the storage error it is, whatever `use_it` made of
 /// the truncated stream.
-async fn read_part<T: Send + 'static>(
+pub(crate) async fn read_part<T: Send + 'static>(
     repo: &Repository,
     key: &str,
     use_it: impl FnOnce(ChannelReader) -> Result<T, BackupError> + Send + 'static,

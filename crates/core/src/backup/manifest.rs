@@ -147,12 +147,7 @@ impl From<&Manifest> for ManifestSummary {
 }
 
 pub(super) fn json_object(v: &impl Serialize) -> Bytes {
-    let body = serde_json::to_vec_pretty(v).expect("serialisable");
-    envelope::encode(
-        &body,
-        &serde_json::Value::Null,
-        Codec { compression: crate::Compression::None, level: 0, seal: None },
-    )
+    crate::lock::json_record(v)
 }
 
 /// What listing, planning, retention and verification read of a manifest without decoding it
@@ -181,7 +176,7 @@ impl From<&Manifest> for Catalog {
 
 /// The manifest object: its JSON, encrypted when `codec` says so, with its [`Catalog`] in clear
 /// in the metadata.
-pub(super) fn manifest_object(m: &Manifest, codec: &Codec) -> Bytes {
+pub(crate) fn manifest_object(m: &Manifest, codec: &Codec) -> Bytes {
     let body = serde_json::to_vec_pretty(m).expect("serialisable");
     let meta = serde_json::json!({ "catalog": Catalog::from(m) });
     envelope::encode(&body, &meta, Codec { compression: crate::Compression::None, level: 0, seal: codec.seal.clone() })
