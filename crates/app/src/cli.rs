@@ -89,6 +89,13 @@ pub enum Command {
         #[arg(long)]
         deep: bool,
     },
+    /// Re-encrypt every WAL file and backup to the configured [encryption] recipients (objects
+    /// in clear or encrypted to other keys); each is proven readable before it replaces the old.
+    /// Prints what it would do; re-encrypts only with --confirm.
+    Rekey {
+        #[arg(long)]
+        confirm: bool,
+    },
     /// One restore drill: the latest backup restored to the latest point into a scratch
     /// directory, started, checked (connections, pg_amcheck when installed, [drill] query),
     /// timed and removed.

@@ -135,3 +135,103 @@ fn encrypted_repository_works_without_the_identity_and_restores_with_it() {
     assert!(!stdout(&o).contains(&secret), "show-config never shows the identity");
     drop(pg);
 }
+
+/// Every WAL and backup object under the repository, with the recipients its metadata names
+/// (empty: in clear).
+fn recipients_by_object(root: &Path) -> Vec<(String, Vec<String>)> {
+    objects(root)
+        .into_iter()
+        .filter(|(k, _)| (k.starts_with("wal/") || k.starts_with("backups/")) && !k.ends_with("running.json"))
+        .map(|(k, bytes)| {
+            let meta = walnut_core::envelope::meta_from_prefix(&bytes).unwrap().unwrap();
+            assert_eq!(
+                !walnut_core::envelope::recipients(&meta).is_empty(),
+                walnut_core::envelope::is_encrypted(&bytes)
+            );
+            (k, walnut_core::envelope::recipients(&meta))
+        })
+        .collect()
+}
+
+fn crashed_at(env: &Env, at: &str, args: &[&str]) {
+    use std::os::unix::process::ExitStatusExt;
+    let o = std::process::Command::new(walnut_bin())
+        .arg("--config")
+        .arg(&env.config)
+        .args(args)
+        .env("WALNUT_CRASH_AT", at)
+        .output()
+        .unwrap();
+    assert!(matches!(o.status.signal(), Some(9 | 6)), "killed at {at}: {}{}", stdout(&o), stderr(&o));
+}
+
+#[test]
+fn rekey_encrypts_what_was_clear_and_rotates_keys_with_nothing_unreadable_on_the_way() {
+    let (a, a_secret) = keypair();
+    let (b, b_secret) = keypair();
+    let mut env = Env::with_extra(Backend::File, "[backup]\nparallel = 2\npart_size_mb = 1\narchive_wait = \"30s\"");
+    let (pg, _) = workload(&env);
+    let repo = env.dir.path().join("repo");
+    let key_file = env.dir.path().join("age.key");
+    let config = |env: &mut Env, to: &str, secrets: &[&str]| {
+        std::fs::write(&key_file, secrets.join("\n") + "\n").unwrap();
+        env.write_config(&format!(
+            "[backup]\nparallel = 2\npart_size_mb = 1\narchive_wait = \"30s\"\n[encryption]\nrecipients = [\"{to}\"]\nidentity_file = \"{}\"",
+            key_file.display()
+        ));
+    };
+
+    // Encryption switched on later: without --confirm, rekey says what it would do and does it not.
+    config(&mut env, &a, &[&a_secret]);
+    let o = env.walnut(&["rekey"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("clear (not encrypted)") && stdout(&o).contains("--confirm"), "{}", stdout(&o));
+    assert!(!holding_marker(&repo).is_empty(), "nothing changed without --confirm");
+    let o = env.walnut(&["rekey", "--confirm"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(holding_marker(&repo).is_empty(), "clear text left in {:?}", holding_marker(&repo));
+    let objects = recipients_by_object(&repo);
+    assert!(objects.iter().any(|(k, _)| k.contains("/data/")), "{objects:?}");
+    assert!(objects.iter().all(|(_, r)| r == &vec![a.clone()]), "{objects:?}");
+
+    // Rotation to b, killed before a backup's manifest switches and again after it did: at each
+    // point every backup and segment still reads whole (both keys held while rotating).
+    config(&mut env, &b, &[&a_secret, &b_secret]);
+    for at in ["rekey:before-manifest", "rekey:after-manifest"] {
+        crashed_at(&env, at, &["rekey", "--confirm"]);
+        let o = env.walnut(&["verify", "--deep"]);
+        assert!(o.status.success(), "after a kill at {at}: {}{}", stdout(&o), stderr(&o));
+    }
+    let o = env.walnut(&["rekey", "--confirm"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let objects = recipients_by_object(&repo);
+    assert!(objects.iter().all(|(_, r)| r == &vec![b.clone()]), "an object still opens with the old key: {objects:?}");
+    let o = env.walnut(&["--json", "rekey"]);
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(plan["plan"]["todo"].as_array().map(Vec::len), Some(0), "{plan}");
+    assert_eq!(plan["plan"]["leftovers"].as_array().map(Vec::len), Some(0), "{plan}");
+
+    // WAL archived from now on is encrypted to b too.
+    pg.sql("INSERT INTO t SELECT g, 'after the rotation' FROM generate_series(3501, 3600) g");
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, WAIT);
+    let wal = std::fs::read(repo.join(wal_key(&seg))).unwrap();
+    let meta = walnut_core::envelope::meta_from_prefix(&wal).unwrap().unwrap();
+    assert_eq!(walnut_core::envelope::recipients(&meta), vec![b.clone()], "{seg}");
+
+    // The old key alone opens nothing; the new one alone restores.
+    config(&mut env, &b, &[&a_secret]);
+    let (_d, dest) = restore_dir("old-key");
+    let o = env.walnut(&["restore", dest.to_str().unwrap(), "--dry-run"]);
+    assert!(!o.status.success() && stderr(&o).contains("does not match any recipient"), "{}", stderr(&o));
+    config(&mut env, &b, &[&b_secret]);
+    let o = env.walnut(&["verify", "--deep"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
+    let o = env.walnut(&["restore", dest.to_str().unwrap(), "--start"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT count(*) FROM t"), "3600");
+    drop(r);
+    drop(pg);
+}

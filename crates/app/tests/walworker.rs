@@ -112,3 +112,37 @@ fn the_worker_stops_when_postgresql_stops_asking() {
     let ready = std::fs::read_dir(pg.pgdata.join("pg_wal/archive_status")).unwrap();
     assert!(ready.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".ready")));
 }
+
+/// The configuration changed under a running worker (here: encryption switched on) while
+/// `.ready` segments wait: the worker notices, stores nothing more with its old settings and
+/// exits; what is archived from then on is encrypted.
+#[test]
+fn a_worker_whose_configuration_changed_stores_nothing_more() {
+    let extra = "[wal]\nworker = true\nworker_idle = \"60s\"\nupload_ahead = 2\n";
+    let mut env = Env::with_extra(Backend::File, extra);
+    let (pg, last) = backlog(2);
+    set_archive_command(&pg, &env.archive_command());
+    pg.wait_archived(&last, WAIT);
+    PgCluster::wait_for("a worker", Duration::from_secs(30), || !worker_files(&env, "sock").is_empty());
+
+    let (public, _) = walnut_core::crypt::generate();
+    env.write_config(&format!("{extra}[encryption]\nrecipients = [\"{public}\"]\n"));
+    // Segments made while archiving is paused: only a worker would store them now.
+    set_archive_command(&pg, "false");
+    let mut fresh = Vec::new();
+    for _ in 0..3 {
+        pg.sql("INSERT INTO t SELECT g FROM generate_series(1, 2000) g");
+        fresh.push(pg.switch_wal());
+    }
+    PgCluster::wait_for("the outdated worker to exit", Duration::from_secs(30), || {
+        worker_files(&env, "sock").is_empty()
+    });
+    set_archive_command(&pg, &env.archive_command());
+    pg.wait_archived(fresh.last().unwrap(), WAIT);
+    for seg in &fresh {
+        let object = std::fs::read(env.object_path(&wal_key(seg))).unwrap();
+        assert!(walnut_core::envelope::is_encrypted(&object), "{seg} was stored with the old settings");
+    }
+    let log = std::fs::read_to_string(&worker_files(&env, "log")[0]).unwrap();
+    assert!(log.contains("configuration changed"), "{log}");
+}

@@ -63,7 +63,11 @@ pub enum LockError {
 /// A small JSON record as a clear, uncompressed object (locks and markers are read without keys).
 pub fn json_record(v: &impl Serialize) -> Bytes {
     let body = serde_json::to_vec_pretty(v).expect("serialisable");
-    envelope::encode(&body, &serde_json::Value::Null, Codec { compression: crate::Compression::None, level: 0, seal: None })
+    envelope::encode(
+        &body,
+        &serde_json::Value::Null,
+        Codec { compression: crate::Compression::None, level: 0, seal: None },
+    )
 }
 
 /// Takes the lock `key` by writing `body` (whose holder fields are `me`'s) create-only; a

@@ -39,7 +39,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use walnut_pg::{SegNo, TimelineId, WalFileName};
 use walnut_storage::{PutMode, StorageError};
 
@@ -71,6 +71,9 @@ pub struct Plan {
     pub todo: Vec<Item>,
     /// Objects whose header could not be read (they are left as they are).
     pub unreadable: Vec<Defect>,
+    /// Objects in a DONE backup's data directory that its manifest does not name: what an
+    /// interrupted rekey left (old parts, or new ones it had not switched to yet). Deleted.
+    pub leftovers: Vec<String>,
 }
 
 /// What a rekey did.
@@ -82,16 +85,14 @@ pub struct Report {
     pub backups: usize,
     /// WAL summary index objects updated with the new object sizes.
     pub index_objects: usize,
+    /// Leftovers of an interrupted run deleted.
+    pub leftovers_deleted: usize,
     /// Objects left as they were, and why (still readable as before).
     pub failures: Vec<Defect>,
 }
 
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Stored bytes to re-encrypt, and done.
-    pub total: AtomicU64,
-    pub done: AtomicU64,
-}
+/// Stored bytes to re-encrypt (`total`), and done.
+pub use crate::backup::Progress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RekeyError {
@@ -106,7 +107,9 @@ pub enum RekeyError {
          could not prove what it writes readable: add the new secret key to the identity file, beside the old one"
     )]
     CannotVerify { ours: String, to: String },
-    #[error("the repository's maintenance lock is held ({0}); rekey changes nothing meanwhile: run it again once that has finished")]
+    #[error(
+        "the repository's maintenance lock is held ({0}); rekey changes nothing meanwhile: run it again once that has finished"
+    )]
     Busy(String),
     #[error(transparent)]
     Backup(#[from] BackupError),
@@ -133,16 +136,23 @@ pub async fn plan(repo: &Repository, to: &Recipients, parallel: usize) -> Result
         .filter(|o| layout::parse_wal_key(&o.key).is_some())
         .map(|o| (o.key, Kind::Wal, o.size))
         .collect();
+    let mut leftovers = Vec::new();
     for b in backup::list(repo).await?.into_iter().filter(|b| b.status == Status::Done) {
         let id = b.id.to_string();
         let stored: HashMap<String, u64> =
             repo.store().list(&layout::backup_dir(&id)).await?.into_iter().map(|o| (o.key, o.size)).collect();
         let manifest = layout::backup_manifest(&id);
         match backup::load_catalog(repo, &id).await {
-            Ok(c) => candidates.extend(c.parts.into_iter().map(|p| {
-                let size = stored.get(&p.key).copied().unwrap_or(p.stored_bytes);
-                (p.key, Kind::Part, size)
-            })),
+            Ok(c) => {
+                let data = format!("{}/", layout::backup_data_dir(&id));
+                let named: BTreeSet<&str> = c.parts.iter().map(|p| p.key.as_str()).collect();
+                leftovers
+                    .extend(stored.keys().filter(|k| k.starts_with(&data) && !named.contains(k.as_str())).cloned());
+                candidates.extend(c.parts.iter().map(|p| {
+                    let size = stored.get(&p.key).copied().unwrap_or(p.stored_bytes);
+                    (p.key.clone(), Kind::Part, size)
+                }))
+            }
             // Its header is unreadable: reported below with the manifest's own check.
             Err(e) => tracing::debug!("{manifest}: {e}"),
         }
@@ -170,19 +180,22 @@ pub async fn plan(repo: &Repository, to: &Recipients, parallel: usize) -> Result
             Err(e) => plan.unreadable.push(Defect { object: key, reason: e.to_string() }),
         }
     }
+    leftovers.sort();
+    plan.leftovers = leftovers;
     plan.todo.sort_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
     plan.unreadable.sort();
     Ok(plan)
 }
 
-/// Carries out `plan` with the repository's keys (see the module docs).
+/// Re-encrypts to `to` with the repository's keys (see the module docs): takes the maintenance
+/// lock, then plans (under the lock, so that no other run's objects are mistaken for leftovers)
+/// and carries the plan out.
 pub async fn run(
     repo: &Repository,
-    plan: &Plan,
     to: Arc<Recipients>,
     parallel: usize,
     progress: Arc<Progress>,
-) -> Result<Report, RekeyError> {
+) -> Result<(Plan, Report), RekeyError> {
     let keys = repo.keys().cloned().ok_or_else(|| RekeyError::NoIdentity { to: to.public_keys().join(", ") })?;
     let ours = keys.public_keys();
     if !ours.iter().any(|k| to.public_keys().contains(k)) {
@@ -192,6 +205,26 @@ pub async fn run(
         crate::lock::LockError::Held(who) => RekeyError::Busy(who),
         crate::lock::LockError::Storage(e) => e.into(),
     })?;
+    let plan = match plan(repo, &to, parallel).await {
+        Ok(p) => p,
+        Err(e) => {
+            lock.release().await;
+            return Err(e);
+        }
+    };
+    let report = execute(repo, &plan, &keys, to, parallel, &progress).await;
+    lock.release().await;
+    Ok((plan, report))
+}
+
+async fn execute(
+    repo: &Repository,
+    plan: &Plan,
+    keys: &Arc<Identities>,
+    to: Arc<Recipients>,
+    parallel: usize,
+    progress: &Arc<Progress>,
+) -> Report {
     progress.total.store(plan.todo.iter().map(|i| i.stored_bytes).sum(), Ordering::Relaxed);
     let mut report = Report { failures: plan.unreadable.clone(), ..Default::default() };
 
@@ -209,7 +242,7 @@ pub async fn run(
         .buffer_unordered(parallel.max(1))
         .collect()
         .await;
-    let seg_size = repo.identity().await?.map(|i| i.seg_size());
+    let seg_size = repo.identity().await.ok().flatten().map(|i| i.seg_size());
     let mut sizes: HashMap<(TimelineId, SegNo), u64> = HashMap::new();
     for (item, r) in results {
         match r {
@@ -239,7 +272,7 @@ pub async fn run(
         }
     }
     for (id, items) in per_backup {
-        match rekey_backup(repo, &id, &items, &keys, &to, parallel, &progress).await {
+        match rekey_backup(repo, &id, &items, keys, &to, parallel, progress).await {
             Ok(Some((n, bytes))) => {
                 report.rekeyed += n;
                 report.bytes += bytes;
@@ -249,9 +282,15 @@ pub async fn run(
             Err(d) => report.failures.push(d),
         }
     }
-    lock.release().await;
+    // What an interrupted run left (never named by a manifest: nothing reads it).
+    for key in &plan.leftovers {
+        match repo.store().delete(key).await {
+            Ok(()) => report.leftovers_deleted += 1,
+            Err(e) => report.failures.push(Defect { object: key.clone(), reason: format!("delete the leftover: {e}") }),
+        }
+    }
     report.failures.sort();
-    Ok(report)
+    report
 }
 
 /// Re-encrypts one whole object (WAL) in memory, proves the result decodes to the same content,
@@ -327,6 +366,7 @@ async fn rekey_backup(
         discard(moved).await;
         return Err(f);
     }
+    walnut_storage::crashpoint::hit("rekey:before-manifest");
     let mut m: Manifest = manifest.clone();
     for p in &mut m.parts {
         if let Some(new) = moved.get(&p.key) {
@@ -367,6 +407,7 @@ async fn rekey_backup(
         // Not written, or written: either way the parts it names exist. Keep the new parts.
         return Err(failed(&manifest_key, e.to_string()));
     }
+    walnut_storage::crashpoint::hit("rekey:after-manifest");
     // The backup now reads its new parts: remove every other object of its data directory (the
     // old parts, and what an interrupted earlier run left).
     let named: BTreeSet<&str> = m.parts.iter().map(|p| p.key.as_str()).collect();
@@ -406,7 +447,8 @@ async fn rekey_part(
     let (k, from) = (keys.clone(), part.key.clone());
     let produce = backup::read_part(repo, &part.key, move |reader| {
         let sink = ChunkSink { tx, buf: Vec::with_capacity(CHUNK) };
-        envelope::reseal(reader, sink, Some(&k), &to).map_err(|e| BackupError::Corrupt { key: from, reason: e.to_string() })
+        envelope::reseal(reader, sink, Some(&k), &to)
+            .map_err(|e| BackupError::Corrupt { key: from, reason: e.to_string() })
     });
     let (written, sealed) = tokio::join!(upload, produce);
     let sealed = match (written, sealed) {
@@ -531,8 +573,7 @@ mod tests {
     }
 
     async fn rekey(repo: &Repository, to: &Arc<Recipients>) -> Result<Report, RekeyError> {
-        let plan = plan(repo, to, 4).await?;
-        run(repo, &plan, to.clone(), 4, Default::default()).await
+        Ok(run(repo, to.clone(), 4, Default::default()).await?.1)
     }
 
     /// Every segment in `range` decodes with `keys` to its content, with its metadata kept.

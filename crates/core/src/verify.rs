@@ -152,7 +152,29 @@ type PartToCheck = (String, u64, Option<(u64, String)>);
 /// Checks one backup's manifest and parts. Returns whether its manifest is whole, its
 /// defects, and the parts read. Without the key, an encrypted backup's parts are checked in
 /// their stored form, from the manifest's clear catalog.
+///
+/// A `rekey` may switch the backup to re-encrypted parts (and delete the old ones) while they
+/// are read: when defects are found and the manifest now names other parts than the ones
+/// checked, the backup is checked once more as it is now.
 async fn check_backup(
+    repo: &Repository,
+    id: &str,
+    deep: bool,
+    parallel: usize,
+    progress: Arc<Progress>,
+) -> (bool, Vec<Defect>, usize) {
+    let parts_now = || async {
+        backup::load_catalog(repo, id).await.ok().map(|c| c.parts.into_iter().map(|p| p.key).collect::<Vec<_>>())
+    };
+    let before = parts_now().await;
+    let first = check_backup_once(repo, id, deep, parallel, progress.clone()).await;
+    if first.1.is_empty() || before.is_none() || parts_now().await == before {
+        return first;
+    }
+    check_backup_once(repo, id, deep, parallel, progress).await
+}
+
+async fn check_backup_once(
     repo: &Repository,
     id: &str,
     deep: bool,

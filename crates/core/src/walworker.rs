@@ -105,7 +105,14 @@ pub struct Worker {
     identity: Mutex<Option<Identity>>,
     wake: Notify,
     last_request: Mutex<Instant>,
+    /// Set when a client asked with other settings (its configuration changed): this worker
+    /// stores nothing more and exits, so that the next `wal-push` starts one with them.
+    outdated: std::sync::atomic::AtomicBool,
 }
+
+/// Whether the settings a worker was started with are still the configured ones (the app
+/// re-reads its configuration file when it changed).
+pub type StillCurrent = Box<dyn FnMut() -> bool + Send>;
 
 impl Worker {
     pub fn new(repo: Repository, codec: Codec, repo_url: &str, pg_wal: PathBuf, parallel: usize) -> Arc<Worker> {
@@ -119,6 +126,7 @@ impl Worker {
             identity: Mutex::new(None),
             wake: Notify::new(),
             last_request: Mutex::new(Instant::now()),
+            outdated: Default::default(),
         })
     }
 
@@ -234,8 +242,16 @@ impl Worker {
     }
 
     /// Serves on `socket` (already bound) and archives until no request came for `idle`,
-    /// `pg_wal` is gone, or the repository was re-created.
-    pub async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener, idle: Duration) {
+    /// `pg_wal` is gone, the repository was re-created, or its settings are outdated (a client
+    /// asked with others, or `still_current` says the configuration changed): a worker never
+    /// stores with settings that are no longer the configured ones (say, after encryption
+    /// was switched on or the recipients changed).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::UnixListener,
+        idle: Duration,
+        mut still_current: StillCurrent,
+    ) {
         let accept = {
             let me = self.clone();
             tokio::spawn(async move {
@@ -253,6 +269,15 @@ impl Worker {
             if self.last_request.lock().unwrap().elapsed() >= idle && self.inflight.lock().unwrap().is_empty() {
                 tracing::info!("idle for {idle:?} (no archive request); stopping");
                 break;
+            }
+            if self.outdated.load(std::sync::atomic::Ordering::Relaxed) || !still_current() {
+                self.outdated.store(true, std::sync::atomic::Ordering::Relaxed);
+                if self.inflight.lock().unwrap().is_empty() {
+                    tracing::info!("the configuration changed (repository or codec); stopping");
+                    break;
+                }
+                tokio::time::sleep(SCAN).await;
+                continue;
             }
             if last_check.elapsed() >= REVALIDATE {
                 last_check = Instant::now();
@@ -281,11 +306,18 @@ impl Worker {
         *self.last_request.lock().unwrap() = Instant::now();
         let answer = match serde_json::from_str::<Request>(&line) {
             Err(e) => Answer { ok: false, how: None, error: Some(format!("bad request: {e}")) },
-            Ok(r) if r.fingerprint != self.fingerprint => Answer {
-                ok: false,
-                how: None,
-                error: Some("this worker stores with other settings (repository or codec)".into()),
-            },
+            Ok(r) if r.fingerprint != self.fingerprint => {
+                self.outdated.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.wake.notify_one();
+                Answer {
+                    ok: false,
+                    how: None,
+                    error: Some("this worker stores with other settings (repository or codec); it stops".into()),
+                }
+            }
+            Ok(_) if self.outdated.load(std::sync::atomic::Ordering::Relaxed) => {
+                Answer { ok: false, how: None, error: Some("this worker's settings are outdated; it stops".into()) }
+            }
             Ok(r) if r.push.contains('/') || WalFileName::parse(&r.push).is_err() => {
                 Answer { ok: false, how: None, error: Some(format!("{:?} is not a WAL file name", r.push)) }
             }

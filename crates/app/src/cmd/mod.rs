@@ -6,6 +6,7 @@ mod check;
 mod demo;
 pub mod drill;
 mod enable;
+mod rekey;
 pub mod restore;
 mod restore_point;
 pub mod retention;
@@ -63,6 +64,7 @@ pub async fn run(cli: Cli) -> u8 {
             let port = port.or(ctx.config.drill_port);
             finish(drill::cli(&ctx, scratch.as_deref(), port).await)
         }
+        Command::Rekey { confirm } => finish(rekey::run(&ctx, confirm).await),
         Command::Verify { backup, deep } => finish(walinfo::verify_all(&ctx, backup, deep).await),
         Command::RestorePoint { name } => finish(restore_point::run(&ctx, &name).await),
         Command::Restore(args) => finish(restore::run(&ctx, &args).await),

@@ -246,7 +246,7 @@ pub async fn worker(ctx: &Ctx, pg_wal: &Path) -> u8 {
         let parallel = ctx.config.upload_ahead.max(1);
         tracing::info!("WAL worker for {} serving on {}", pg_wal.display(), socket.display());
         let w = walworker::Worker::new(repo, ctx.config.codec.clone(), url, pg_wal.to_path_buf(), parallel);
-        w.serve(listener, ctx.config.wal_worker_idle).await;
+        w.serve(listener, ctx.config.wal_worker_idle, still_current(ctx, url)).await;
         let _ = std::fs::remove_file(&socket);
         anyhow::Ok(())
     };
@@ -257,4 +257,27 @@ pub async fn worker(ctx: &Ctx, pg_wal: &Path) -> u8 {
             exit::FAILURE
         }
     }
+}
+
+/// Whether the configuration file still gives the worker's settings: re-read when it changed
+/// (its modification time, size or inode), and compared by the worker's fingerprint. A file
+/// that no longer loads counts as changed (the next `wal-push` reports why).
+fn still_current(ctx: &Ctx, url: &str) -> walworker::StillCurrent {
+    use std::os::unix::fs::MetadataExt;
+    let (path, repo_flag) = (ctx.config.path.clone(), ctx.global.repo.clone());
+    let want = walworker::fingerprint(url, &ctx.config.codec);
+    let stamp = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len(), m.ino()));
+    let mut seen = path.as_deref().and_then(stamp);
+    Box::new(move || {
+        let Some(p) = &path else { return true };
+        let now = stamp(p);
+        if now == seen {
+            return true;
+        }
+        seen = now;
+        match crate::config::Config::load(Some(p), repo_flag.as_deref()) {
+            Ok(c) => c.repo_url().is_ok_and(|u| walworker::fingerprint(u, &c.codec) == want),
+            Err(_) => false,
+        }
+    })
 }
