@@ -7,6 +7,9 @@
 #   nice -n 10 bash bench/backup.sh                  # builds this checkout (release), then measures
 #   WALNUT_REV=HEAD nice -n 10 bash bench/backup.sh  # builds a git revision instead (for a dirty tree)
 #
+# Also: walnut verify against pgbackrest verify on the same backups, and (SKIP_AGE unset) the cost
+# of age encryption on backup-push, backup-fetch, restore and verify.
+#
 # Knobs (environment): SCALE=100 (pgbench -i -s), ROWS=5200000 (realistic rows), DATASETS="pgbench
 # realistic", STEP_TIMEOUT=900 (seconds, any one timed command), SKIP_PGBACKREST=1, SKIP_S3=1, SKIP_AGE=1
 # (the file:// runs again with age encryption, compared with the clear ones),
@@ -316,6 +319,7 @@ walnut_runs() { # DS KIND(file|s3|age: file:// encrypted with age)
   if step "$ds" "$k.push" "$WALNUT" --json --config "$c" backup-push --pgdata "$PGDATA"; then
     tree_bytes "$store/backups" >"$R/$ds.$k.push.stored"
     sed -n 's/^ *"data_bytes": *\([0-9]*\).*/\1/p' "$R/$ds.$k.push.out" >"$R/$ds.$k.push.walnut_data"
+    if [[ $kind != s3 ]]; then step "$ds" "$k.verify" "$WALNUT" -q --config "$c" verify || true; fi
     fresh_dir "$out"
     step "$ds" "$k.fetch" "$WALNUT" --config "$c" backup-fetch "$out" LATEST && check_restored "$ds" "$k.fetch" "$out"
     if [[ $kind != s3 ]]; then
@@ -341,6 +345,7 @@ pgbr_runs() { # DS VARIANT
   set_archive "pgbackrest --config=$c --stanza=bench archive-push %p"
   if step "$ds" "$v.push" pgbackrest --config="$c" --stanza=bench --type=full backup; then
     tree_bytes "$W/pgbr/$ds-$v/backup/bench/"*F >"$R/$ds.$v.push.stored"
+    step "$ds" "$v.verify" pgbackrest --config="$c" --stanza=bench verify || true
     fresh_dir "$out"
     step "$ds" "$v.restore" pgbackrest --config="$c" --stanza=bench --pg1-path="$out" restore && check_restored "$ds" "$v.restore" "$out"
     rm -rf "$out"
@@ -392,8 +397,8 @@ ratio_of() {
   esac
   awk -v a="$a" -v b="$b" 'BEGIN {if (a != "" && b > 0) printf "%.2f", a / b; else printf "n/a"}'
 }
-ROWS_SHOWN=(wfile.push ws3.push wage.push wfile.fetch ws3.fetch wage.fetch wfile.restore wage.restore pbz.push pbt.push)
-for v in $PGBR_VARIANTS; do ROWS_SHOWN+=("$v.push" "$v.restore"); done
+ROWS_SHOWN=(wfile.push ws3.push wage.push wfile.fetch ws3.fetch wage.fetch wfile.restore wage.restore wfile.verify wage.verify pbz.push pbt.push)
+for v in $PGBR_VARIANTS; do ROWS_SHOWN+=("$v.push" "$v.restore" "$v.verify"); done
 label() {
   case $1 in
     wfile.push) echo "walnut backup-push  file:// zstd-1" ;;
@@ -404,6 +409,11 @@ label() {
     wage.push) echo "walnut backup-push  file:// +age" ;;
     wage.fetch) echo "walnut backup-fetch file:// +age" ;;
     wage.restore) echo "walnut restore      file:// +age" ;;
+    wfile.verify) echo "walnut verify       file://" ;;
+    wage.verify) echo "walnut verify       file:// +age" ;;
+    lz4.verify) echo "pgBackRest verify   lz4-1" ;;
+    zst.verify) echo "pgBackRest verify   zst-3" ;;
+    zst1.verify) echo "pgBackRest verify   zst-1" ;;
     pbz.push) echo "pg_basebackup -Ft -z (gzip)" ;;
     pbt.push) echo "pg_basebackup -Ft (no compr.)" ;;
     lz4.push) echo "pgBackRest backup   lz4-1" ;;
@@ -463,13 +473,25 @@ if ((HAVE_PGBR)); then
     echo
   done
   echo "  backup: walnut backup-push / pgbackrest backup; restore: walnut restore / pgbackrest restore (both from a local repo, recovery config written)"
+  echo
+  echo "== verify: walnut verify (every part read whole and checked against its trailer and the manifest, the WAL from the backup's start) vs pgbackrest verify (every backup file and archived WAL file checked), same data =="
+  for ds in "$@"; do
+    for v in $PGBR_VARIANTS; do
+      for k in wfile.verify "$v.verify"; do [[ $(num "$R/$ds.$k.status") == ok ]] || continue 2; done
+      printf '  %-10s walnut %6.1f s [%s] %5s MB/s   pgBackRest %-5s %6.1f s [%s] %5s MB/s   walnut/pgBackRest %s\n' "$ds" \
+        "$(cat "$R/$ds.wfile.verify.secs")" "$(awk '{printf "%.1f-%.1f", $1, $2}' "$R/$ds.wfile.verify.spread")" "$(cell "$ds" wfile.verify mbs)" \
+        "$(label "$v.push" | awk '{print $NF}')" "$(cat "$R/$ds.$v.verify.secs")" "$(awk '{printf "%.1f-%.1f", $1, $2}' "$R/$ds.$v.verify.spread")" \
+        "$(cell "$ds" "$v.verify" mbs)" "$(ratio_of "$ds" wfile.verify "$v.verify" secs)"
+    done
+  done
+  echo "  MB/s = data directory size / wall time"
 fi
 if [[ -z ${SKIP_AGE:-} ]]; then
   echo
   echo "== Encryption (age) / clear, file://: goal <= 1.10 wall time and <= 1.15 CPU =="
   printf '%-16s' ''; for ds in "$@"; do printf ' | %-30s' "$ds"; done; echo
   printf '%-16s' ''; for ds in "$@"; do printf ' | %9s %9s %10s' 'wall' 'CPU' 'verdict'; done; echo
-  for op in push fetch restore; do
+  for op in push fetch restore verify; do
     printf '%-16s' "$op"
     for ds in "$@"; do
       wall=$(ratio_of "$ds" "wage.$op" "wfile.$op" secs)
