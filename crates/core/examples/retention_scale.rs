@@ -34,6 +34,7 @@ fn main() {
                 state,
                 time: t0 + Days::hours(i as i64),
                 start: Lsn(size.bytes() * (i as u64 * step + 1)),
+                parent: None,
             }
         })
         .collect();

@@ -55,6 +55,7 @@ pub async fn candidates(repo: &Repository) -> Result<Vec<Candidate>, PruneError>
     let mut out = Vec::new();
     for b in backup::list(repo).await? {
         let state = b.status;
+        let parent = b.manifest.as_ref().and_then(|m| m.parent.clone());
         let (time, start) = match &b.manifest {
             Some(m) => (m.end_time, m.start_lsn),
             None => {
@@ -67,7 +68,7 @@ pub async fn candidates(repo: &Repository) -> Result<Vec<Candidate>, PruneError>
                 (t, Lsn(u64::MAX))
             }
         };
-        out.push(Candidate { id: b.id, state, time, start });
+        out.push(Candidate { id: b.id, state, time, start, parent });
     }
     Ok(out)
 }

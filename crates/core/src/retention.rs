@@ -4,7 +4,8 @@
 //! Invariants (property-tested): the newest DONE backup is always kept; every RUNNING backup is
 //! kept; at least `minimum_redundancy` DONE backups are kept when that many exist; every moment
 //! inside the recovery window stays restorable (the newest backup at or before the window's start
-//! is kept too); no WAL segment at or after the oldest kept backup's start is deleted.
+//! is kept too); no WAL segment at or after the oldest kept backup's start is deleted; every
+//! backup a kept incremental backup depends on (its chain) is kept, with that reason.
 //!
 //! Time arithmetic saturates: a window reaching back before the calendar's start keeps everything
 //! inside it, never an overflow panic.
@@ -24,6 +25,8 @@ pub struct Candidate {
     /// Consistency time (DONE) or last sign of life (RUNNING/FAILED).
     pub time: DateTime<Utc>,
     pub start: Lsn,
+    /// An incremental backup's parent (it cannot be restored without it).
+    pub parent: Option<crate::backup::BackupId>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +114,26 @@ pub fn plan(candidates: &[Candidate], rule: &Rule, now: DateTime<Utc>) -> Retent
         };
         decisions.push(Decision { id: c.id.clone(), keep, reason });
     }
+    // A kept incremental backup keeps its chain, whatever the rule said of its members.
+    let parents: std::collections::HashMap<&str, &crate::backup::BackupId> =
+        done.iter().filter_map(|c| c.parent.as_ref().map(|p| (c.id.as_str(), p))).collect();
+    let kept_now: Vec<crate::backup::BackupId> = decisions.iter().filter(|d| d.keep).map(|d| d.id.clone()).collect();
+    for child in kept_now {
+        let mut at = child.as_str().to_string();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(parent) = parents.get(at.as_str()) {
+            if !seen.insert(parent.as_str().to_string()) {
+                break;
+            }
+            if let Some(d) = decisions.iter_mut().find(|d| &d.id == *parent)
+                && !d.keep
+            {
+                d.keep = true;
+                d.reason = format!("needed by incremental backup {child} (in its chain)");
+            }
+            at = parent.as_str().to_string();
+        }
+    }
     for c in candidates.iter().filter(|c| c.state != State::Done) {
         let (keep, reason) = match c.state {
             State::Running => (true, "running".to_string()),
@@ -179,7 +202,7 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::days(d)
     }
     fn c(id: &str, d: i64, state: State) -> Candidate {
-        Candidate { id: id.into(), state, time: day(d), start: Lsn((d as u64 + 1) << 24) }
+        Candidate { id: id.into(), state, time: day(d), start: Lsn((d as u64 + 1) << 24), parent: None }
     }
     fn kept(p: &RetentionPlan) -> Vec<&str> {
         let mut v: Vec<&str> = p.backups.iter().filter(|d| d.keep).map(|d| d.id.as_str()).collect();
@@ -208,6 +231,22 @@ mod tests {
         assert_eq!(kept(&plan(&bs, &Rule::Before(day(6)), day(100))), ["c"]);
         assert_eq!(kept(&plan(&bs, &Rule::Before(day(100)), day(100))), ["c"], "never the newest");
         assert_eq!(kept(&plan(&bs, &Rule::Garbage, day(100))), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_kept_incremental_keeps_its_chain_with_the_reason() {
+        let mut bs = [c("f", 0, State::Done), c("i1", 1, State::Done), c("i2", 2, State::Done), c("g", 3, State::Done)];
+        bs[1].parent = Some("f".into());
+        bs[2].parent = Some("i1".into());
+        // g is a full backup and the newest; i2 is kept as one of the 2 newest: its chain stays.
+        let p = plan(&bs, &Rule::Retain(2), day(10));
+        assert_eq!(kept(&p), ["f", "g", "i1", "i2"]);
+        let why = |id: &str| p.backups.iter().find(|d| d.id == id).unwrap().reason.clone();
+        assert!(why("f").contains("needed by incremental backup i2"), "{}", why("f"));
+        assert_eq!(p.wal_needed_from, Some(Lsn(1 << 24)), "the chain's WAL from the full backup's start");
+        // Once nothing kept depends on them, they go.
+        let p = plan(&bs, &Rule::Retain(1), day(10));
+        assert_eq!(kept(&p), ["g"]);
     }
 
     #[test]
@@ -277,7 +316,9 @@ mod tests {
         fn invariants(days in proptest::collection::vec((0i64..400, 0u8..10), 1..30), window in 1u64..60, redundancy in 0u32..5, now_day in 0i64..500) {
             let bs: Vec<Candidate> = days.iter().enumerate().map(|(i, (d, s))| {
                 let state = match s { 0 => State::Running, 1 => State::Failed, _ => State::Done };
-                Candidate { id: format!("b{i}").as_str().into(), state, time: day(*d), start: Lsn((*d as u64 + 1) << 24) }
+                // Some DONE backups are incrementals of an earlier one.
+                let parent = (*s >= 7 && i > 0).then(|| format!("b{}", (*s as usize) % i).as_str().into());
+                Candidate { id: format!("b{i}").as_str().into(), state, time: day(*d), start: Lsn((*d as u64 + 1) << 24), parent }
             }).collect();
             let policy = Policy { recovery_window: Duration::from_secs(window * 86400), minimum_redundancy: redundancy };
             let now = day(now_day.max(days.iter().map(|d| d.0).max().unwrap()));
@@ -306,6 +347,12 @@ mod tests {
             }
             if bs.iter().any(|c| c.state == State::Running) {
                 prop_assert!(!wal_deletable(SegNo(0), needed, WalSegSize::DEFAULT), "a running backup pins WAL");
+            }
+            // A kept incremental's parent (when it is a DONE backup) is kept.
+            for c in done.iter().filter(|c| keep(&c.id)) {
+                if let Some(parent) = c.parent.as_ref().filter(|p| done.iter().any(|d| &d.id == *p)) {
+                    prop_assert!(keep(parent), "{} kept, its parent {} not", c.id, parent);
+                }
             }
         }
     }

@@ -81,8 +81,15 @@ pub async fn resolve_summary(repo: &Repository, reference: &str) -> Result<Backu
 
 pub async fn load_manifest(repo: &Repository, id: &str) -> Result<Manifest, BackupError> {
     let d = repo.get_object(&layout::backup_manifest(id)).await?;
-    serde_json::from_slice(&d.content)
-        .map_err(|e| BackupError::Corrupt { key: layout::backup_manifest(id), reason: e.to_string() })
+    let m: Manifest = serde_json::from_slice(&d.content)
+        .map_err(|e| BackupError::Corrupt { key: layout::backup_manifest(id), reason: e.to_string() })?;
+    if m.format > MANIFEST_FORMAT_INCREMENTAL {
+        return Err(BackupError::Invalid(format!(
+            "backup {id}: manifest format {} is newer than this walnut understands ({MANIFEST_FORMAT_INCREMENTAL}): upgrade walnut",
+            m.format
+        )));
+    }
+    Ok(m)
 }
 
 /// Finds a DONE backup by ID, name or `LATEST`.

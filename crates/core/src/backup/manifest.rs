@@ -2,6 +2,7 @@
 //! own `backup_manifest` written beside a fetched backup.
 
 use super::*;
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileEntry {
@@ -14,6 +15,104 @@ pub struct FileEntry {
     pub mtime: i64,
     /// The part object's key.
     pub part: String,
+    /// Set in an incremental backup for a relation file stored as some of its blocks: then `size`
+    /// is the file's size and `sha256` the checksum of what the part holds for it (the stored
+    /// blocks, in order, 8192 bytes each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<FileBlocks>,
+}
+
+impl FileEntry {
+    /// The bytes the part's tar holds for this file.
+    pub fn stored_len(&self) -> u64 {
+        match &self.blocks {
+            Some(b) => b.stored.count() * BLCKSZ,
+            None => self.size,
+        }
+    }
+}
+
+/// PostgreSQL's block size (walnut supports the default 8 kB).
+pub const BLCKSZ: u64 = 8192;
+
+/// A relation file of an incremental backup stored as some of its blocks. Rebuilt by writing
+/// these blocks over the file as the parent backup (itself rebuilt) restores it, then setting its
+/// length to `size`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileBlocks {
+    /// Every block from here to the file's end is stored (the parent's copy is shorter, or the
+    /// relation was truncated below it since the parent began); below it, only changed blocks.
+    pub limit: u32,
+    /// The blocks stored, ascending (numbers within this file).
+    pub stored: BlockRanges,
+}
+
+/// A set of block numbers as ascending, disjoint ranges; written `"0-9,12,40-41"`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockRanges(pub Vec<(u32, u32)>);
+
+impl BlockRanges {
+    /// From ascending block numbers (duplicates ignored).
+    pub fn from_sorted(blocks: impl IntoIterator<Item = u32>) -> BlockRanges {
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        for b in blocks {
+            match out.last_mut() {
+                Some((_, hi)) if b <= *hi => {}
+                Some((_, hi)) if b == *hi + 1 => *hi = b,
+                _ => out.push((b, b)),
+            }
+        }
+        BlockRanges(out)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.iter().map(|(a, b)| (b - a) as u64 + 1).sum()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().flat_map(|&(a, b)| a..=b)
+    }
+}
+
+impl std::fmt::Display for BlockRanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (a, b)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if a == b { write!(f, "{a}")? } else { write!(f, "{a}-{b}")? }
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for BlockRanges {
+    type Err = String;
+    fn from_str(s: &str) -> Result<BlockRanges, String> {
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        for item in s.split(',').filter(|i| !i.is_empty()) {
+            let (a, b) = item.split_once('-').unwrap_or((item, item));
+            let (a, b): (u32, u32) = (a.parse().map_err(|_| format!("bad block {a:?}"))?, b.parse().map_err(|_| format!("bad block {b:?}"))?);
+            if a > b || out.last().is_some_and(|&(_, hi)| a <= hi.saturating_add(1)) {
+                return Err(format!("block ranges must ascend and not touch: {s:?}"));
+            }
+            out.push((a, b));
+        }
+        Ok(BlockRanges(out))
+    }
+}
+
+impl Serialize for BlockRanges {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BlockRanges {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<BlockRanges, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -72,9 +171,22 @@ pub struct Manifest {
     pub tablespaces: Vec<Tablespace>,
     pub parts: Vec<PartEntry>,
     pub files: Vec<FileEntry>,
-    /// Room for incremental backups: the backup this one builds on.
+    /// An incremental backup's parent: the backup (full or incremental) it was taken against.
     #[serde(default)]
-    pub parent: Option<String>,
+    pub parent: Option<BackupId>,
+    /// An incremental backup's chain, oldest (the full backup) first, its parent last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<BackupId>,
+    /// An incremental backup: the files stored whole although they are relation files that
+    /// existed in the parent, grouped by why (e.g. "created since the parent").
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub whole: BTreeMap<String, Vec<String>>,
+}
+
+impl Manifest {
+    pub fn is_incremental(&self) -> bool {
+        self.parent.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +236,19 @@ pub struct ManifestSummary {
     pub stored_bytes: u64,
     pub files: usize,
     pub pg_version_num: u32,
+    /// `full` or `incremental`.
+    #[serde(rename = "type", default = "full")]
+    pub kind: String,
+    /// An incremental backup's parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<BackupId>,
+    /// An incremental backup's chain, oldest first, its parent last (empty for a full backup).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<BackupId>,
+}
+
+fn full() -> String {
+    "full".into()
 }
 
 impl From<&Manifest> for ManifestSummary {
@@ -142,6 +267,9 @@ impl From<&Manifest> for ManifestSummary {
             stored_bytes: m.stored_bytes,
             files: m.files.len(),
             pg_version_num: m.pg_version_num,
+            kind: if m.is_incremental() { "incremental" } else { "full" }.into(),
+            parent: m.parent.clone(),
+            chain: m.chain.clone(),
         }
     }
 }

@@ -26,7 +26,11 @@ use tokio::sync::mpsc;
 use walnut_pg::{Lsn, PgMajor, SystemId, TimelineId, WalFileName, WalSegSize, names::SegName};
 use walnut_storage::{PutMode, StorageError};
 
+/// The manifest format of a full backup (1) and of an incremental one (2: files may be stored
+/// as blocks, which a reader of format 1 would restore as if they were whole files). A reader
+/// refuses a manifest of a newer format.
 pub const MANIFEST_FORMAT: u32 = 1;
+pub const MANIFEST_FORMAT_INCREMENTAL: u32 = 2;
 /// A running backup refreshes its marker this often; a marker older than 3x this is FAILED.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 

@@ -165,6 +165,7 @@ pub(super) fn produce_stream(
                 sha256: hex::encode(sum),
                 mtime: f.mtime,
                 part: key.clone(),
+                blocks: None,
             });
         }
         if builder.get_ref().count >= part_size {
@@ -511,6 +512,8 @@ pub(super) async fn push_inner(
         parts,
         files: file_entries,
         parent: None,
+        chain: vec![],
+        whole: Default::default(),
     };
     // Commit: the manifest, create-only, last.
     walnut_storage::crashpoint::hit("backup-push:before-manifest");
