@@ -5,10 +5,12 @@
 //! - [`repo`]: a repository = a store + its identity (one cluster per repository, checked on
 //!   every write).
 //! - [`wal`]: `wal-push` (validate, upload-ahead) and `wal-fetch` (verify, prefetch spool).
+//! - [`blockmap`]: changed-block maps of WAL ranges, for block-incremental backups.
 //! - [`state`]: walnut's own working state on the local disk (never inside PGDATA).
 
 pub mod archive;
 pub mod backup;
+pub mod blockmap;
 pub mod crypt;
 pub mod durable;
 pub mod envelope;

@@ -1,11 +1,16 @@
 //! The small summary of a WAL segment that travels with it (in the object's envelope metadata),
 //! made at `wal-push` by decoding the segment. `wal-show`, `wal-verify` and the restore planner
 //! read summaries instead of re-downloading segments.
+//!
+//! The segment's changed-block map ([`crate::blockmap`]) is made here too, but kept out of the
+//! summary (summaries are indexed in bulk and stay small): [`summarize_with_blocks`] makes both
+//! in one decode, [`segment_block_map`] and [`tail_block_map`] the map alone.
 
+use crate::blockmap::{BlockMap, BlockMapBuilder};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use walnut_pg::Lsn;
-use walnut_pg::walrec::{self, End, Event, PgTimestamp, XactKind};
+use walnut_pg::walrec::{self, Decoded, End, Event, PgTimestamp, XactKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct RestorePoint {
@@ -42,7 +47,67 @@ fn time(t: PgTimestamp) -> Option<DateTime<Utc>> {
 
 /// Decodes a segment into its summary, or says why it is not valid WAL.
 pub fn summarize(seg: &[u8], start: Lsn) -> Result<SegmentSummary, String> {
-    let d = walrec::decode_segment(seg, start, None);
+    from_decoded(walrec::decode_segment(seg, start, None))
+}
+
+/// [`summarize`] and [`segment_block_map`] (without the next segment) in one decode.
+pub fn summarize_with_blocks(seg: &[u8], start: Lsn) -> Result<(SegmentSummary, BlockMap), String> {
+    let mut b = BlockMapBuilder::new();
+    let d = walrec::decode_segment_with_blocks(seg, start, None, |r| b.add(r));
+    let end = map_end(&d, seg, start)?;
+    Ok((from_decoded(d)?, b.finish(start, end)))
+}
+
+/// The end of the range a segment's map covers: the records that begin in the segment, but for
+/// one that continues past the data at hand.
+fn map_end(d: &Decoded, seg: &[u8], start: Lsn) -> Result<Lsn, String> {
+    let seg_end = Lsn(start.0 + seg.len() as u64);
+    Ok(match d.end {
+        End::Invalid => return Err(d.invalid_reason.clone().unwrap_or_else(|| "invalid WAL".into())),
+        End::Switch | End::SegmentEnd => seg_end,
+        End::ContinuesIntoNext | End::Zeros => d.end_of_valid.min(seg_end),
+    })
+}
+
+/// The changed-block map of the records that begin in the segment at `start`. Without `next`
+/// (the following segment), the record that continues into it is left out: the map ends where
+/// that record begins, and [`tail_block_map`] covers it once the next segment is at hand. A
+/// segment that ends in zeros (a partial one) is covered up to its end of valid WAL.
+pub fn segment_block_map(seg: &[u8], start: Lsn, next: Option<&[u8]>) -> Result<BlockMap, String> {
+    let mut b = BlockMapBuilder::new();
+    let d = walrec::decode_segment_with_blocks(seg, start, next, |r| b.add(r));
+    let end = map_end(&d, seg, start)?;
+    Ok(b.finish(start, end))
+}
+
+/// The map of the one record that begins in the segment at `start` and continues into `next`,
+/// covering from where [`segment_block_map`] without `next` ends to the segment's end; `None`
+/// when no record continues. An error when the record does not validate whole (a record
+/// continuing even past `next`, or one cut off by a crash: then nothing covers that range, and
+/// a merged map with it reads as unknown).
+pub fn tail_block_map(seg: &[u8], start: Lsn, next: &[u8]) -> Result<Option<BlockMap>, String> {
+    let seg_end = Lsn(start.0 + seg.len() as u64);
+    let mut before = start;
+    let mut b = BlockMapBuilder::new();
+    let mut tail = false;
+    let d = walrec::decode_segment_with_blocks(seg, start, Some(next), |r| {
+        if r.end > seg_end {
+            b.add(r);
+            tail = true;
+        } else {
+            before = r.end;
+        }
+    });
+    match d.end {
+        End::Invalid => Err(d.invalid_reason.unwrap_or_else(|| "invalid WAL".into())),
+        End::ContinuesIntoNext if !tail => {
+            Err(format!("the record after {before} continues past the next segment too"))
+        }
+        _ => Ok(tail.then(|| b.finish(before, seg_end))),
+    }
+}
+
+fn from_decoded(d: Decoded) -> Result<SegmentSummary, String> {
     let end = match d.end {
         End::Invalid => return Err(d.invalid_reason.unwrap_or_else(|| "invalid WAL".into())),
         End::Switch => "switch",

@@ -1,7 +1,8 @@
 //! PostgreSQL vocabulary for walnut, pure and I/O free.
 //!
 //! Everything here parses or formats bytes and strings it is given: LSNs, timeline IDs, WAL file
-//! names, WAL page headers and `pg_control`. Quantities are newtypes whose `Display`/`FromStr` use
+//! names, WAL page headers and records ([`walrec`], block references included), relation file
+//! names ([`relpath`]) and `pg_control`. Quantities are newtypes whose `Display`/`FromStr` use
 //! PostgreSQL's own text (`16/B374D848`, `000000010000000000000003`), so raw integers and strings do
 //! not cross module boundaries.
 //!
@@ -12,6 +13,7 @@ pub mod control;
 pub mod history;
 pub mod lsn;
 pub mod names;
+pub mod relpath;
 pub mod version;
 pub mod walpage;
 pub mod walrec;

@@ -81,12 +81,14 @@ pub struct PgOptions {
     pub archive_command: Option<String>,
     /// `initdb --wal-segsize` in MiB.
     pub wal_segsize_mb: u32,
+    /// `initdb --data-checksums`.
+    pub data_checksums: bool,
     pub extra_conf: String,
 }
 
 impl Default for PgOptions {
     fn default() -> Self {
-        PgOptions { archive_command: None, wal_segsize_mb: 16, extra_conf: String::new() }
+        PgOptions { archive_command: None, wal_segsize_mb: 16, data_checksums: false, extra_conf: String::new() }
     }
 }
 
@@ -109,6 +111,7 @@ impl PgCluster {
             .arg(&pgdata)
             .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
             .arg(format!("--wal-segsize={}", opts.wal_segsize_mb))
+            .args(opts.data_checksums.then_some("--data-checksums"))
             .output()
             .unwrap_or_else(|e| panic!("run initdb: {e}: {FIX}"));
         check("initdb", out);
