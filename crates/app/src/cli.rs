@@ -53,6 +53,18 @@ pub enum Command {
         /// A unique name for this backup: [A-Za-z0-9._-]{1,64}.
         #[arg(long)]
         name: Option<String>,
+        /// Store only the blocks changed since the parent backup began (found in the archived
+        /// WAL); a full backup when there is nothing to build on or the chain is [backup]
+        /// max_chain long.
+        #[arg(long)]
+        incremental: bool,
+        /// The parent of an incremental backup (ID, name or LATEST; default: the newest DONE
+        /// backup in this server's timeline history).
+        #[arg(long, value_name = "REF", requires = "incremental")]
+        parent: Option<String>,
+        /// Read the data directory at most this fast, e.g. 50MB/s (default [backup] max_rate).
+        #[arg(long, value_name = "RATE", value_parser = crate::config::parse_rate)]
+        max_rate: Option<crate::config::Rate>,
     },
     /// List backups.
     BackupList {

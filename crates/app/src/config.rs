@@ -51,6 +51,43 @@ pub fn parse_config_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A rate in bytes per second, written `50MB/s`, `10MiB/s`, `1GB/s` (`/s` optional; kB/MB/GB
+/// are powers of 1000, KiB/MiB/GiB of 1024; a plain number is bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate(pub u64);
+
+const RATE_HINT: &str = "use a number and a unit per second, like 50MB/s, 10MiB/s or 1GB/s";
+
+pub fn parse_rate(text: &str) -> Result<Rate, String> {
+    let t = text.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t).trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let n: f64 = num.parse().map_err(|_| format!("invalid rate {text:?}: {RATE_HINT}"))?;
+    let mult: f64 = match unit {
+        "" | "B" => 1.0,
+        "kB" | "KB" | "k" | "K" => 1e3,
+        "MB" | "M" => 1e6,
+        "GB" | "G" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("invalid rate {text:?}: unknown unit {unit:?}; {RATE_HINT}")),
+    };
+    let bytes = n * mult;
+    if !(bytes >= 1024.0 * 1024.0 && bytes < 1e15) {
+        return Err(format!("rate {text:?} is out of range: at least 1MiB/s; {RATE_HINT}"));
+    }
+    Ok(Rate(bytes as u64))
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_rate(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 impl<'de> Deserialize<'de> for ConfigDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -201,6 +238,10 @@ pub struct BackupSection {
     pub part_size_mb: Option<u64>,
     /// How long backup-push waits for its WAL to be archived.
     pub archive_wait: Option<ConfigDuration>,
+    /// A bound on how fast backups read the data directory (`--max-rate`).
+    pub max_rate: Option<Rate>,
+    /// Incremental backups in a chain before `backup-push --incremental` takes a full one.
+    pub max_chain: Option<usize>,
 }
 
 #[derive(Default, Deserialize)]
@@ -347,6 +388,8 @@ pub struct Config {
     pub backup_parallel: usize,
     pub backup_part_size: u64,
     pub backup_archive_wait: Duration,
+    pub backup_max_rate: Option<u64>,
+    pub backup_max_chain: usize,
     /// The walnut executable written into archive_command/restore_command (the running one).
     pub exe: PathBuf,
     pub agent_listen: String,
@@ -650,6 +693,8 @@ impl Config {
                 Duration::from_secs(300),
                 1,
             )?,
+            backup_max_rate: file.backup.max_rate.map(|r| r.0),
+            backup_max_chain: in_range(file.backup.max_chain, "backup.max_chain", 7, 1, 1000)?,
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("walnut")),
             agent_listen: env("WALNUT_AGENT_LISTEN").or(file.agent.listen).unwrap_or_else(|| "127.0.0.1:5500".into()),
             agent_token_file: file.agent.token_file,
@@ -705,6 +750,8 @@ impl std::fmt::Debug for Config {
             .field("backup_parallel", &self.backup_parallel)
             .field("backup_part_size", &self.backup_part_size)
             .field("backup_archive_wait", &self.backup_archive_wait)
+            .field("backup_max_rate", &self.backup_max_rate)
+            .field("backup_max_chain", &self.backup_max_chain)
             .field("exe", &self.exe)
             .field("agent_listen", &self.agent_listen)
             .field("agent_token_file", &self.agent_token_file)
@@ -891,6 +938,10 @@ mod tests {
             ("[backup]\npart_size_mb = 0\n", &["line 2", "[backup] part_size_mb must be 1 to"]),
             ("[backup]\npart_size_mb = 99999999999999\n", &["line 2", "[backup] part_size_mb must be 1 to 1048576"]),
             ("[backup]\narchive_wait = \"0s\"\n", &["line 2", "[backup] archive_wait must be at least 1s, got \"0s\""]),
+            ("[backup]\nmax_rate = \"fast\"\n", &["line 2", "invalid rate \"fast\"", "50MB/s"]),
+            ("[backup]\nmax_rate = \"10kB/s\"\n", &["line 2", "at least 1MiB/s"]),
+            ("[backup]\nmax_rate = \"5 parsecs/s\"\n", &["line 2", "unknown unit"]),
+            ("[backup]\nmax_chain = 0\n", &["line 2", "[backup] max_chain must be 1 to 1000"]),
             ("[storage]\nrequest_timeout = \"0s\"\n", &["line 2", "[storage] request_timeout must be at least 1s"]),
             ("[storage]\nretry_time = \"0s\"\n", &["line 2", "[storage] retry_time must be at least 1s"]),
             ("[storage]\ndeadline = \"0ms\"\n", &["line 2", "[storage] deadline must be at least 1s"]),
@@ -1004,6 +1055,15 @@ prefetch = 4
         let c = Config::resolve(f, None, None).unwrap();
         assert_eq!(c.upload_ahead, 2);
         assert!(!format!("{c:?}").contains("super-secret-value"), "secrets never in Debug");
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("50MB/s"), Ok(Rate(50_000_000)));
+        assert_eq!(parse_rate("10MiB/s"), Ok(Rate(10 << 20)));
+        assert_eq!(parse_rate("1.5GB"), Ok(Rate(1_500_000_000)));
+        assert_eq!(parse_rate("2097152"), Ok(Rate(2 << 20)));
+        assert!(parse_rate("-5MB/s").is_err());
     }
 
     #[test]

@@ -50,6 +50,8 @@ impl Ctx {
             part_size: self.config.backup_part_size,
             archive_wait: self.config.backup_archive_wait,
             cancel: Default::default(),
+            incremental: None,
+            max_rate: self.config.backup_max_rate,
         })
     }
 

@@ -105,6 +105,19 @@ struct Prepared {
     identity: Option<Identity>,
     content: Bytes,
     summary: Option<crate::summary::SegmentSummary>,
+    /// The segment's changed-block map (for incremental backups), stored in its metadata.
+    blocks: Option<crate::blockmap::BlockMap>,
+}
+
+impl Prepared {
+    /// The metadata stored with the file: its name, summary and block map.
+    fn meta(&self) -> serde_json::Value {
+        let mut meta = serde_json::json!({ "name": self.name.to_string(), "summary": self.summary });
+        if let Some(map) = &self.blocks {
+            meta["blocks"] = crate::backup::map_metadata(map);
+        }
+        meta
+    }
 }
 
 fn identity_from_control(path: &Path) -> Result<Identity, String> {
@@ -123,15 +136,14 @@ fn identity_from_control(path: &Path) -> Result<Identity, String> {
 fn prepare(path: &Path, content: Bytes) -> Result<Prepared, WalError> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let name = WalFileName::parse(&file_name)?;
-    let mut summary = None;
+    let (mut summary, mut blocks) = (None, None);
     let identity = match name {
         WalFileName::Segment(seg) => {
             let c = walpage::check_segment(seg, &content)?;
             // Decode every record: corrupt WAL is never archived as good.
-            summary = Some(
-                crate::summary::summarize(&content, c.seg_size.start_lsn(c.segno))
-                    .map_err(|reason| WalError::CorruptWal { name: file_name.clone(), reason })?,
-            );
+            let (s, b) = crate::summary::summarize_with_blocks(&content, c.seg_size.start_lsn(c.segno))
+                .map_err(|reason| WalError::CorruptWal { name: file_name.clone(), reason })?;
+            (summary, blocks) = (Some(s), Some(b));
             Some(Identity::new(c.sysid, c.major, c.seg_size))
         }
         WalFileName::Partial(_) => {
@@ -141,7 +153,7 @@ fn prepare(path: &Path, content: Bytes) -> Result<Prepared, WalError> {
         }
         WalFileName::History(_) | WalFileName::Backup(..) => identity_from_control(path).ok(),
     };
-    Ok(Prepared { name, identity, content, summary })
+    Ok(Prepared { name, identity, content, summary, blocks })
 }
 
 fn same_sum(stored: &[u8], ours: &[u8; 32]) -> Result<(), (String, String)> {
@@ -246,7 +258,7 @@ impl WalPusher {
     async fn store_one(&self, p: &Prepared) -> Result<Stored, WalError> {
         let key = layout::wal_key(&p.name);
         let codec = self.codec.clone();
-        let mut meta = serde_json::json!({ "name": p.name.to_string(), "summary": p.summary });
+        let mut meta = p.meta();
         // A timeline history file's entries, in clear beside an encrypted content: planning and
         // listing follow timelines without the key.
         if let WalFileName::History(_) = p.name
@@ -676,7 +688,7 @@ pub async fn stage_timings(
     let c = prepared.content.clone();
     cpu(move || envelope::sha256(&c)).await;
     lap("sha256 alone", &mut stages);
-    let meta = serde_json::json!({ "name": prepared.name.to_string(), "summary": prepared.summary });
+    let meta = prepared.meta();
     let c = prepared.content.clone();
     let object = cpu(move || envelope::encode(&c, &meta, codec)).await;
     lap("compress + checksum", &mut stages);

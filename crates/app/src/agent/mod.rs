@@ -494,6 +494,9 @@ mod tests {
                 stored_bytes: 1,
                 files: 1,
                 pg_version_num: 150000,
+                kind: "full".into(),
+                parent: None,
+                chain: vec![],
             }),
         }
     }

@@ -9,9 +9,22 @@ use std::time::{Duration, Instant};
 use walnut_core::backup::{self, Progress, Status};
 use walnut_core::restore::{TablespaceTarget, check_dest, clean_dest, mark_done, mark_in_progress, tablespace_targets};
 
-pub async fn push(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>) -> Result<()> {
+/// How `backup-push` was asked to back up, beyond the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct PushHow {
+    pub incremental: bool,
+    pub parent: Option<String>,
+    pub max_rate: Option<u64>,
+}
+
+pub async fn push(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>, how: PushHow) -> Result<()> {
     let repo = ctx.repository()?;
     let mut opts = ctx.push_options(pgdata, name, false)?;
+    if how.incremental {
+        opts.incremental =
+            Some(backup::IncrementalOptions { parent: how.parent, max_chain: ctx.config.backup_max_chain });
+    }
+    opts.max_rate = how.max_rate.or(opts.max_rate);
     // Ctrl-C or SIGTERM: the backup is marked FAILED at once instead of going stale.
     opts.cancel = super::stop_signal();
     let progress = Arc::new(Progress::default());
@@ -24,6 +37,17 @@ pub async fn push(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>) -> Res
     if ctx.global.json {
         println!("{}", serde_json::to_string_pretty(&backup::ManifestSummary::from(&m))?);
     } else if !ctx.global.quiet {
+        if let Some(parent) = &m.parent {
+            let blocks = m.files.iter().filter(|f| f.blocks.is_some()).count();
+            let whole: usize = m.whole.values().map(Vec::len).sum();
+            println!(
+                "incremental on {parent} (chain of {}): {blocks} relation file(s) stored as changed blocks, {whole} \
+                 stored whole although the parent holds them (see backup-show)",
+                m.chain.len()
+            );
+        } else if how.incremental {
+            println!("a full backup, not an incremental one (see the warning above)");
+        }
         println!(
             "backup {}{} DONE: {} in {} files -> {} stored ({:.1}x) in {:.1?} ({}); consistent at {} (WAL {}..{})",
             m.id,
@@ -56,7 +80,7 @@ pub async fn list(ctx: &Ctx, detail: bool) -> Result<()> {
     let mut rows = vec![];
     let mut header = vec!["ID", "NAME", "STATUS", "END TIME", "BEGIN WAL"];
     if detail {
-        header.extend(["START LSN", "END LSN", "TLI", "SIZE", "STORED", "DURATION"]);
+        header.extend(["TYPE", "PARENT", "START LSN", "END LSN", "TLI", "SIZE", "STORED", "CHAIN STORED", "DURATION"]);
     }
     for b in &all {
         let m = b.manifest.as_ref();
@@ -71,11 +95,14 @@ pub async fn list(ctx: &Ctx, detail: bool) -> Result<()> {
             let dur =
                 m.map(|m| format!("{}s", (m.end_time - m.start_time).num_seconds())).unwrap_or_else(|| "-".into());
             row.extend([
+                m.map(|m| m.kind.clone()).unwrap_or_else(|| "-".into()),
+                m.and_then(|m| m.parent.as_ref().map(|p| p.to_string())).unwrap_or_else(|| "-".into()),
                 m.map(|m| m.start_lsn.to_string()).unwrap_or_else(|| "-".into()),
                 m.map(|m| m.end_lsn.to_string()).unwrap_or_else(|| "-".into()),
                 m.map(|m| m.timeline.to_string()).unwrap_or_else(|| "-".into()),
                 m.map(|m| output::bytes(m.data_bytes)).unwrap_or_else(|| "-".into()),
                 m.map(|m| output::bytes(m.stored_bytes)).unwrap_or_else(|| "-".into()),
+                b.chain_stored_bytes.map(output::bytes).unwrap_or_else(|| "-".into()),
                 dur,
             ]);
         }
@@ -127,6 +154,31 @@ pub async fn show(ctx: &Ctx, reference: &str) -> Result<()> {
     println!("Consistent at: {}  LSN {}  WAL {}", m.end_time, m.end_lsn, m.end_wal);
     println!("Data:          {} in {} files", output::bytes(m.data_bytes), m.files.len());
     println!("Stored:        {} in {} parts ({})", output::bytes(m.stored_bytes), m.parts.len(), m.compression);
+    match &m.parent {
+        None => println!("Type:          full"),
+        Some(parent) => {
+            let chain: Vec<String> = m.chain.iter().map(|c| c.to_string()).collect();
+            let as_blocks: Vec<&backup::FileEntry> = m.files.iter().filter(|f| f.blocks.is_some()).collect();
+            let blocks: u64 = as_blocks.iter().filter_map(|f| f.blocks.as_ref()).map(|b| b.stored.count()).sum();
+            println!("Type:          incremental on {parent}");
+            println!("Chain:         {} (oldest first)", chain.join(" <- "));
+            println!(
+                "Blocks:        {} relation file(s) stored as {blocks} changed block(s) ({})",
+                as_blocks.len(),
+                output::bytes(blocks * backup::BLCKSZ)
+            );
+            if m.whole.is_empty() {
+                println!("Stored whole:  none of the parent's relation files");
+            } else {
+                println!("Stored whole although the parent holds them, by reason:");
+                for (why, paths) in &m.whole {
+                    let shown: Vec<&str> = paths.iter().take(5).map(String::as_str).collect();
+                    let more = if paths.len() > 5 { format!(" and {} more", paths.len() - 5) } else { String::new() };
+                    println!("  {why}: {} file(s): {}{more}", paths.len(), shown.join(", "));
+                }
+            }
+        }
+    }
     if !m.tablespaces.is_empty() {
         for t in &m.tablespaces {
             println!("Tablespace:    {} (oid {}) at {}", t.display_name(), t.oid, t.location);
@@ -174,7 +226,14 @@ pub async fn fetch(ctx: &Ctx, dest: &Path, reference: &str, tablespace_maps: &[S
     let tablespaces = tablespace_targets(&m, dest, tablespace_maps)?;
     let took = fetch_into(ctx, &repo, &m, dest, &tablespaces).await?;
     let manifest = dest.join("backup_manifest");
-    walnut_core::durable::write(&manifest, backup::postgres_manifest(&m).as_bytes())
+    // An incremental backup's files rebuilt from blocks are checksummed as restored.
+    let whole = if m.is_incremental() {
+        let (m, dest) = (m.clone(), dest.to_path_buf());
+        tokio::task::spawn_blocking(move || backup::rebuilt(&m, &dest)).await??
+    } else {
+        m.clone()
+    };
+    walnut_core::durable::write(&manifest, backup::postgres_manifest(&whole).as_bytes())
         .with_context(|| format!("write {}", manifest.display()))?;
     for t in &tablespaces {
         mark_done(&t.dir)?;

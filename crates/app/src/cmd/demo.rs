@@ -129,7 +129,7 @@ async fn demo(bindir: &Path, root: &Path) -> Result<()> {
     let t = n.step("take a base backup (walnut backup-push)");
     global.quiet = true;
     let quiet_ctx = Ctx { global: global.clone(), config: config.clone() };
-    super::backup::push(&quiet_ctx, Some(&primary), None).await?;
+    super::backup::push(&quiet_ctx, Some(&primary), None, Default::default()).await?;
     let repository = ctx.repository()?;
     let latest = walnut_core::backup::resolve(&repository, "LATEST").await?;
     n.done(t, &format!("backup {} ({} stored)", latest.id, crate::output::bytes(latest.stored_bytes)));

@@ -108,5 +108,5 @@ pub async fn run(ctx: &Ctx, restart: bool) -> Result<()> {
         return Ok(());
     }
     println!("taking the first base backup");
-    super::backup::push(ctx, ctx.config.pgdata.as_deref(), None).await
+    super::backup::push(ctx, ctx.config.pgdata.as_deref(), None, Default::default()).await
 }

@@ -38,7 +38,10 @@ pub async fn run(cli: Cli) -> u8 {
         Command::WalPrefetch { name } => wal::prefetch(&ctx, &name).await,
         Command::WalWorker { pg_wal } => wal::worker(&ctx, &pg_wal).await,
         Command::ShowConfig => show_config(&ctx),
-        Command::BackupPush { pgdata, name } => finish(backup::push(&ctx, pgdata.as_deref(), name).await),
+        Command::BackupPush { pgdata, name, incremental, parent, max_rate } => {
+            let how = backup::PushHow { incremental, parent, max_rate: max_rate.map(|r| r.0) };
+            finish(backup::push(&ctx, pgdata.as_deref(), name, how).await)
+        }
         Command::BackupList { detail } => finish(backup::list(&ctx, detail).await),
         Command::BackupShow { reference } => finish(backup::show(&ctx, &reference).await),
         Command::BackupFetch { dest, reference, tablespace_map } => {

@@ -32,7 +32,13 @@ pub async fn list(repo: &Repository) -> Result<Vec<BackupInfo>, BackupError> {
             let id = BackupId::new_unchecked(key_id);
             if has_manifest {
                 let summary = load_catalog(repo, &id).await?.summary;
-                return Ok(BackupInfo { id, status: Status::Done, manifest: Some(summary), error: None });
+                return Ok(BackupInfo {
+                    id,
+                    status: Status::Done,
+                    manifest: Some(summary),
+                    chain_stored_bytes: None,
+                    error: None,
+                });
             }
             let marker_doc = match repo.get_object(&layout::backup_running(&id)).await {
                 Ok(d) => serde_json::from_slice::<RunningMarker>(&d.content).ok(),
@@ -43,12 +49,21 @@ pub async fn list(repo: &Repository) -> Result<Vec<BackupInfo>, BackupError> {
             let error = marker_doc.as_ref().and_then(|m| m.error.clone());
             let status = if fresh && error.is_none() { Status::Running } else { Status::Failed };
             let error = error.or((status == Status::Failed).then(|| "interrupted (no manifest, marker stale)".into()));
-            Ok::<_, BackupError>(BackupInfo { id, status, manifest: None, error })
+            Ok::<_, BackupError>(BackupInfo { id, status, manifest: None, chain_stored_bytes: None, error })
         })
         .buffered(8)
         .collect::<Vec<_>>()
         .await;
-    loaded.into_iter().collect()
+    let mut all: Vec<BackupInfo> = loaded.into_iter().collect::<Result<_, _>>()?;
+    let stored: HashMap<BackupId, u64> =
+        all.iter().filter_map(|b| b.manifest.as_ref().map(|m| (b.id.clone(), m.stored_bytes))).collect();
+    for b in &mut all {
+        if let Some(m) = b.manifest.as_ref().filter(|m| !m.chain.is_empty()) {
+            // A member missing from the listing counts nothing (verify and restore name it).
+            b.chain_stored_bytes = Some(m.stored_bytes + m.chain.iter().filter_map(|c| stored.get(c)).sum::<u64>());
+        }
+    }
+    Ok(all)
 }
 
 /// A DONE backup's catalog: read from the manifest's (clear, checksummed) metadata, with a range

@@ -80,8 +80,14 @@ impl<R: Read> Read for CountingReader<R> {
 /// What reading a part is for.
 pub(super) enum PartUse<'a> {
     /// Restore: every file checked against the manifest and written below `dest`, fsynced by the
-    /// syncer's threads.
-    Extract { dest: &'a Path, fsync: &'a std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)> },
+    /// syncer's threads; with `only`, the other files of the part are read through, not written
+    /// (a backup of a chain whose later members supersede them). A file stored as blocks is
+    /// written over what `dest` holds under its path (the chain's earlier members restored it).
+    Extract {
+        dest: &'a Path,
+        fsync: &'a std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)>,
+        only: Option<&'a std::collections::HashSet<String>>,
+    },
     /// Verification, nothing written: the whole content is hashed against the part's trailer
     /// and the manifest; with `files`, the tar is read too and every file checked against the
     /// manifest.
@@ -256,27 +262,38 @@ pub(super) fn extract_part(
                         let want = expected
                             .get(&rel)
                             .ok_or_else(|| corrupt(format!("{rel} is in the part but not in the manifest")))?;
+                        if let PartUse::Extract { only: Some(only), .. } = &usage
+                            && !only.contains(&rel)
+                        {
+                            // Superseded by a later backup of the chain: read through.
+                            continue;
+                        }
                         let mut out = match &usage {
-                            PartUse::Extract { dest, fsync } => {
+                            PartUse::Extract { dest, fsync, .. } => {
                                 let target = dest.join(&path);
                                 if let Some(parent) = target.parent() {
                                     std::fs::create_dir_all(parent)
                                         .map_err(io_ctx(format!("create {}", parent.display())))?;
                                 }
-                                let file = std::fs::File::create(&target)
-                                    .map_err(io_ctx(format!("create {}", target.display())))?;
+                                let file = if want.blocks.is_some() {
+                                    std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&target)
+                                } else {
+                                    std::fs::File::create(&target)
+                                }
+                                .map_err(io_ctx(format!("create {}", target.display())))?;
                                 Some((target, file, *fsync))
                             }
                             PartUse::Check { .. } => None,
                         };
                         let mut h = HashingReader::new(&mut entry);
-                        match &mut out {
-                            Some((_, file, _)) => std::io::copy(&mut h, file),
-                            None => std::io::copy(&mut h, &mut std::io::sink()),
+                        match (&mut out, &want.blocks) {
+                            (Some((_, file, _)), Some(blocks)) => write_blocks(&mut h, file, blocks, want.size),
+                            (Some((_, file, _)), None) => std::io::copy(&mut h, file).map(|_| ()),
+                            (None, _) => std::io::copy(&mut h, &mut std::io::sink()).map(|_| ()),
                         }
                         .map_err(|e| corrupt(format!("{rel}: {e}")))?;
                         let (n, sum) = h.finish();
-                        if n != want.size || hex::encode(sum) != want.sha256 {
+                        if n != want.stored_len() || hex::encode(sum) != want.sha256 {
                             return Err(corrupt(format!("{rel}: content does not match the manifest checksum")));
                         }
                         progress.done.fetch_add(n, Ordering::Relaxed);
@@ -319,6 +336,22 @@ pub(super) fn extract_part(
         )));
     }
     Ok((written, tn, tsum))
+}
+
+/// Writes the blocks of an incremental backup's file (`blocks.stored`, in order, from `data`)
+/// over `file` at their places, then gives the file its length at that backup.
+fn write_blocks(data: &mut impl Read, file: &std::fs::File, blocks: &FileBlocks, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; BLCKSZ as usize];
+    for b in blocks.stored.iter() {
+        data.read_exact(&mut buf)?;
+        file.write_all_at(&buf, b as u64 * BLCKSZ)?;
+    }
+    // Anything after the last block would be a tar entry longer than the blocks it names.
+    if data.read(&mut buf[..1])? != 0 {
+        return Err(std::io::Error::other("more data than the blocks the manifest names"));
+    }
+    file.set_len(size)
 }
 
 /// Downloads part `key` and hands it, as a blocking reader, to `use_it` on a blocking thread.
@@ -382,6 +415,127 @@ pub async fn check_part(
     .await
 }
 
+/// Restores the parts of one backup (of a chain: only the files in `only`) below `dest`.
+async fn fetch_stage(
+    repo: &Repository,
+    manifest: &Manifest,
+    dest: &Path,
+    only: Option<std::collections::HashSet<String>>,
+    fsync: &std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)>,
+    parallel: usize,
+    progress: &Arc<Progress>,
+) -> Result<Vec<String>, BackupError> {
+    let expected: Arc<HashMap<String, FileEntry>> =
+        Arc::new(manifest.files.iter().map(|f| (f.path.clone(), f.clone())).collect());
+    // The parts that hold a file wanted from this backup.
+    let parts: Vec<PartEntry> = match &only {
+        None => manifest.parts.clone(),
+        Some(only) => {
+            let wanted: std::collections::HashSet<&str> =
+                manifest.files.iter().filter(|f| only.contains(&f.path)).map(|f| f.part.as_str()).collect();
+            manifest.parts.iter().filter(|p| wanted.contains(p.key.as_str())).cloned().collect()
+        }
+    };
+    let only = only.map(Arc::new);
+    let results: Vec<Result<Vec<String>, BackupError>> = futures::stream::iter(parts)
+        .map(|part| {
+            let (repo, expected, progress, dest) =
+                (repo.clone(), expected.clone(), progress.clone(), dest.to_path_buf());
+            let (fsync, only) = (fsync.clone(), only.clone());
+            async move {
+                let (key, keys) = (part.key.clone(), repo.keys().cloned());
+                let r = read_part(&repo, &part.key, move |reader| {
+                    let usage = PartUse::Extract { dest: &dest, fsync: &fsync, only: only.as_deref() };
+                    extract_part(&key, reader, &expected, &progress, usage, keys.as_deref()).map(|(files, _, _)| files)
+                })
+                .await;
+                walnut_storage::crashpoint::hit("backup-fetch:after-a-part");
+                r
+            }
+        })
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    let mut written = Vec::new();
+    for r in results {
+        written.extend(r?);
+    }
+    Ok(written)
+}
+
+/// The manifests of an incremental backup's chain, oldest (its full backup) first, the backup
+/// itself last; each member must be there, DONE, and of the same cluster.
+pub async fn load_chain(repo: &Repository, manifest: &Manifest) -> Result<Vec<Manifest>, BackupError> {
+    let mut chain = vec![manifest.clone()];
+    let mut next = manifest.parent.clone();
+    while let Some(parent) = next {
+        if chain.len() > 10_000 || chain.iter().any(|m| m.id == parent) {
+            return Err(BackupError::Invalid(format!("backup {}: its chain loops at {parent}", manifest.id)));
+        }
+        let m = load_manifest(repo, &parent).await.map_err(|e| {
+            BackupError::Invalid(format!(
+                "backup {} is incremental and needs backup {parent} (in its chain), which cannot be read: {e}",
+                manifest.id
+            ))
+        })?;
+        if m.system_identifier != manifest.system_identifier {
+            return Err(BackupError::Invalid(format!(
+                "backup {}: its parent {parent} is of another cluster (system identifier {})",
+                manifest.id, m.system_identifier
+            )));
+        }
+        next = m.parent.clone();
+        chain.push(m);
+    }
+    chain.reverse();
+    let ids: Vec<&BackupId> = chain[..chain.len() - 1].iter().map(|m| &m.id).collect();
+    if !manifest.chain.is_empty() && manifest.chain.iter().collect::<Vec<_>>() != ids {
+        return Err(BackupError::Invalid(format!(
+            "backup {}: its manifest names the chain {:?}, its parents lead through {ids:?}",
+            manifest.id, manifest.chain
+        )));
+    }
+    Ok(chain)
+}
+
+/// What to restore from each backup of a chain (oldest first): `None` for everything (a lone
+/// full backup), else the paths of the last member's files that this member contributes: the
+/// newest whole copy of each file and every later member's blocks of it.
+pub fn chain_stages(chain: &[Manifest]) -> Result<Vec<Option<std::collections::HashSet<String>>>, BackupError> {
+    let Some(target) = chain.last() else { return Ok(vec![]) };
+    if chain.len() == 1 {
+        return Ok(vec![None]);
+    }
+    let by_path: Vec<HashMap<&str, &FileEntry>> =
+        chain.iter().map(|m| m.files.iter().map(|f| (f.path.as_str(), f)).collect()).collect();
+    let mut stages: Vec<std::collections::HashSet<String>> = vec![Default::default(); chain.len()];
+    for f in &target.files {
+        let mut k = chain.len() - 1;
+        loop {
+            let Some(e) = by_path[k].get(f.path.as_str()) else {
+                return Err(BackupError::Invalid(format!(
+                    "backup {} stores {} as blocks over backup {}, which does not hold it: the chain is inconsistent",
+                    chain[k + 1].id,
+                    f.path,
+                    chain[k].id
+                )));
+            };
+            stages[k].insert(f.path.clone());
+            if e.blocks.is_none() {
+                break;
+            }
+            if k == 0 {
+                return Err(BackupError::Invalid(format!(
+                    "backup {} (the chain's first) stores {} as blocks: a chain begins with a full backup",
+                    chain[0].id, f.path
+                )));
+            }
+            k -= 1;
+        }
+    }
+    Ok(stages.into_iter().map(Some).collect())
+}
+
 /// Downloads and extracts a backup into `dest` (which must exist and be empty), in parallel,
 /// verifying everything; then writes `backup_label` (and `tablespace_map` when the tablespaces
 /// are not restored in place) and the directories PostgreSQL needs.
@@ -414,34 +568,39 @@ pub async fn fetch(
             )))?;
         }
     }
-    let expected: Arc<HashMap<String, FileEntry>> =
-        Arc::new(manifest.files.iter().map(|f| (f.path.clone(), f.clone())).collect());
+    // An incremental backup is rebuilt from its chain, oldest first: each file from the newest
+    // backup that holds it whole, then the blocks of every later one written over it.
+    let chain = if manifest.is_incremental() { load_chain(repo, manifest).await? } else { vec![manifest.clone()] };
+    let stages = chain_stages(&chain)?;
+    if chain.len() > 1 {
+        let total: u64 = chain
+            .iter()
+            .zip(&stages)
+            .flat_map(|(m, only)| m.files.iter().filter(move |f| only.as_ref().is_none_or(|o| o.contains(&f.path))))
+            .map(|f| f.stored_len())
+            .sum();
+        progress.total.store(total, Ordering::Relaxed);
+    }
     let syncer = Syncer::start(4);
     let fsync = syncer.sender();
-    let results: Vec<Result<Vec<String>, BackupError>> = futures::stream::iter(manifest.parts.clone())
-        .map(|part| {
-            let (repo, expected, progress, dest) =
-                (repo.clone(), expected.clone(), progress.clone(), dest.to_path_buf());
-            let fsync = fsync.clone();
-            async move {
-                let (key, keys) = (part.key.clone(), repo.keys().cloned());
-                let r = read_part(&repo, &part.key, move |reader| {
-                    let usage = PartUse::Extract { dest: &dest, fsync: &fsync };
-                    extract_part(&key, reader, &expected, &progress, usage, keys.as_deref()).map(|(files, _, _)| files)
-                })
-                .await;
-                walnut_storage::crashpoint::hit("backup-fetch:after-a-part");
-                r
+    let mut seen = std::collections::HashSet::new();
+    let mut failed = None;
+    for (member, only) in chain.iter().zip(stages) {
+        if only.as_ref().is_some_and(|o| o.is_empty()) {
+            continue;
+        }
+        match fetch_stage(repo, member, dest, only, &fsync, parallel, &progress).await {
+            Ok(files) => seen.extend(files),
+            Err(e) => {
+                failed = Some(e);
+                break;
             }
-        })
-        .buffer_unordered(parallel.max(1))
-        .collect()
-        .await;
+        }
+    }
     drop(fsync);
     let synced = crate::repo::cpu(move || syncer.finish()).await;
-    let mut seen = std::collections::HashSet::new();
-    for r in results {
-        seen.extend(r?);
+    if let Some(e) = failed {
+        return Err(e);
     }
     synced.map_err(io_ctx(format!("fsync the files restored into {}", dest.display())))?;
     if let Some(missing) = manifest.files.iter().find(|f| !seen.contains(&f.path)) {

@@ -92,7 +92,10 @@ impl std::str::FromStr for BlockRanges {
         let mut out: Vec<(u32, u32)> = Vec::new();
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (a, b) = item.split_once('-').unwrap_or((item, item));
-            let (a, b): (u32, u32) = (a.parse().map_err(|_| format!("bad block {a:?}"))?, b.parse().map_err(|_| format!("bad block {b:?}"))?);
+            let (a, b): (u32, u32) = (
+                a.parse().map_err(|_| format!("bad block {a:?}"))?,
+                b.parse().map_err(|_| format!("bad block {b:?}"))?,
+            );
             if a > b || out.last().is_some_and(|&(_, hi)| a <= hi.saturating_add(1)) {
                 return Err(format!("block ranges must ascend and not touch: {s:?}"));
             }
@@ -214,6 +217,9 @@ pub struct BackupInfo {
     pub status: Status,
     #[serde(flatten)]
     pub manifest: Option<ManifestSummary>,
+    /// An incremental backup: what its whole chain stores (its own `stored_bytes` included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chain_stored_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -308,6 +314,22 @@ pub(crate) fn manifest_object(m: &Manifest, codec: &Codec) -> Bytes {
     let body = serde_json::to_vec_pretty(m).expect("serialisable");
     let meta = serde_json::json!({ "catalog": Catalog::from(m) });
     envelope::encode(&body, &meta, Codec { compression: crate::Compression::None, level: 0, seal: codec.seal.clone() })
+}
+
+/// The manifest of an incremental backup as restored into `dest`: every file whole, with the
+/// SHA-256 of its rebuilt content (read back from `dest`), for PostgreSQL's `backup_manifest`.
+pub fn rebuilt(m: &Manifest, dest: &Path) -> std::io::Result<Manifest> {
+    let mut out = m.clone();
+    for f in out.files.iter_mut().filter(|f| f.blocks.is_some()) {
+        let path = dest.join(&f.path);
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let mut h = HashingWriter::new(std::io::sink());
+        std::io::copy(&mut file, &mut h)?;
+        let (_, size, sum) = h.finish();
+        (f.size, f.sha256, f.blocks) = (size, hex::encode(sum), None);
+    }
+    Ok(out)
 }
 
 /// PostgreSQL's own `backup_manifest` (version 1) for a fetched backup, so `pg_verifybackup`

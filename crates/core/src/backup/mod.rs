@@ -36,6 +36,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(10);
 
 mod catalog;
 mod fetch;
+mod incremental;
 mod manifest;
 mod push;
 mod session;
@@ -104,6 +105,7 @@ impl PartialEq<&str> for BackupId {
     }
 }
 pub use fetch::*;
+pub use incremental::{IncrementalOptions, map_metadata, stored_map};
 pub use manifest::*;
 pub use push::*;
 pub use session::*;

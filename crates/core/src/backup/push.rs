@@ -53,6 +53,10 @@ pub struct PushOptions {
     pub archive_wait: Duration,
     /// Cancelled: the backup is abandoned where it stands and marked FAILED (never DONE).
     pub cancel: tokio_util::sync::CancellationToken,
+    /// A block-incremental backup (a full one when there is nothing to build on).
+    pub incremental: Option<IncrementalOptions>,
+    /// Bytes per second the data directory is read at, at most.
+    pub max_rate: Option<u64>,
 }
 
 /// Progress counters, shared with whoever displays them.
@@ -113,6 +117,7 @@ pub(super) fn finish_part(builder: PartWriter, tx: &mpsc::Sender<Msg>) -> std::i
 }
 
 /// One stream: tar -> hash -> compress -> chunks, rolling parts at file boundaries.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn produce_stream(
     id: &str,
     stream: usize,
@@ -121,6 +126,7 @@ pub(super) fn produce_stream(
     part_size: u64,
     tx: mpsc::Sender<Msg>,
     progress: &Progress,
+    throttle: Option<&Throttle>,
 ) -> std::io::Result<Vec<FileEntry>> {
     let mut entries = Vec::new();
     let mut part_no = 0;
@@ -152,20 +158,20 @@ pub(super) fn produce_stream(
                 Err(e) => return Err(std::io::Error::new(e.kind(), format!("read {}: {e}", f.abs.display()))),
             };
             header.set_entry_type(tar::EntryType::Regular);
-            header.set_size(f.size);
-            // Exactly the size in the header: a file that shrank is padded with zeros, one that
-            // grew is cut (WAL replay repairs both).
-            let mut reader = HashingReader::new(file.take(f.size).chain(std::io::repeat(0)).take(f.size));
+            let stored = f.stored_size();
+            header.set_size(stored);
+            // Exactly the size in the header (see SourceReader).
+            let mut reader = HashingReader::new(SourceReader::new(file, &f, throttle));
             builder.append_data(&mut header, &f.rel, &mut reader)?;
             let (_, sum) = reader.finish();
-            progress.done.fetch_add(f.size, Ordering::Relaxed);
+            progress.done.fetch_add(stored, Ordering::Relaxed);
             entries.push(FileEntry {
                 path: f.rel.clone(),
                 size: f.size,
                 sha256: hex::encode(sum),
                 mtime: f.mtime,
                 part: key.clone(),
-                blocks: None,
+                blocks: f.blocks.clone(),
             });
         }
         if builder.get_ref().count >= part_size {
@@ -398,15 +404,61 @@ pub(super) async fn push_inner(
     let start_lsn: String =
         client.query_one("SELECT pg_backup_start($1, true)::text", &[&label]).await.map_err(q)?.get(0);
 
+    let start: Lsn = start_lsn.parse().map_err(|_| BackupError::Postgres(format!("bad start LSN {start_lsn}")))?;
+
+    // An incremental backup: its parent and the blocks changed since the parent began.
+    let base = match &opts.incremental {
+        None => None,
+        Some(inc) => {
+            let tli: i64 =
+                client.query_one("SELECT timeline_id::int8 FROM pg_control_checkpoint()", &[]).await.map_err(q)?.get(0);
+            let pg_wal = pgdata.join("pg_wal");
+            match incremental::base(repo, inc, start, TimelineId(tli as u32), seg, &pg_wal).await? {
+                Ok(b) => {
+                    tracing::info!(
+                        "incremental backup on {} (chain of {}){}",
+                        b.parent.id,
+                        b.chain.len(),
+                        b.notes.iter().map(|n| format!("; {n}")).collect::<String>()
+                    );
+                    Some(b)
+                }
+                Err(why) => {
+                    tracing::warn!("taking a full backup instead of an incremental one: {why}");
+                    None
+                }
+            }
+        }
+    };
+
     let root = pgdata.to_path_buf();
-    let (files, tablespaces) = crate::repo::cpu(move || {
+    let (mut files, tablespaces) = crate::repo::cpu(move || {
         let mut files = Vec::new();
         let mut ts = Vec::new();
         walk(&root, "", &mut files, &mut ts).map(|_| (files, ts))
     })
     .await
     .map_err(io_ctx(format!("read the data directory {}", pgdata.display())))?;
-    progress.total.store(files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
+    let mut whole: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    if let Some(base) = &base {
+        // Unlogged relations: those with an init fork.
+        let unlogged: std::collections::HashSet<walnut_pg::relpath::RelFileNode> = files
+            .iter()
+            .filter_map(|f| walnut_pg::relpath::parse_relpath(&f.rel))
+            .filter(|p| p.fork == walnut_pg::relpath::ForkNumber::INIT)
+            .map(|p| p.rnode)
+            .collect();
+        for f in files.iter_mut().filter(|f| !f.dir) {
+            let is_unlogged = walnut_pg::relpath::parse_relpath(&f.rel).is_some_and(|p| unlogged.contains(&p.rnode));
+            match base.plan_file(&f.rel, f.size, is_unlogged) {
+                incremental::FilePlan::Blocks(b) => f.blocks = Some(b),
+                incremental::FilePlan::Whole(Some(why)) => whole.entry(why).or_default().push(f.rel.clone()),
+                incremental::FilePlan::Whole(None) => {}
+            }
+        }
+    }
+    progress.total.store(files.iter().map(|f| f.stored_size()).sum(), Ordering::Relaxed);
+    let throttle = opts.max_rate.map(|r| Arc::new(Throttle::new(r)));
 
     let streams = balance(files, opts.parallel);
     // Cancelled with the backup, or when this future is dropped: the uploads then abort.
@@ -417,8 +469,10 @@ pub(super) async fn push_inner(
     for (i, files) in streams.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(2);
         let (id, codec, part_size, progress) = (id.to_string(), opts.codec.clone(), opts.part_size, progress.clone());
-        producers
-            .push(tokio::task::spawn_blocking(move || produce_stream(&id, i, files, codec, part_size, tx, &progress)));
+        let throttle = throttle.clone();
+        producers.push(tokio::task::spawn_blocking(move || {
+            produce_stream(&id, i, files, codec, part_size, tx, &progress, throttle.as_deref())
+        }));
         uploaders.push(uploads.spawn(upload_stream(repo.clone(), opts.codec.clone(), rx, stop.clone())));
     }
     let mut file_entries = Vec::new();
@@ -453,7 +507,6 @@ pub(super) async fn push_inner(
     let tablespace_map: String = row.get(2);
     let end_lsn: Lsn =
         end_lsn_text.parse().map_err(|_| BackupError::Postgres(format!("bad stop LSN {end_lsn_text}")))?;
-    let start: Lsn = start_lsn.parse().map_err(|_| BackupError::Postgres(format!("bad start LSN {start_lsn}")))?;
     let tli: u32 = parse_label_field(&backup_label, "START TIMELINE:")
         .and_then(|t| t.parse().ok())
         .ok_or_else(|| BackupError::Postgres("backup_label has no START TIMELINE".into()))?;
@@ -481,8 +534,11 @@ pub(super) async fn push_inner(
             }
         }
     }
+    for paths in whole.values_mut() {
+        paths.sort();
+    }
     let manifest = Manifest {
-        format: MANIFEST_FORMAT,
+        format: if base.is_some() { MANIFEST_FORMAT_INCREMENTAL } else { MANIFEST_FORMAT },
         id: BackupId::new_unchecked(id.to_string()),
         name: opts.name.clone(),
         scheduled: opts.scheduled,
@@ -511,9 +567,9 @@ pub(super) async fn push_inner(
         tablespaces,
         parts,
         files: file_entries,
-        parent: None,
-        chain: vec![],
-        whole: Default::default(),
+        parent: base.as_ref().map(|b| b.parent.id.clone()),
+        chain: base.as_ref().map(|b| b.chain.clone()).unwrap_or_default(),
+        whole: if base.is_some() { whole } else { Default::default() },
     };
     // Commit: the manifest, create-only, last.
     walnut_storage::crashpoint::hit("backup-push:before-manifest");

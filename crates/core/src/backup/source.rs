@@ -12,6 +12,88 @@ pub(super) struct SourceFile {
     pub(super) mtime: i64,
     pub(super) mode: u32,
     pub(super) dir: bool,
+    /// An incremental backup stores only these blocks of it.
+    pub(super) blocks: Option<FileBlocks>,
+}
+
+impl SourceFile {
+    /// The bytes the backup stores of it.
+    pub(super) fn stored_size(&self) -> u64 {
+        self.blocks.as_ref().map_or(self.size, |b| b.stored.count() * BLCKSZ)
+    }
+}
+
+/// A bound on how fast a backup reads the data directory, shared by its streams.
+pub(super) struct Throttle {
+    bytes_per_sec: u64,
+    started: std::time::Instant,
+    read: AtomicU64,
+}
+
+impl Throttle {
+    pub(super) fn new(bytes_per_sec: u64) -> Throttle {
+        Throttle { bytes_per_sec: bytes_per_sec.max(1), started: std::time::Instant::now(), read: AtomicU64::new(0) }
+    }
+
+    /// Counts `n` bytes read and sleeps (a blocking thread) until the rate allows them.
+    pub(super) fn take(&self, n: u64) {
+        let total = self.read.fetch_add(n, Ordering::Relaxed) + n;
+        let due = Duration::from_secs_f64(total as f64 / self.bytes_per_sec as f64);
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// A reader of a file's data for the backup: all of it (exactly `size` bytes: a file that
+/// shrank is padded with zeros, one that grew is cut; WAL replay repairs both), or the blocks
+/// an incremental backup stores, in order; each read counted by the throttle.
+pub(super) struct SourceReader<'a> {
+    file: std::fs::File,
+    /// (offset, length) of what is still to be read, in order.
+    spans: std::vec::IntoIter<(u64, u64)>,
+    current: Option<(u64, u64)>,
+    throttle: Option<&'a Throttle>,
+}
+
+impl<'a> SourceReader<'a> {
+    pub(super) fn new(file: std::fs::File, f: &SourceFile, throttle: Option<&'a Throttle>) -> SourceReader<'a> {
+        let spans: Vec<(u64, u64)> = match &f.blocks {
+            None => vec![(0, f.size)],
+            Some(b) => b.stored.0.iter().map(|&(a, z)| (a as u64 * BLCKSZ, (z - a + 1) as u64 * BLCKSZ)).collect(),
+        };
+        SourceReader { file, spans: spans.into_iter(), current: None, throttle }
+    }
+}
+
+impl Read for SourceReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        loop {
+            let (offset, left) = match self.current {
+                Some((o, l)) if l > 0 => (o, l),
+                _ => match self.spans.next() {
+                    Some(s) => {
+                        self.current = Some(s);
+                        continue;
+                    }
+                    None => return Ok(0),
+                },
+            };
+            let want = (left.min(out.len() as u64)) as usize;
+            let mut n = self.file.read_at(&mut out[..want], offset)?;
+            if n == 0 {
+                // Past the file's end: zeros.
+                out[..want].fill(0);
+                n = want;
+            }
+            self.current = Some((offset + n as u64, left - n as u64));
+            if let Some(t) = self.throttle {
+                t.take(n as u64);
+            }
+            return Ok(n);
+        }
+    }
 }
 
 /// What a base backup leaves out (PostgreSQL docs, "Backing Up the Data Directory"; pg_basebackup).
@@ -100,11 +182,20 @@ pub(super) fn walk(
                             mtime: 0,
                             mode: 0o700,
                             dir: true,
+                            blocks: None,
                         });
                         stack.push((target, rel));
                     } else {
                         // pg_wal elsewhere: an empty pg_wal in the backup.
-                        out.push(SourceFile { rel, abs: entry.path(), size: 0, mtime: 0, mode: 0o700, dir: true });
+                        out.push(SourceFile {
+                            rel,
+                            abs: entry.path(),
+                            size: 0,
+                            mtime: 0,
+                            mode: 0o700,
+                            dir: true,
+                            blocks: None,
+                        });
                     }
                 }
                 continue;
@@ -123,6 +214,7 @@ pub(super) fn walk(
                 mtime: lmeta.mtime(),
                 mode: lmeta.permissions().mode() & 0o7777,
                 dir: is_dir,
+                blocks: None,
             });
             if is_dir {
                 stack.push((entry.path(), rel));
@@ -136,11 +228,11 @@ pub(super) fn walk(
 pub(super) fn balance(files: Vec<SourceFile>, n: usize) -> Vec<Vec<SourceFile>> {
     let n = n.max(1);
     let (dirs, mut regular): (Vec<_>, Vec<_>) = files.into_iter().partition(|f| f.dir);
-    regular.sort_by_key(|f| std::cmp::Reverse(f.size));
+    regular.sort_by_key(|f| std::cmp::Reverse(f.stored_size()));
     let mut streams: Vec<(u64, Vec<SourceFile>)> = (0..n).map(|_| (0, Vec::new())).collect();
     for f in regular {
         let lightest = streams.iter_mut().min_by_key(|s| s.0).expect("n >= 1");
-        lightest.0 += f.size.max(512);
+        lightest.0 += f.stored_size().max(512);
         lightest.1.push(f);
     }
     let mut out: Vec<Vec<SourceFile>> = streams
@@ -184,6 +276,7 @@ mod tests {
             mtime: 0,
             mode: 0o600,
             dir: false,
+            blocks: None,
         };
         let mut files = vec![f("a", 100), f("b", 90), f("c", 50), f("d", 40)];
         files.push(SourceFile { dir: true, ..f("base", 0) });

@@ -1,0 +1,262 @@
+//! Block-incremental backups (`backup-push --incremental`): the parent, the changed-block map
+//! of the WAL between the parent's start and this backup's start, and what to store of each file.
+//!
+//! A relation file that exists in the parent is stored as the blocks the map says changed, plus
+//! every block at or beyond its *limit* (the parent's copy's length, lowered by any truncation in
+//! the range); everything else is stored whole: files that are not relation files, relation
+//! files the parent lacks, and those the map cannot vouch for (see
+//! [`crate::blockmap::BlockMap::decide`]: unknown WAL, free space and visibility maps, unlogged
+//! relations, forks created or dropped in the range, databases and tablespaces created or
+//! dropped), each with its reason in the manifest. Restoring writes the stored blocks over the
+//! file as the parent restores it, then sets the file's length: every block that differs from
+//! the parent's copy and that replay from this backup's start would not rewrite is stored.
+//!
+//! The map of the range is made of the maps stored with each archived segment (at `wal-push`);
+//! a segment stored without one is decoded from the archive, and WAL not archived yet (the
+//! segment this backup starts in, at least) from the local `pg_wal`. A segment found nowhere
+//! makes the map unknown: every relation file is then stored whole, and the manifest says why.
+
+use super::*;
+use crate::blockmap::{BlockMap, BlockSet, FileDecision, ForkDelta};
+use crate::plan;
+use walnut_pg::SegNo;
+use walnut_pg::relpath::{RELSEG_SIZE, parse_relpath};
+
+/// What `backup-push --incremental` asks for.
+#[derive(Debug, Clone)]
+pub struct IncrementalOptions {
+    /// The parent: a backup ID or name, or LATEST; by default the newest DONE backup on this
+    /// server's timeline history that began before this one.
+    pub parent: Option<String>,
+    /// Incremental backups in a chain before a full backup is taken instead.
+    pub max_chain: usize,
+}
+
+/// What an incremental backup builds on.
+pub(super) struct Base {
+    pub(super) parent: Manifest,
+    pub(super) chain: Vec<BackupId>,
+    map: BlockMap,
+    /// The parent's files as it restores them: path -> size.
+    parent_sizes: HashMap<String, u64>,
+    /// How the map was made, for the report.
+    pub(super) notes: Vec<String>,
+}
+
+/// What an incremental backup stores of one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum FilePlan {
+    /// Whole; the reason when it is a relation file of the parent.
+    Whole(Option<String>),
+    Blocks(FileBlocks),
+}
+
+/// Whether `lsn` on timeline `tli` lies on `path` (the history of the server being backed up).
+fn on_path(path: &[(TimelineId, Lsn)], tli: TimelineId, lsn: Lsn) -> bool {
+    path.iter()
+        .enumerate()
+        .any(|(i, (t, begin))| *t == tli && lsn >= *begin && path.get(i + 1).is_none_or(|(_, next)| lsn < *next))
+}
+
+/// The parent and the map of the WAL since its start, or why this backup must be a full one.
+pub(super) async fn base(
+    repo: &Repository,
+    opts: &IncrementalOptions,
+    start: Lsn,
+    tli: TimelineId,
+    seg: WalSegSize,
+    pg_wal: &Path,
+) -> Result<Result<Base, String>, BackupError> {
+    let inv = crate::wal::inventory(repo, false).await.map_err(|e| BackupError::Invalid(e.to_string()))?;
+    let path = plan::path_to(&inv, tli);
+    let parent = match &opts.parent {
+        Some(reference) => {
+            let m = resolve(repo, reference).await?;
+            if !on_path(&path, m.timeline, m.start_lsn) || m.start_lsn >= start {
+                return Err(BackupError::Invalid(format!(
+                    "backup {} (timeline {}, start {}) is not in this server's history before its start {start} on \
+                     timeline {tli}: give another --parent, or take a full backup",
+                    m.id, m.timeline, m.start_lsn
+                )));
+            }
+            m
+        }
+        None => {
+            let newest = list(repo)
+                .await?
+                .into_iter()
+                .filter(|b| b.status == Status::Done)
+                .filter_map(|b| b.manifest.map(|m| (b.id, m)))
+                .filter(|(_, m)| on_path(&path, m.timeline, m.start_lsn) && m.start_lsn < start)
+                .max_by_key(|(_, m)| m.start_lsn);
+            match newest {
+                Some((id, _)) => load_manifest(repo, &id).await?,
+                None => return Ok(Err("no DONE backup in this server's timeline history to build on".into())),
+            }
+        }
+    };
+    let chain: Vec<BackupId> = parent.chain.iter().cloned().chain([parent.id.clone()]).collect();
+    if chain.len() > opts.max_chain {
+        return Ok(Err(format!(
+            "backup {} ends a chain of {} incremental backup(s); [backup] max_chain = {}",
+            parent.id,
+            chain.len() - 1,
+            opts.max_chain
+        )));
+    }
+    let mut notes = Vec::new();
+    let map = range_map(repo, &inv, &path, parent.start_lsn, start, seg, pg_wal, &mut notes).await;
+    let parent_sizes = parent.files.iter().map(|f| (f.path.clone(), f.size)).collect();
+    Ok(Ok(Base { parent, chain, map, parent_sizes, notes }))
+}
+
+/// A segment's block map as `wal-push` stored it in the object's metadata.
+pub fn stored_map(meta: &serde_json::Value) -> Option<BlockMap> {
+    use base64::Engine;
+    let text = meta.get("blocks")?.as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
+    BlockMap::from_bytes(&bytes).ok()
+}
+
+/// The metadata value `wal-push` stores a segment's block map as.
+pub fn map_metadata(map: &BlockMap) -> serde_json::Value {
+    use base64::Engine;
+    serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(map.to_bytes()))
+}
+
+/// The changed-block map of the WAL from `from` to `to` along `path` (see the module docs).
+#[allow(clippy::too_many_arguments)]
+async fn range_map(
+    repo: &Repository,
+    inv: &plan::WalInventory,
+    path: &[(TimelineId, Lsn)],
+    from: Lsn,
+    to: Lsn,
+    seg: WalSegSize,
+    pg_wal: &Path,
+    notes: &mut Vec<String>,
+) -> BlockMap {
+    let segnos: Vec<SegNo> =
+        (seg.segno(from).0..=seg.segno(Lsn(to.0.saturating_sub(1).max(from.0))).0).map(SegNo).collect();
+    type Found = (SegName, Result<(BlockMap, Source), String>);
+    let found: Vec<Found> = futures::stream::iter(segnos)
+        .map(|s| async move {
+            let name = SegName::new(plan::tli_for(path, s, seg), s, seg);
+            let archived = inv.segments.get(&name.tli).is_some_and(|m| m.contains_key(&s));
+            (name, segment_map(repo, name, seg, archived, pg_wal).await)
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    let (mut decoded_archive, mut decoded_local) = (0, 0);
+    let mut maps = Vec::with_capacity(found.len());
+    for (name, r) in found {
+        let start = seg.start_lsn(name.segno(seg).unwrap_or(SegNo(0)));
+        match r {
+            Ok((m, how)) => {
+                match how {
+                    Source::Archive => decoded_archive += 1,
+                    Source::PgWal => decoded_local += 1,
+                    Source::Stored => {}
+                }
+                maps.push(m)
+            }
+            Err(why) => maps.push(BlockMap::unknown(start, Lsn(start.0 + seg.bytes()), format!("{name}: {why}"))),
+        }
+    }
+    if decoded_archive > 0 {
+        notes.push(format!("{decoded_archive} archived segment(s) stored without a block map were decoded"));
+    }
+    if decoded_local > 0 {
+        notes.push(format!("{decoded_local} segment(s) not archived yet were decoded from pg_wal"));
+    }
+    BlockMap::combine(&maps, from, to)
+}
+
+/// Where a segment's map came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Stored with the archived segment.
+    Stored,
+    /// Decoded from the archived segment.
+    Archive,
+    /// Decoded from the local `pg_wal`.
+    PgWal,
+}
+
+/// One segment's map: stored with it, else decoded from the archive, else from `pg_wal`.
+async fn segment_map(
+    repo: &Repository,
+    name: SegName,
+    seg: WalSegSize,
+    archived: bool,
+    pg_wal: &Path,
+) -> Result<(BlockMap, Source), String> {
+    let start = seg.start_lsn(name.segno(seg).ok_or("not a segment of this size")?);
+    let decode = |content: Bytes| async move {
+        crate::repo::cpu(move || crate::summary::segment_block_map(&content, start, None)).await
+    };
+    if archived {
+        let key = layout::wal_key(&WalFileName::Segment(name));
+        if let Ok((meta, _)) = repo.object_head(&key).await
+            && let Some(map) = stored_map(&meta)
+        {
+            return Ok((map, Source::Stored));
+        }
+        if let Ok(d) = repo.get_object(&key).await {
+            return decode(d.content).await.map(|m| (m, Source::Archive));
+        }
+    }
+    let local = pg_wal.join(name.to_string());
+    match tokio::fs::read(&local).await {
+        Ok(bytes) if bytes.len() as u64 == seg.bytes() => decode(bytes.into()).await.map(|m| (m, Source::PgWal)),
+        Ok(_) => Err(format!("{} is not a whole segment", local.display())),
+        Err(e) if archived => Err(format!("archived, but neither its block map nor its content could be read ({e})")),
+        Err(_) => Err("neither archived nor in pg_wal".into()),
+    }
+}
+
+impl Base {
+    /// What to store of `rel` (`size` bytes now); `unlogged`: the relation has an init fork.
+    pub(super) fn plan_file(&self, rel: &str, size: u64, unlogged: bool) -> FilePlan {
+        let Some(p) = parse_relpath(rel) else { return FilePlan::Whole(None) };
+        let Some(&prior) = self.parent_sizes.get(rel) else {
+            return FilePlan::Whole(Some("not in the parent backup".into()));
+        };
+        let delta = match self.map.decide(p.rnode, p.fork, unlogged) {
+            FileDecision::Whole(why) => {
+                return FilePlan::Whole(Some(why.first().map(|w| w.to_string()).unwrap_or_default()));
+            }
+            FileDecision::Blocks(d) => d,
+        };
+        // Relation block numbers, as numbers within this segment file.
+        let first = p.segno.saturating_mul(RELSEG_SIZE);
+        let local = |b: u32| b.checked_sub(first).filter(|b| *b < RELSEG_SIZE);
+        let changed = BlockSet::from_blocks(
+            delta.changed.restrict(first, first.saturating_add(RELSEG_SIZE)).iter().filter_map(local).collect(),
+        );
+        let limit = delta.limit.map(|l| l.saturating_sub(first).min(RELSEG_SIZE));
+        let file_delta = ForkDelta { changed, limit };
+        let (prior_blocks, current_blocks) = ((prior / BLCKSZ) as u32, size.div_ceil(BLCKSZ) as u32);
+        let copy = file_delta.blocks_to_copy(prior_blocks, current_blocks);
+        if copy.len() >= current_blocks as u64 && current_blocks > 0 {
+            return FilePlan::Whole(Some("every block changed".into()));
+        }
+        let tail = limit.map_or(prior_blocks, |l| l.min(prior_blocks));
+        FilePlan::Blocks(FileBlocks { limit: tail, stored: BlockRanges(copy.ranges().to_vec()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_path_of_a_promoted_server() {
+        let path = vec![(TimelineId(1), Lsn(0)), (TimelineId(2), Lsn(0x5000000))];
+        assert!(on_path(&path, TimelineId(1), Lsn(0x4000000)));
+        assert!(!on_path(&path, TimelineId(1), Lsn(0x6000000)), "after the switch, timeline 1 is another history");
+        assert!(on_path(&path, TimelineId(2), Lsn(0x6000000)));
+        assert!(!on_path(&path, TimelineId(3), Lsn(0x6000000)));
+    }
+}
