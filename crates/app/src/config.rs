@@ -75,7 +75,7 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
         _ => return Err(format!("invalid rate {text:?}: unknown unit {unit:?}; {RATE_HINT}")),
     };
     let bytes = n * mult;
-    if !(bytes >= 1024.0 * 1024.0 && bytes < 1e15) {
+    if !(1024.0 * 1024.0..1e15).contains(&bytes) {
         return Err(format!("rate {text:?} is out of range: at least 1MiB/s; {RATE_HINT}"));
     }
     Ok(Rate(bytes as u64))

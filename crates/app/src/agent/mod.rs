@@ -480,6 +480,7 @@ mod tests {
             id: walnut_core::backup::BackupId::parse(id).expect("a backup ID"),
             status: Status::Done,
             error: None,
+            chain_stored_bytes: None,
             manifest: Some(backup::ManifestSummary {
                 name: None,
                 scheduled,
