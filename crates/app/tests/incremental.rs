@@ -70,8 +70,27 @@ fn a_chain_of_incrementals_stores_the_changes_and_restores_the_same_data() {
     // A few % of the big table's blocks change, a table appears.
     pg.sql("UPDATE big SET v = 'changed' WHERE id BETWEEN 1000 AND 1500");
     pg.sql("CREATE TABLE fresh AS SELECT g FROM generate_series(1, 1000) g");
-    let out = push(&env, &pg, &["--incremental", "--name", "inc1"]);
+    // Read at 2 MiB/s at most: the backup cannot end before what it read allows.
+    let started = std::time::Instant::now();
+    let out = push(&env, &pg, &["--incremental", "--name", "inc1", "--max-rate", "2MiB/s"]);
+    let took = started.elapsed();
     assert!(out.contains("incremental on"), "{out}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&stdout(&env.walnut(&["--json", "backup-show", "inc1"]))).unwrap();
+    let read: u64 = shown["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| match f["blocks"]["stored"].as_str() {
+            Some(r) => r.parse::<walnut_core::backup::BlockRanges>().unwrap().count() * 8192,
+            None => f["size"].as_u64().unwrap(),
+        })
+        .sum();
+    assert!(read > 2 << 20, "enough read to see the bound: {read}");
+    assert!(
+        took.as_secs_f64() >= read as f64 / (2 << 20) as f64 * 0.95,
+        "read {read} bytes in {took:?} at 2 MiB/s at most"
+    );
     pg.sql("DELETE FROM big WHERE id > 59000; INSERT INTO small SELECT g FROM generate_series(101, 200) g");
     pg.sql("VACUUM big");
     push(&env, &pg, &["--incremental", "--name", "inc2"]);
@@ -134,4 +153,45 @@ fn a_chain_of_incrementals_stores_the_changes_and_restores_the_same_data() {
     assert!(reason(&full["id"]).contains("needed by incremental backup"), "{plan}");
     assert!(reason(&inc1["id"]).contains("needed by incremental backup"), "{plan}");
     drop(pg);
+}
+
+/// A full and an incremental backup taken on a streaming standby (the primary's own archive
+/// holds the WAL; it completes segments by archive_timeout): the chain restores to the
+/// primary's data.
+#[test]
+fn backups_taken_on_a_standby_restore_the_primarys_data() {
+    let env = Env::new(Backend::File);
+    let primary = PgCluster::start(PgOptions {
+        archive_command: Some(env.archive_command()),
+        data_checksums: true,
+        extra_conf: "archive_timeout = '1s'\n".into(),
+        ..Default::default()
+    });
+    primary.sql("CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 20000) g");
+    let standby = PgCluster::standby_of(&primary, "");
+    let replayed = |standby: &PgCluster, n: &str| {
+        let o = standby.psql("SELECT count(*) FROM t");
+        o.status.success() && stdout(&o).trim() == n
+    };
+    PgCluster::wait_for("the standby to replay t", WAIT, || replayed(&standby, "20000"));
+    assert_eq!(standby.sql("SELECT pg_is_in_recovery()").trim(), "t");
+
+    push(&env, &standby, &["--name", "on-standby"]);
+    primary.sql(
+        "UPDATE t SET h = 'changed' WHERE g <= 300; INSERT INTO t SELECT g, 'new' FROM generate_series(20001, 20500) g",
+    );
+    PgCluster::wait_for("the standby to replay the change", WAIT, || replayed(&standby, "20500"));
+    let out = push(&env, &standby, &["--incremental"]);
+    assert!(out.contains("incremental on"), "{out}");
+
+    let seg = primary.switch_wal();
+    primary.wait_archived(&seg, WAIT);
+    let want = dumpall(primary.port);
+    let (_d, dest) = restore_dir("from-standby");
+    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
+    let o = env.walnut(&["restore", dest.to_str().unwrap(), "--start"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let r = Restored::from_dir(&dest);
+    let got = dumpall(r.port);
+    assert!(got == want, "restored from the standby's chain: {}", first_difference(&want, &got));
 }

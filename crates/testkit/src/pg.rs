@@ -138,6 +138,37 @@ impl PgCluster {
         c
     }
 
+    /// A streaming standby of `primary` (pg_basebackup -R), started on a port of its own, with
+    /// `extra_conf` appended to its configuration. It inherits the primary's archive settings,
+    /// which a standby does not use (archive_mode = on archives on the primary only).
+    pub fn standby_of(primary: &PgCluster, extra_conf: &str) -> PgCluster {
+        let bindir = bindir();
+        let dir = crate::shared_tempdir("walnut-standby-");
+        give_to_postgres_user(dir.path());
+        let pgdata = dir.path().join("data");
+        let out = as_postgres(&bindir.join("pg_basebackup"))
+            .arg("-D")
+            .arg(&pgdata)
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync"])
+            .arg("-p")
+            .arg(primary.port.to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("run pg_basebackup: {e}: {FIX}"));
+        check("pg_basebackup -R", out);
+        let port = free_port();
+        let conf_path = pgdata.join("postgresql.conf");
+        let mut conf = std::fs::read_to_string(&conf_path).unwrap();
+        conf += &format!(
+            "\n# walnut test standby\nport = {port}\nunix_socket_directories = '{}'\nhot_standby = on\n{extra_conf}\n",
+            dir.path().display()
+        );
+        std::fs::write(&conf_path, conf).unwrap();
+        give_to_postgres_user(dir.path());
+        let mut c = PgCluster { dir, pgdata, port, bindir, running: false };
+        c.pg_ctl_start();
+        c
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("server.log")
     }

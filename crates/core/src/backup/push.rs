@@ -290,9 +290,6 @@ pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>
     let in_recovery: bool = row.get(4);
     let wal_level: String = row.get(5);
     let seg_bytes: i32 = row.get(6);
-    if in_recovery {
-        return Err(BackupError::Invalid("the server is a standby: take base backups on the primary".into()));
-    }
     if wal_level == "minimal" {
         return Err(BackupError::Invalid("wal_level is minimal: set wal_level = replica and restart".into()));
     }
@@ -309,7 +306,8 @@ pub async fn push(repo: &Repository, opts: &PushOptions, progress: Arc<Progress>
         )));
     }
 
-    let server = ServerInfo { version_num: version_num as u32, major, seg, sysid: sysid_text.clone() };
+    let server =
+        ServerInfo { version_num: version_num as u32, major, seg, sysid: sysid_text.clone(), standby: in_recovery };
     let started = chrono::Utc::now();
     let marker = RunningMarker {
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -383,6 +381,36 @@ pub(super) struct ServerInfo {
     pub(super) major: PgMajor,
     pub(super) seg: WalSegSize,
     pub(super) sysid: String,
+    /// A standby (in recovery): the backup is taken there, and the primary archives its WAL.
+    pub(super) standby: bool,
+}
+
+/// Waits for a backup's streams: the files they stored and the parts. Upload errors first: a
+/// producer's "upload stopped" is only their echo.
+async fn collect_streams(
+    uploaders: Vec<tokio::task::JoinHandle<Result<Vec<PartEntry>, BackupError>>>,
+    producers: Vec<tokio::task::JoinHandle<std::io::Result<Vec<FileEntry>>>>,
+    file_entries: &mut Vec<FileEntry>,
+    parts: &mut Vec<PartEntry>,
+) -> Result<(), BackupError> {
+    let mut first_error: Option<BackupError> = None;
+    for u in uploaders {
+        match u.await.expect("upload task panicked") {
+            Ok(p) => parts.extend(p),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    for p in producers {
+        match p.await.expect("backup stream panicked") {
+            Ok(f) => file_entries.extend(f),
+            Err(e) => {
+                first_error.get_or_insert(BackupError::Io { context: "back up the data directory".into(), source: e });
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -397,7 +425,8 @@ pub(super) async fn push_inner(
     progress: Arc<Progress>,
     uploads: &tokio_util::task::TaskTracker,
 ) -> Result<Manifest, BackupError> {
-    let ServerInfo { version_num, major, seg, sysid } = server;
+    let ServerInfo { version_num, major, seg, sysid, standby } = server;
+    let standby = *standby;
     let (version_num, major, seg) = (*version_num, *major, *seg);
     let q = |e: tokio_postgres::Error| BackupError::Postgres(pg_error(&e));
     let label = format!("walnut {id}");
@@ -459,6 +488,11 @@ pub(super) async fn push_inner(
     }
     progress.total.store(files.iter().map(|f| f.stored_size()).sum(), Ordering::Relaxed);
     let throttle = opts.max_rate.map(|r| Arc::new(Throttle::new(r)));
+    // pg_control is copied last, after every other file: a backup taken on a standby ends at
+    // the minimum recovery point its pg_control records (PostgreSQL writes no end-of-backup
+    // record there), so that copy must postdate every page copied.
+    let control_at = files.iter().position(|f| f.rel == "global/pg_control");
+    let control = control_at.map(|i| files.remove(i));
 
     let streams = balance(files, opts.parallel);
     // Cancelled with the backup, or when this future is dropped: the uploads then abort.
@@ -477,26 +511,16 @@ pub(super) async fn push_inner(
     }
     let mut file_entries = Vec::new();
     let mut parts = Vec::new();
-    let mut first_error: Option<BackupError> = None;
-    // Upload errors first: a producer's "upload stopped" is only their echo.
-    for u in uploaders {
-        match u.await.expect("upload task panicked") {
-            Ok(p) => parts.extend(p),
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    for p in producers {
-        match p.await.expect("backup stream panicked") {
-            Ok(f) => file_entries.extend(f),
-            Err(e) => {
-                first_error.get_or_insert(BackupError::Io { context: "back up the data directory".into(), source: e });
-            }
-        }
-    }
-    if let Some(e) = first_error {
-        return Err(e);
+    collect_streams(uploaders, producers, &mut file_entries, &mut parts).await?;
+    // Then pg_control, alone, in a stream of its own.
+    if let Some(control) = control {
+        let (tx, rx) = mpsc::channel(2);
+        let (id, codec, progress, n) = (id.to_string(), opts.codec.clone(), progress.clone(), opts.parallel + 1);
+        let producer = tokio::task::spawn_blocking(move || {
+            produce_stream(&id, n, vec![control], codec, u64::MAX, tx, &progress, None)
+        });
+        let uploader = uploads.spawn(upload_stream(repo.clone(), opts.codec.clone(), rx, stop.clone()));
+        collect_streams(vec![uploader], vec![producer], &mut file_entries, &mut parts).await?;
     }
 
     // Stop without PostgreSQL's own unbounded wait for archiving; walnut waits, bounded, below.
@@ -516,6 +540,15 @@ pub(super) async fn push_inner(
     // The backup is usable only once the WAL up to its end is archived.
     match crate::wal::wait_archived(repo, &WalFileName::Segment(end_seg), opts.archive_wait).await {
         Ok(()) => {}
+        Err(crate::wal::WalError::NotArchived { .. }) if standby => {
+            return Err(BackupError::Invalid(format!(
+                "the WAL this backup needs ({end_seg}) did not reach the repository within {:?}. The backup was taken \
+                 on a standby, so the primary archives that WAL: it completes the segment after archive_timeout (set \
+                 it on the primary) or once it runs pg_switch_wal(); check the primary's archiving (walnut check). \
+                 The backup is not DONE",
+                opts.archive_wait
+            )));
+        }
         Err(crate::wal::WalError::NotArchived { .. }) => {
             return Err(BackupError::ArchiveTimeout { segment: end_seg.to_string(), waited: opts.archive_wait });
         }
