@@ -152,6 +152,28 @@ fn a_chain_of_incrementals_stores_the_changes_and_restores_the_same_data() {
     };
     assert!(reason(&full["id"]).contains("needed by incremental backup"), "{plan}");
     assert!(reason(&inc1["id"]).contains("needed by incremental backup"), "{plan}");
+
+    // A flipped byte in a chain member's part: verify gives the incremental no verdict of
+    // restorable and names the object; a restore of it refuses, naming it too.
+    let o = env.walnut(&["verify", "--backup", "inc2"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let full_dir = env.dir.path().join("repo/backups").join(full["id"].as_str().unwrap()).join("data");
+    let part = std::fs::read_dir(&full_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let part_name = part.file_name().unwrap().to_string_lossy().into_owned();
+    let mut bytes = std::fs::read(&part).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&part, &bytes).unwrap();
+    let o = env.walnut(&["verify", "--backup", "inc2"]);
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(!o.status.success() && all.contains("not restorable") && all.contains(&part_name), "{all}");
+    let (_c, corrupt_dest) = restore_dir("corrupt-chain");
+    let o = env.walnut(&["restore", corrupt_dest.to_str().unwrap(), "--backup", "inc2"]);
+    assert!(!o.status.success() && stderr(&o).contains(&part_name), "{}", stderr(&o));
     drop(pg);
 }
 

@@ -288,9 +288,22 @@ pub async fn run(
             wal.insert(layout::wal_key(&WalFileName::History(t)), None);
         }
     }
+    // Every chosen backup's objects, and those of the backups an incremental one builds on.
+    let mut chains: HashMap<String, Vec<String>> = HashMap::new();
+    for id in &chosen {
+        if let Ok(c) = backup::load_catalog(repo, id).await {
+            chains.insert(id.clone(), c.summary.chain.iter().map(|b| b.to_string()).collect());
+        }
+    }
+    let mut to_check: Vec<String> = chosen.clone();
+    for member in chains.values().flatten() {
+        if !to_check.contains(member) {
+            to_check.push(member.clone());
+        }
+    }
     let parts_total: u64 = {
         let mut total = 0;
-        for id in &chosen {
+        for id in &to_check {
             if let Ok(c) = backup::load_catalog(repo, id).await {
                 total += c.summary.data_bytes;
             }
@@ -327,11 +340,29 @@ pub async fn run(
             usable.histories.remove(&t);
         }
     }
-    let mut backups = Vec::new();
+    let mut checked: HashMap<String, (bool, Vec<Defect>, usize)> = HashMap::new();
     let mut parts_checked = 0;
+    for id in &to_check {
+        let r = check_backup(repo, id, deep, parallel, progress.clone()).await;
+        parts_checked += r.2;
+        checked.insert(id.clone(), r);
+    }
+    let mut backups = Vec::new();
     for id in &chosen {
-        let (manifest_ok, mut defects, parts) = check_backup(repo, id, deep, parallel, progress.clone()).await;
-        parts_checked += parts;
+        let (manifest_ok, mut defects, parts) = checked.get(id).cloned().unwrap_or_default();
+        // An incremental backup restores only with its whole chain.
+        let mut chain_ok = true;
+        for member in chains.get(id).into_iter().flatten() {
+            let (member_ok, member_defects, _) = checked.get(member).cloned().unwrap_or_default();
+            chain_ok &= member_ok && member_defects.is_empty();
+            if !member_ok && member_defects.is_empty() {
+                defects.push(Defect {
+                    object: layout::backup_manifest(member),
+                    reason: format!("backup {member}, which this incremental backup builds on, cannot be read"),
+                });
+            }
+            defects.extend(member_defects.into_iter().filter(|d| d.object.starts_with(&layout::backup_dir(member))));
+        }
         let Some(b) = points.get(id) else { continue };
         let (segs, histories) = chain(inv, b.tli, size.segno(b.start), size);
         for (t, s) in &segs {
@@ -349,7 +380,8 @@ pub async fn run(
         let req = Request { target: Target::Latest, backup: Some(id.clone()), timeline: TimelineChoice::Latest };
         let planned = plan::plan(&c.points, &usable, size, &req, now);
         let gap = archive::first_gap(&usable, b, size);
-        let backup_ok = manifest_ok && !defects.iter().any(|d| d.object.starts_with(&layout::backup_dir(id)));
+        let backup_ok =
+            manifest_ok && chain_ok && !defects.iter().any(|d| d.object.starts_with(&layout::backup_dir(id)));
         let (verdict, restorable) = match planned {
             Ok(p) if backup_ok => {
                 let w = Window {
