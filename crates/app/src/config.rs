@@ -331,6 +331,11 @@ pub struct AgentSection {
     /// `walnut verify` of the whole repository runs this often (the first one this long after
     /// the agent starts).
     pub verify_interval: Option<ConfigDuration>,
+    /// An incremental backup this long after the newest backup began (also in the settings API).
+    pub incremental_frequency: Option<ConfigDuration>,
+    /// The RTO bound: an incremental backup as soon as a restore to the latest point would
+    /// replay longer than this (also in the settings API).
+    pub max_replay: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -415,11 +420,26 @@ pub struct Settings {
     #[serde(with = "as_text")]
     pub recovery_window: Duration,
     pub minimum_redundancy: u32,
+    /// `[agent] incremental_frequency` (none: no incremental backups on a schedule).
+    #[serde(with = "as_text_opt")]
+    pub incremental_frequency: Option<Duration>,
+    /// `[agent] max_replay` (none: no RTO bound).
+    #[serde(with = "as_text_opt")]
+    pub max_replay: Option<Duration>,
 }
 
 mod as_text {
     pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+mod as_text_opt {
+    pub fn serialize<S: serde::Serializer>(d: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::as_text::serialize(d, s),
+            None => s.serialize_none(),
+        }
     }
 }
 
@@ -430,6 +450,8 @@ impl Default for Settings {
             full_backup_frequency: Duration::from_secs(24 * 3600),
             recovery_window: Duration::from_secs(7 * 86400),
             minimum_redundancy: 3,
+            incremental_frequency: None,
+            max_replay: None,
         }
     }
 }
@@ -443,6 +465,18 @@ impl Settings {
             ("full_backup_frequency", self.full_backup_frequency, Duration::from_secs(3600), "1h"),
             ("recovery_window", self.recovery_window, Duration::from_secs(86400), "1d"),
         ] {
+            if d < min {
+                return Err((field, format!("must be at least {min_text}, got {:?}", fmt(d))));
+            }
+            if d > MAX_DURATION {
+                return Err((field, format!("must be at most 100 years (36500d), got {:?}", fmt(d))));
+            }
+        }
+        for (field, d, min, min_text) in [
+            ("incremental_frequency", self.incremental_frequency, Duration::from_secs(600), "10min"),
+            ("max_replay", self.max_replay, Duration::from_secs(60), "1min"),
+        ] {
+            let Some(d) = d else { continue };
             if d < min {
                 return Err((field, format!("must be at least {min_text}, got {:?}", fmt(d))));
             }
@@ -630,8 +664,13 @@ impl Config {
                 .unwrap_or(defaults.full_backup_frequency),
             recovery_window: file.settings.recovery_window.map(|d| d.0).unwrap_or(defaults.recovery_window),
             minimum_redundancy: file.settings.minimum_redundancy.unwrap_or(defaults.minimum_redundancy),
+            incremental_frequency: file.agent.incremental_frequency.map(|d| d.0),
+            max_replay: file.agent.max_replay.map(|d| d.0),
         };
-        settings.check().map_err(|(field, problem)| BadKey::new(&format!("settings.{field}"), problem))?;
+        settings.check().map_err(|(field, problem)| {
+            let section = if matches!(field, "incremental_frequency" | "max_replay") { "agent" } else { "settings" };
+            BadKey::new(&format!("{section}.{field}"), problem)
+        })?;
         let d = StorageOptions::default();
         // What object_store's `from_env` used to read for gs:// and az:// (later entries win).
         let section = |name: &str, map: std::collections::BTreeMap<String, String>| -> Result<Vec<(String, Secret)>> {

@@ -19,6 +19,7 @@ pub mod lock;
 pub mod plan;
 pub mod prune;
 pub mod rekey;
+pub mod replay;
 pub mod repo;
 pub mod restore;
 pub mod retention;

@@ -62,6 +62,16 @@ impl StateDir {
         Ok(StateDir { root })
     }
 
+    /// Writes a small record of this repository instance's (durably, replacing the last).
+    pub fn write_file(&self, name: &str, data: &[u8]) -> std::io::Result<()> {
+        write_atomic(&self.root.join(name), data)
+    }
+
+    /// Reads a record written by [`StateDir::write_file`].
+    pub fn read_file(&self, name: &str) -> Option<Vec<u8>> {
+        fs::read(self.root.join(name)).ok()
+    }
+
     pub fn spool_dir(&self) -> PathBuf {
         self.root.join("spool")
     }

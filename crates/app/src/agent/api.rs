@@ -29,6 +29,14 @@ pub(super) fn patched(current: &Settings, body: &serde_json::Value) -> Result<Se
             "archive_timeout" => s.archive_timeout = dur(v)?,
             "full_backup_frequency" => s.full_backup_frequency = dur(v)?,
             "recovery_window" => s.recovery_window = dur(v)?,
+            "incremental_frequency" | "max_replay" => {
+                let d = if v.is_null() { None } else { Some(dur(v)?) };
+                if k == "incremental_frequency" {
+                    s.incremental_frequency = d
+                } else {
+                    s.max_replay = d
+                }
+            }
             "minimum_redundancy" => {
                 let n =
                     v.as_u64().ok_or_else(|| format!("minimum_redundancy must be a non-negative integer, got {v}"))?;
@@ -39,7 +47,7 @@ pub(super) fn patched(current: &Settings, body: &serde_json::Value) -> Result<Se
             }
             other => {
                 return Err(format!(
-                    "unknown setting {other:?}: the settings are archive_timeout, full_backup_frequency, recovery_window, minimum_redundancy"
+                    "unknown setting {other:?}: the settings are archive_timeout, full_backup_frequency, recovery_window, minimum_redundancy, incremental_frequency, max_replay (null turns the last two off)"
                 ));
             }
         }

@@ -64,8 +64,19 @@ pub(super) async fn health(State(a): State<Arc<Agent>>) -> Response {
             d.reason.as_deref().unwrap_or("unknown")
         ));
     }
+    let estimate = a.replay_estimate().await;
+    if let (Some(e), Some(max)) = (&estimate, a.settings.read().await.max_replay)
+        && e.seconds > 2.0 * max.as_secs_f64()
+    {
+        reasons.push(format!(
+            "a restore to the latest point would replay about {:.0}s of WAL, more than twice max_replay ({}): incremental backups are not keeping up",
+            e.seconds,
+            humantime::format_duration(max)
+        ));
+    }
     let body = serde_json::json!({
         "healthy": reasons.is_empty(),
+        "replay_estimate": estimate,
         "reasons": reasons,
         "next_scheduled_backup": a.next_due().await.to_rfc3339(),
         "last_backup": last.map(|t| t.to_rfc3339()),
@@ -80,7 +91,31 @@ pub(super) async fn metrics(State(a): State<Arc<Agent>>) -> Response {
     const COUNTER: &str = "counter";
     // (name, help, type, value), in exposition order.
     let mut samples: Vec<(&str, &str, &str, String)> = Vec::new();
+    let estimate = a.replay_estimate().await;
     let m = a.metrics.lock().await;
+    if let Some(e) = &estimate {
+        samples.extend([
+            (
+                "walnut_replay_estimate_seconds",
+                "How long a restore to the latest point would replay WAL (WAL since the newest backup's start over the replay rate).",
+                GAUGE,
+                format!("{:.1}", e.seconds),
+            ),
+            ("walnut_replay_wal_bytes", "WAL since the newest backup's start.", GAUGE, e.wal_bytes.to_string()),
+            (
+                "walnut_replay_rate_bytes_per_second",
+                "The replay rate of the estimate (measured by the last restore here, else the default).",
+                GAUGE,
+                format!("{:.0}", e.bytes_per_second),
+            ),
+        ]);
+    }
+    samples.push((
+        "walnut_incremental_backups_total",
+        "Incremental backups the agent took (incremental_frequency, max_replay).",
+        COUNTER,
+        m.incremental_backups.to_string(),
+    ));
     if let Some(t) = m.last_backup_end {
         let age = (chrono::Utc::now() - t).num_seconds();
         samples.push((

@@ -50,6 +50,8 @@ struct Metrics {
     drill_runs: u64,
     drill_failures: u64,
     drill_last_success: Option<chrono::DateTime<chrono::Utc>>,
+    /// Incremental backups the agent took (incremental_frequency, max_replay).
+    incremental_backups: u64,
 }
 
 /// The last `verify` the agent ran.
@@ -83,7 +85,12 @@ pub struct Agent {
     /// Backups started through the API: tasks of the agent's own, so a client that goes away
     /// does not cancel them half-way; a shutdown waits for them.
     tasks: tokio_util::task::TaskTracker,
+    /// The last replay-time estimate, and when it was made.
+    replay_cache: Mutex<Option<(Instant, Option<walnut_core::replay::Estimate>)>>,
 }
+
+/// How long a replay-time estimate is served before it is made again.
+const REPLAY_ESTIMATE_TTL: Duration = Duration::from_secs(10);
 
 fn err(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
@@ -121,6 +128,18 @@ impl Agent {
 
     /// Takes a backup under the lock (None if one is running and `wait` is false).
     async fn take_backup(&self, name: Option<String>, scheduled: bool, wait: bool) -> Option<Result<backup::Manifest>> {
+        self.take_backup_of(name, scheduled, wait, false).await
+    }
+
+    /// [`Agent::take_backup`], incremental when `incremental` (a full one when there is nothing
+    /// to build on).
+    async fn take_backup_of(
+        &self,
+        name: Option<String>,
+        scheduled: bool,
+        wait: bool,
+        incremental: bool,
+    ) -> Option<Result<backup::Manifest>> {
         let _guard = if wait {
             self.backup_lock.lock().await
         } else {
@@ -133,6 +152,12 @@ impl Agent {
         let r = async {
             let mut opts = self.ctx.push_options(None, name, scheduled)?;
             opts.cancel = self.abandon.clone();
+            if incremental {
+                opts.incremental = Some(backup::IncrementalOptions {
+                    parent: None,
+                    max_chain: self.ctx.config.backup_max_chain,
+                });
+            }
             let progress = Arc::new(backup::Progress::default());
             Ok(backup::push(&self.repo, &opts, progress).await?)
         }
@@ -152,6 +177,44 @@ impl Agent {
             }
         }
         Some(r)
+    }
+
+    /// How long a restore to the latest point would replay (see `walnut_core::replay`): from
+    /// the newest DONE backup's start to the server's current WAL position (its archive's end
+    /// when the server cannot be asked). `None` without a DONE backup.
+    async fn replay_estimate(&self) -> Option<walnut_core::replay::Estimate> {
+        // Health and metrics are polled often: one computation per REPLAY_ESTIMATE_TTL.
+        let mut cached = self.replay_cache.lock().await;
+        if let Some((at, e)) = cached.as_ref()
+            && at.elapsed() < REPLAY_ESTIMATE_TTL
+        {
+            return e.clone();
+        }
+        let e = self.compute_replay_estimate().await;
+        *cached = Some((Instant::now(), e.clone()));
+        e
+    }
+
+    async fn compute_replay_estimate(&self) -> Option<walnut_core::replay::Estimate> {
+        let list = backup::list(&self.repo).await.ok()?;
+        let (id, start) = list
+            .iter()
+            .filter(|b| b.status == Status::Done)
+            .filter_map(|b| b.manifest.as_ref().map(|m| (b.id.to_string(), m.start_lsn)))
+            .max_by_key(|(_, start)| *start)?;
+        let latest = match current_lsn(&self.ctx).await {
+            Ok(l) => l,
+            Err(_) => walnut_core::replay::archive_end(&self.repo).await?,
+        };
+        let identity = self.repo.identity().await.ok().flatten()?;
+        let measured = self
+            .ctx
+            .config
+            .repo_url()
+            .ok()
+            .and_then(|url| walnut_core::state::StateDir::open(&self.ctx.config.state_dir, url, &identity).ok())
+            .and_then(|state| walnut_core::replay::measured(&state));
+        Some(walnut_core::replay::estimate(&id, start, latest, measured.as_ref()))
     }
 
     async fn retention(&self) {
@@ -294,49 +357,129 @@ fn schedule_anchor(list: &[backup::BackupInfo]) -> Option<chrono::DateTime<chron
     list.iter()
         .filter(|b| b.status == Status::Done)
         .filter_map(|b| b.manifest.as_ref())
-        .filter(|m| m.scheduled)
+        .filter(|m| m.scheduled && m.kind == "full")
         .map(|m| m.start_time)
         .max()
+}
+
+/// The incremental schedule's anchor: the start of the newest DONE backup, of any type.
+fn incremental_anchor(list: &[backup::BackupInfo]) -> Option<chrono::DateTime<chrono::Utc>> {
+    list.iter().filter(|b| b.status == Status::Done).filter_map(|b| b.manifest.as_ref()).map(|m| m.start_time).max()
+}
+
+/// The server's current WAL position (on a standby: what it received).
+async fn current_lsn(ctx: &Ctx) -> Result<walnut_pg::Lsn> {
+    let client = pgserver::connect(&pgserver::pg_config(ctx.config.pg_url.as_deref())?).await?;
+    let row = client
+        .query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", backup::pg_error(&e)))?;
+    let text: Option<String> = row.get(0);
+    text.and_then(|t| t.parse().ok()).ok_or_else(|| anyhow::anyhow!("no WAL position"))
+}
+
+/// How often the RTO bound is checked.
+fn replay_check_interval(max_replay: Duration) -> Duration {
+    (max_replay / 4).clamp(Duration::from_secs(5), Duration::from_secs(60))
 }
 
 async fn scheduler(agent: Arc<Agent>) {
     let interval = agent.ctx.config.agent_retention_interval;
     let mut next_retention = tokio::time::Instant::now() + interval;
+    let mut next_replay_check = tokio::time::Instant::now();
+    // Incremental backups (by [agent] incremental_frequency or the max_replay bound): their
+    // anchor is the newest backup's start; failures back off as scheduled full backups do.
+    let mut incremental = ScheduleState::default();
+    let at = |t: chrono::DateTime<chrono::Utc>| {
+        tokio::time::Instant::now() + (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO)
+    };
     loop {
         if let Err(e) = agent.refresh_anchor().await {
             tracing::warn!("read the repository: {e:#}");
         }
-        let due = agent.next_due().await;
-        let backup_at = tokio::time::Instant::now() + (due - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let settings = agent.settings.read().await.clone();
+        let backup_at = at(agent.next_due().await);
+        let newest = backup::list(&agent.repo).await.ok().and_then(|l| incremental_anchor(&l));
+        incremental.last_scheduled = newest;
+        // No backup at all: the full schedule takes the first.
+        let incremental_at = match (settings.incremental_frequency, newest) {
+            (Some(f), Some(_)) => Some(at(schedule::next_due(&incremental, f, chrono::Utc::now()))),
+            _ => None,
+        };
+        let retry_at = (incremental.failures > 0)
+            .then(|| incremental.last_failure.map(|f| at(schedule::saturating_add(f, schedule::retry_delay(incremental.failures)))))
+            .flatten();
+        let replay_at = settings.max_replay.filter(|_| newest.is_some()).map(|_| next_replay_check.max(retry_at.unwrap_or(next_replay_check)));
+        let wake_at = [Some(backup_at), Some(next_retention), incremental_at, replay_at].into_iter().flatten().min().expect("deadlines");
         tokio::select! {
-            _ = tokio::time::sleep_until(backup_at.min(next_retention)) => {}
+            _ = tokio::time::sleep_until(wake_at) => {}
             _ = agent.wake.notified() => continue,
             _ = agent.stop.cancelled() => return,
         }
-        if tokio::time::Instant::now() < backup_at {
+        let now = tokio::time::Instant::now();
+        // Not raced against `stop`: a shutdown lets the backup finish or abandons it (see `run`).
+        if now >= backup_at {
+            match agent.take_backup(None, true, true).await {
+                Some(Ok(m)) => {
+                    let mut s = agent.schedule.lock().await;
+                    s.failures = 0;
+                    s.last_failure = None;
+                    // The new anchor, at once (the repository says the same on the next refresh).
+                    s.last_scheduled = Some(m.start_time);
+                    drop(s);
+                    agent.retention().await;
+                    next_retention = tokio::time::Instant::now() + interval;
+                }
+                Some(Err(_)) => {
+                    let mut s = agent.schedule.lock().await;
+                    s.failures += 1;
+                    s.last_failure = Some(chrono::Utc::now());
+                    agent.metrics.lock().await.scheduled_failures += 1;
+                }
+                None => {}
+            }
+        } else if incremental_at.is_some_and(|t| now >= t) || replay_at.is_some_and(|t| now >= t) {
+            let by_frequency = incremental_at.is_some_and(|t| now >= t);
+            let mut why = by_frequency.then(|| "incremental_frequency".to_string());
+            if !by_frequency && let Some(max) = settings.max_replay {
+                next_replay_check = now + replay_check_interval(max);
+                match agent.compute_replay_estimate().await {
+                    Some(e) if e.seconds > max.as_secs_f64() => {
+                        why = Some(format!(
+                            "a restore to the latest point would replay {:.0}s of WAL ({} bytes since backup {}), over max_replay {}",
+                            e.seconds,
+                            e.wal_bytes,
+                            e.backup,
+                            humantime::format_duration(max)
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(why) = why {
+                tracing::info!("incremental backup: {why}");
+                match agent.take_backup_of(None, true, true, true).await {
+                    Some(Ok(_)) => {
+                        incremental.failures = 0;
+                        incremental.last_failure = None;
+                        agent.metrics.lock().await.incremental_backups += 1;
+                        agent.retention().await;
+                        next_retention = tokio::time::Instant::now() + interval;
+                    }
+                    Some(Err(_)) => {
+                        incremental.failures += 1;
+                        incremental.last_failure = Some(chrono::Utc::now());
+                        agent.metrics.lock().await.scheduled_failures += 1;
+                    }
+                    None => {}
+                }
+            }
+        } else if now >= next_retention {
             agent.retention().await;
             next_retention = tokio::time::Instant::now() + interval;
-            continue;
-        }
-        // Not raced against `stop`: a shutdown lets the backup finish or abandons it (see `run`).
-        match agent.take_backup(None, true, true).await {
-            Some(Ok(m)) => {
-                let mut s = agent.schedule.lock().await;
-                s.failures = 0;
-                s.last_failure = None;
-                // The new anchor, at once (the repository says the same on the next refresh).
-                s.last_scheduled = Some(m.start_time);
-                drop(s);
-                agent.retention().await;
-                next_retention = tokio::time::Instant::now() + interval;
-            }
-            Some(Err(_)) => {
-                let mut s = agent.schedule.lock().await;
-                s.failures += 1;
-                s.last_failure = Some(chrono::Utc::now());
-                agent.metrics.lock().await.scheduled_failures += 1;
-            }
-            None => {}
         }
         if agent.stop.is_cancelled() {
             return;
@@ -373,6 +516,7 @@ impl Agent {
             stop: CancellationToken::new(),
             abandon: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
+            replay_cache: Mutex::new(None),
             ctx,
         }))
     }

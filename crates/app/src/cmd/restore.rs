@@ -392,6 +392,7 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
             if !in_recovery {
                 // Prove the server accepts writes: assigning a transaction ID needs a writable server.
                 client.query_one("SELECT txid_current()", &[]).await.context("the promoted server refused a write")?;
+                record_replay(ctx, m, &replayed, t0.elapsed()).await;
                 if let Some(role) = &a.set_password {
                     let pw = std::env::var("WALNUT_NEW_PASSWORD").unwrap_or_default();
                     let ident = format!("\"{}\"", role.replace('"', "\"\""));
@@ -414,6 +415,24 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
             }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Keeps this restore's replay rate (from the backup's start to where replay ended, over the
+/// time from the server's start to its promotion) for the agent's replay-time estimate.
+async fn record_replay(ctx: &Ctx, m: &backup::Manifest, replayed: &str, took: Duration) {
+    let Ok(end) = replayed.parse::<Lsn>() else { return };
+    let recorded = async {
+        let repo = ctx.repository()?;
+        let identity = repo.identity().await?.ok_or_else(|| anyhow::anyhow!("no repository identity"))?;
+        let state = walnut_core::state::StateDir::open(&ctx.config.state_dir, ctx.config.repo_url()?, &identity)?;
+        let bytes = end.0.saturating_sub(m.start_lsn.0);
+        anyhow::Ok(walnut_core::replay::record(&state, bytes, took.as_secs_f64(), chrono::Utc::now())?)
+    };
+    match recorded.await {
+        Ok(true) => tracing::debug!("replay rate recorded"),
+        Ok(false) => {}
+        Err(e) => tracing::debug!("replay rate not recorded: {e:#}"),
     }
 }
 
