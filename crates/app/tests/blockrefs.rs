@@ -343,11 +343,8 @@ fn block_references_and_maps_agree_with_pg_waldump() {
     let steady_blocks: u32 = pg.sql("SELECT pg_relation_size('steady') / 8192").trim().parse().unwrap();
     assert!(d.limit.is_none() && !d.changed.is_empty() && d.changed.len() < u64::from(steady_blocks) / 2, "{d:?}");
     for id in [1, 1500, 2900] {
-        let page: u32 = pg
-            .sql(&format!("SELECT (ctid::text::point)[0]::int FROM steady WHERE id = {id}"))
-            .trim()
-            .parse()
-            .unwrap();
+        let page: u32 =
+            pg.sql(&format!("SELECT (ctid::text::point)[0]::int FROM steady WHERE id = {id}")).trim().parse().unwrap();
         assert!(d.changed.contains(page), "row {id} on page {page}: {}", d.changed);
     }
     assert_eq!(whole(&m.decide(steady, ForkNumber::VISIBILITYMAP, false)), [WholeReason::VisibilityMap]);
