@@ -37,4 +37,4 @@ done
 echo "walnut block-map benchmark: $(ls "$work/segs" | wc -l) segments of pgbench WAL (scale $scale), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 # shellcheck disable=SC2086
 WALNUT_BENCH_WAL="$work/segs" cargo test -q ${CARGO_FLAGS:---release} -p walnut-core --lib bench_decode_with_blocks \
-  -- --ignored --nocapture 2>&1 | grep -vE '^(running|test |$)|test result'
+  -- --ignored --nocapture 2>&1 | grep -vE '^(running|test |\.+$|$)|test result'
