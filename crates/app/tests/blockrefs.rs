@@ -234,6 +234,7 @@ fn block_references_and_maps_agree_with_pg_waldump() {
     let mut maps = vec![];
     let mut their_blocks: BTreeSet<(RelFileNode, ForkNumber, u32)> = BTreeSet::new();
     let mut map_bytes = 0usize;
+    let mut hint_fpis = 0u64;
     for w in names.windows(2) {
         let seg = WalFileName::parse(&w[0]).unwrap().segment().unwrap();
         let start = seg_size.start_lsn(seg.segno(seg_size).unwrap());
@@ -269,6 +270,8 @@ fn block_references_and_maps_agree_with_pg_waldump() {
         );
         for (lsn, blkrefs, changes) in &ours {
             let t = &theirs[lsn];
+            // Hint bits (data checksums on): full-page images with block references like any.
+            hint_fpis += u64::from(t.rmgr == "XLOG" && t.desc.starts_with("FPI_FOR_HINT") && !blkrefs.is_empty());
             assert_eq!(blkrefs, &t.blkrefs, "block references of the record at {lsn} ({} {})", t.rmgr, t.desc);
             assert_eq!(changes, &their_changes(t), "relation changes of the record at {lsn} ({} {})", t.rmgr, t.desc);
             for c in changes {
@@ -324,7 +327,7 @@ fn block_references_and_maps_agree_with_pg_waldump() {
         assert!(kinds_seen.contains(k), "no {k} in {kinds_seen:?}");
     }
     assert_eq!(forks_seen, (0..4).map(ForkNumber).collect(), "every fork referenced");
-    assert!(images > 100 && compressed > 0 && holes > 0 && same_rel > 0 && will_init > 0);
+    assert!(images > 100 && compressed > 0 && holes > 0 && same_rel > 0 && will_init > 0 && hint_fpis > 0);
 
     // The map of the range: exactly the blocks pg_waldump lists, and the right decisions.
     let m = BlockMap::combine(&maps, from, to);
@@ -372,7 +375,8 @@ fn block_references_and_maps_agree_with_pg_waldump() {
     assert!(m.relations.get(&u).is_none_or(|e| !e.forks.contains_key(&ForkNumber::MAIN)));
 
     eprintln!(
-        "{} segments, {records} records ({with_blocks} with block references, {images} images, {compressed} compressed); \
+        "{} segments, {records} records ({with_blocks} with block references, {images} images, {compressed} compressed, \
+         {hint_fpis} FPI_FOR_HINT); \
          range map: {} relations, {} blocks, {} bytes stored ({} bytes as per-segment maps); \
          workload {workload:?}, decode and compare {decode:?}",
         names.len() - 1,

@@ -532,18 +532,110 @@ fn sorted_union<T: Ord + Clone>(into: &mut Vec<T>, from: &[T]) {
     into.dedup();
 }
 
+type ForkKey = (RelFileNode, ForkNumber);
+
+/// A quick hasher for fork keys (which come from CRC-checked WAL, not from an adversary).
+#[derive(Debug, Default)]
+struct KeyHasher(u64);
+
+impl KeyHasher {
+    fn add(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        bytes.iter().for_each(|&b| self.add(u64::from(b)));
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+}
+
+/// Blocks below this are collected in a bitmap (at most 512 kB per fork), the rest in a list.
+const BITMAP_BLOCKS: u32 = 1 << 22;
+
+/// The blocks of one fork while building: a bitmap for the low ones (no sorting at the end),
+/// a list (sorted at the end) for the rest.
+#[derive(Debug, Default)]
+struct Blocks {
+    bits: Vec<u64>,
+    high: Vec<u32>,
+}
+
+impl Blocks {
+    fn insert(&mut self, b: u32) {
+        if b < BITMAP_BLOCKS {
+            let w = (b / 64) as usize;
+            if w >= self.bits.len() {
+                self.bits.resize(w + 1, 0);
+            }
+            self.bits[w] |= 1 << (b % 64);
+        } else if self.high.last() != Some(&b) {
+            self.high.push(b);
+        }
+    }
+
+    fn into_set(self) -> BlockSet {
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        for (w, &word) in self.bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let bit = word.trailing_zeros();
+                let b = w as u32 * 64 + bit;
+                match ranges.last_mut() {
+                    Some((_, last)) if *last + 1 == b => *last = b,
+                    _ => ranges.push((b, b)),
+                }
+                word &= word - 1;
+            }
+        }
+        let low = BlockSet { ranges };
+        if self.high.is_empty() { low } else { low.union(&BlockSet::from_blocks(self.high)) }
+    }
+}
+
 /// Builds the map of a range from the decoder's records (`walnut_pg::walrec::Record`).
 #[derive(Debug, Default)]
 pub struct BlockMapBuilder {
-    blocks: HashMap<(RelFileNode, ForkNumber), Vec<u32>>,
-    /// The key of the last block appended (records often reference one relation in a row).
-    last: Option<(RelFileNode, ForkNumber)>,
+    /// Per fork, the blocks referenced so far.
+    slots: Vec<(ForkKey, Blocks)>,
+    index: HashMap<ForkKey, usize, std::hash::BuildHasherDefault<KeyHasher>>,
+    /// The slots used last, most recent first: records reference a few relations in turn.
+    recent: Vec<usize>,
     map: BlockMap,
 }
 
 impl BlockMapBuilder {
     pub fn new() -> BlockMapBuilder {
         BlockMapBuilder::default()
+    }
+
+    fn slot(&mut self, key: ForkKey) -> usize {
+        if let Some(pos) = self.recent.iter().position(|&i| self.slots[i].0 == key) {
+            self.recent[..=pos].rotate_right(1);
+            return self.recent[0];
+        }
+        let i = match self.index.get(&key) {
+            Some(&i) => i,
+            None => {
+                self.slots.push((key, Blocks::default()));
+                self.index.insert(key, self.slots.len() - 1);
+                self.slots.len() - 1
+            }
+        };
+        if self.recent.len() == 4 {
+            self.recent.pop();
+        }
+        self.recent.insert(0, i);
+        i
     }
 
     /// Adds one record's block references and relation changes.
@@ -553,12 +645,8 @@ impl BlockMapBuilder {
                 // The decoder reports it as unknown.
                 continue;
             }
-            let key = (b.rnode, b.fork);
-            if self.last != Some(key) {
-                self.blocks.entry(key).or_default();
-                self.last = Some(key);
-            }
-            self.blocks.get_mut(&key).expect("inserted").push(b.block);
+            let i = self.slot((b.rnode, b.fork));
+            self.slots[i].1.insert(b.block);
         }
         let lsn = rec.lsn;
         for c in rec.changes {
@@ -609,8 +697,8 @@ impl BlockMapBuilder {
         let mut map = self.map;
         map.start = start;
         map.end = end;
-        for ((rnode, fork), blocks) in self.blocks {
-            map.relations.entry(rnode).or_default().forks.insert(fork, BlockSet::from_blocks(blocks));
+        for ((rnode, fork), blocks) in self.slots {
+            map.relations.entry(rnode).or_default().forks.insert(fork, blocks.into_set());
         }
         for e in map.relations.values_mut() {
             e.events.sort();
@@ -990,6 +1078,17 @@ mod tests {
     }
 
     #[test]
+    fn collected_blocks_low_and_high() {
+        let mut b = Blocks::default();
+        let input =
+            [5, 3, 64, 63, 65, 3, BITMAP_BLOCKS - 1, BITMAP_BLOCKS, BITMAP_BLOCKS + 1, u32::MAX, 9, BITMAP_BLOCKS];
+        for x in input {
+            b.insert(x);
+        }
+        assert_eq!(b.into_set(), BlockSet::from_blocks(input.to_vec()));
+    }
+
+    #[test]
     fn a_segment_map_and_its_decisions() {
         let b1 = [bref(0, R1, ForkNumber::MAIN, 7), bref(1, R1, ForkNumber::VISIBILITYMAP, 0)];
         let b2 = [bref(0, R1, ForkNumber::MAIN, 3), bref(1, R1, ForkNumber::MAIN, 8)];
@@ -1205,6 +1304,79 @@ mod tests {
                     unknown_omitted,
                 },
             )
+    }
+
+    /// What recording blocks costs the decoder (bench/blocks.sh runs it on pgbench WAL):
+    /// `WALNUT_BENCH_WAL=DIR cargo test --release -p walnut-core --lib bench_ -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_decode_with_blocks() {
+        use walnut_pg::{WalFileName, WalSegSize, walrec};
+        let Ok(dir) = std::env::var("WALNUT_BENCH_WAL") else {
+            eprintln!("set WALNUT_BENCH_WAL to a directory of WAL segments");
+            return;
+        };
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.len() == 24)
+            .collect();
+        names.sort();
+        let segs: Vec<(Lsn, Vec<u8>)> = names
+            .iter()
+            .map(|n| {
+                let data = std::fs::read(std::path::Path::new(&dir).join(n)).unwrap();
+                let size = WalSegSize::new(data.len() as u64).unwrap();
+                let seg = WalFileName::parse(n).unwrap().segment().unwrap();
+                (size.start_lsn(seg.segno(size).unwrap()), data)
+            })
+            .collect();
+        let bytes: usize = segs.iter().map(|s| s.1.len()).sum();
+        type Run = fn(&[u8], Lsn) -> usize;
+        let runs: [(&str, Run); 3] = [
+            ("decode_segment (as wal-push today)", |d, l| walrec::decode_segment(d, l, None).records as usize),
+            ("decode_segment_with_blocks, no-op callback", |d, l| {
+                let mut n = 0;
+                walrec::decode_segment_with_blocks(d, l, None, |r| n += r.blocks.len());
+                n
+            }),
+            ("summarize_with_blocks (decode + BlockMapBuilder + finish)", |d, l| {
+                crate::summary::summarize_with_blocks(d, l).unwrap().1.relations.len()
+            }),
+        ];
+        // Best of 15 passes over all segments, the three interleaved (the machine may be shared).
+        let mut best = [f64::MAX; 3];
+        for _ in 0..15 {
+            for (i, (_, run)) in runs.iter().enumerate() {
+                let t = std::time::Instant::now();
+                for (lsn, data) in &segs {
+                    std::hint::black_box(run(data, *lsn));
+                }
+                best[i] = best[i].min(t.elapsed().as_secs_f64());
+            }
+        }
+        for (i, (what, _)) in runs.iter().enumerate() {
+            eprintln!(
+                "{what}: {:.2} ms per segment, {:.0} MB/s, {:+.1}%",
+                best[i] * 1e3 / segs.len() as f64,
+                bytes as f64 / best[i] / 1e6,
+                (best[i] / best[0] - 1.0) * 100.0
+            );
+        }
+        let records: u64 = segs.iter().map(|(l, d)| walrec::decode_segment(d, *l, None).records).sum();
+        eprintln!("{records} records");
+        let maps: Vec<BlockMap> =
+            segs.iter().map(|(l, d)| crate::summary::summarize_with_blocks(d, *l).unwrap().1).collect();
+        let stored: Vec<usize> = maps.iter().map(|m| m.to_bytes().len()).collect();
+        let blocks: u64 =
+            maps.iter().flat_map(|m| m.relations.values()).flat_map(|e| e.forks.values()).map(BlockSet::len).sum();
+        eprintln!(
+            "{} segments; block maps: {} blocks in all, {} bytes stored per segment on average (max {})",
+            segs.len(),
+            blocks,
+            stored.iter().sum::<usize>() / stored.len().max(1),
+            stored.iter().max().unwrap_or(&0)
+        );
     }
 
     proptest! {

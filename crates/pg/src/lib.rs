@@ -17,6 +17,7 @@ pub mod relpath;
 pub mod version;
 pub mod walpage;
 pub mod walrec;
+pub mod walsynth;
 
 pub use control::ControlFile;
 pub use lsn::{Lsn, SegNo, TimelineId, WalSegSize};

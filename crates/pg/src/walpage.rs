@@ -21,6 +21,9 @@ pub const SIZE_OF_SHORT_PHD: usize = 24;
 pub const SIZE_OF_LONG_PHD: usize = 40;
 pub const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
 pub const XLP_LONG_HEADER: u16 = 0x0002;
+/// The page does not continue the record the previous page began: that record was abandoned
+/// (a crash cut it off) and WAL was written over its missing part.
+pub const XLP_FIRST_IS_OVERWRITE_CONTRECORD: u16 = 0x0008;
 pub const XLP_ALL_FLAGS: u16 = 0x000F;
 
 /// The header every WAL page starts with (`XLogPageHeaderData`).

@@ -55,8 +55,8 @@ use crate::walpage::{
 };
 
 const SIZE_OF_XLOG_RECORD: usize = 24;
-const RM_XLOG_ID: u8 = 0;
-const RM_XACT_ID: u8 = 1;
+pub const RM_XLOG_ID: u8 = 0;
+pub const RM_XACT_ID: u8 = 1;
 const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
 const XLOG_CHECKPOINT_ONLINE: u8 = 0x10;
 const XLOG_SWITCH: u8 = 0x40;
@@ -1013,136 +1013,12 @@ mod tests {
         }
     }
 
-    // ---- building records and segments for tests ----
+    use crate::walsynth::{Body, Img, record};
 
-    #[derive(Clone, Copy)]
-    struct Img {
-        hole_offset: u16,
-        hole_length: u16,
-        info: u8,
-        /// Bytes of image stored.
-        stored: u16,
-        compressed_hole: Option<u16>,
-    }
-
-    #[derive(Default)]
-    struct Body {
-        headers: Vec<u8>,
-        data: Vec<u8>,
-        main: Vec<u8>,
-    }
-
-    impl Body {
-        #[allow(clippy::too_many_arguments)]
-        fn block(
-            &mut self,
-            id: u8,
-            fork: u8,
-            same_rel: bool,
-            will_init: bool,
-            data_len: u16,
-            img: Option<Img>,
-            rnode: RelFileNode,
-            block: u32,
-        ) {
-            let mut flags = fork;
-            if same_rel {
-                flags |= BKPBLOCK_SAME_REL;
-            }
-            if will_init {
-                flags |= BKPBLOCK_WILL_INIT;
-            }
-            if data_len > 0 {
-                flags |= BKPBLOCK_HAS_DATA;
-            }
-            if img.is_some() {
-                flags |= BKPBLOCK_HAS_IMAGE;
-            }
-            self.headers.extend([id, flags]);
-            self.headers.extend(data_len.to_le_bytes());
-            if let Some(i) = img {
-                self.headers.extend(i.stored.to_le_bytes());
-                self.headers.extend(i.hole_offset.to_le_bytes());
-                self.headers.push(i.info);
-                if let Some(h) = i.compressed_hole {
-                    self.headers.extend(h.to_le_bytes());
-                }
-                self.data.extend(std::iter::repeat_n(0xAB, i.stored as usize));
-            }
-            if !same_rel {
-                for v in [rnode.spc_node, rnode.db_node, rnode.rel_node] {
-                    self.headers.extend(v.to_le_bytes());
-                }
-            }
-            self.headers.extend(block.to_le_bytes());
-            self.data.extend(std::iter::repeat_n(0xCD, data_len as usize));
-        }
-
-        fn main(&mut self, m: &[u8]) {
-            self.main = m.to_vec();
-        }
-
-        fn bytes(&self) -> Vec<u8> {
-            let mut out = self.headers.clone();
-            if self.main.len() < 256 {
-                out.extend([XLR_BLOCK_ID_DATA_SHORT, self.main.len() as u8]);
-            } else if !self.main.is_empty() {
-                out.push(XLR_BLOCK_ID_DATA_LONG);
-                out.extend((self.main.len() as u32).to_le_bytes());
-            }
-            if self.main.is_empty() {
-                out.truncate(out.len() - 2);
-            }
-            out.extend(&self.data);
-            out.extend(&self.main);
-            out
-        }
-    }
-
-    fn record(rmid: u8, info: u8, xid: u32, body: &[u8]) -> Vec<u8> {
-        let mut r = Vec::with_capacity(24 + body.len());
-        r.extend(((24 + body.len()) as u32).to_le_bytes());
-        r.extend(xid.to_le_bytes());
-        r.extend(0u64.to_le_bytes());
-        r.extend([info, rmid, 0, 0]);
-        let crc = crc32c::crc32c_append(crc32c::crc32c(body), &r[..20]);
-        r.extend(crc.to_le_bytes());
-        r.extend(body);
-        r
-    }
-
-    /// A 1 MiB segment (the second: LSN 0/100000) holding `recs` on its first page(s).
+    /// A 1 MiB segment (the second: LSN 0/100000) holding `recs` from its first page on.
     fn segment(recs: &[Vec<u8>]) -> Vec<u8> {
-        let name = crate::names::SegName { tli: crate::TimelineId(1), log: 0, seg: 1 };
-        let mut seg =
-            crate::walpage::synthetic_segment(name, crate::SystemId(1), crate::WalSegSize::new(1 << 20).unwrap());
-        // Lay the records out as a stream, then split it over pages with short headers.
-        let mut pos = 40usize;
-        for r in recs {
-            let mut written = 0;
-            while written < r.len() {
-                if pos.is_multiple_of(XLOG_BLCKSZ) {
-                    let page_lsn = (1u64 << 20) + pos as u64;
-                    let mut h = crate::walpage::synthetic_segment(
-                        name,
-                        crate::SystemId(1),
-                        crate::WalSegSize::new(1 << 20).unwrap(),
-                    )[..24]
-                        .to_vec();
-                    h[2..4].copy_from_slice(&(if written > 0 { XLP_FIRST_IS_CONTRECORD } else { 0 }).to_le_bytes());
-                    h[8..16].copy_from_slice(&page_lsn.to_le_bytes());
-                    h[16..20].copy_from_slice(&((r.len() - written) as u32).to_le_bytes());
-                    seg[pos..pos + 24].copy_from_slice(&h);
-                    pos += 24;
-                }
-                let n = (r.len() - written).min(XLOG_BLCKSZ - pos % XLOG_BLCKSZ);
-                seg[pos..pos + n].copy_from_slice(&r[written..written + n]);
-                pos += n;
-                written += n;
-            }
-            pos = pos.next_multiple_of(8);
-        }
-        seg
+        let size = crate::WalSegSize::new(1 << 20).unwrap();
+        crate::walsynth::segments(Lsn(1 << 20), size, recs).swap_remove(0)
     }
 
     type Seen = Vec<(Lsn, Vec<BlockRef>, Vec<RelChange>)>;
@@ -1164,9 +1040,7 @@ mod tests {
     }
 
     fn main_only(m: &[u8]) -> Body {
-        let mut b = Body::default();
-        b.main(m);
-        b
+        Body::main_only(m)
     }
 
     fn words(ws: &[u32]) -> Vec<u8> {
