@@ -53,7 +53,20 @@ impl Drop for AgentProc {
 }
 
 fn start_agent(env: &Env, pg: &PgCluster, port: u16, token: Option<&str>) -> AgentProc {
-    let mut c = Command::new(walnut_bin());
+    start_agent_with(env, pg, port, token, false)
+}
+
+/// The agent run as the `postgres` OS user (when the tests run as root), like the archive command.
+fn start_agent_as(env: &Env, pg: &PgCluster, port: u16, as_postgres: bool) -> AgentProc {
+    start_agent_with(env, pg, port, None, as_postgres)
+}
+
+fn start_agent_with(env: &Env, pg: &PgCluster, port: u16, token: Option<&str>, as_postgres: bool) -> AgentProc {
+    let mut c = if as_postgres {
+        walnut_testkit::pg::as_postgres(std::path::Path::new(walnut_bin()))
+    } else {
+        Command::new(walnut_bin())
+    };
     c.arg("--config").arg(&env.config).args(["agent", "--listen", &format!("127.0.0.1:{port}")]);
     c.env("PGHOST", "127.0.0.1").env("PGPORT", pg.port.to_string()).env("PGUSER", "postgres");
     c.env("PGDATA", &pg.pgdata);
@@ -507,4 +520,57 @@ fn the_agent_drills_on_its_interval_and_a_failed_drill_fails_health() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("restore drill") && body.contains("failed"), "{body}");
     assert_eq!(metric(&get(), "walnut_drill_success"), Some(0.0));
+}
+
+/// The RTO bound: with `[agent] max_replay`, once a restore to the latest point would replay
+/// longer than that (here: a replay rate measured as very slow), the agent takes an incremental
+/// backup; the estimate shows in health and the metrics; max_replay is a setting of the API.
+#[test]
+fn the_agent_takes_an_incremental_backup_when_replay_would_exceed_max_replay() {
+    let env = Env::with_extra(Backend::File, "[agent]\nmax_replay = \"1min\"");
+    let pg = env.cluster();
+    let o = backup_push(&env, &pg, Some("first"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A replay rate measured on this host as 64 MiB in ~17 hours: any WAL at all is too much.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let identity = rt.block_on(async {
+        let store = walnut_storage::open(&env.repo_url, &Default::default()).unwrap();
+        walnut_core::Repository::new(store).identity().await.unwrap().unwrap()
+    });
+    // Where the state directory keeps it (docs/repository-format.md, "Local state").
+    let hash: String =
+        walnut_core::envelope::sha256(env.repo_url.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let dir = env.dir.path().join("state/repos").join(hash).join(identity.state_key());
+    std::fs::create_dir_all(&dir).unwrap();
+    let measured = walnut_core::replay::Measured { bytes: 64 << 20, seconds: 60_000.0, at: chrono::Utc::now() };
+    std::fs::write(dir.join("replay-rate.json"), serde_json::to_vec(&measured).unwrap()).unwrap();
+    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
+    pg.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 20000) g");
+    let port = free_port();
+    // As the state directory's owner (the archive command runs as postgres too).
+    let _agent = start_agent_as(&env, &pg, port, true);
+    let log = || std::fs::read_to_string(env.dir.path().join("agent.log")).unwrap_or_default();
+    PgCluster::wait_for("an incremental backup by the RTO bound", Duration::from_secs(120), || {
+        let (_, b) = http(port, "GET", "/v1/backups", "", None);
+        json_of(&b).as_array().is_some_and(|a| a.iter().any(|x| x["type"] == "incremental" && x["status"] == "DONE"))
+    });
+    assert!(log().contains("over max_replay"), "{}", log());
+    let (_, body) = http(port, "GET", "/v1/health", "", None);
+    let h = json_of(&body);
+    assert!(
+        h["replay_estimate"]["measured"].as_bool() == Some(true) && h["replay_estimate"]["wal_bytes"].is_u64(),
+        "{body}"
+    );
+    let m = http(port, "GET", "/metrics", "", None).1;
+    assert!(metric(&m, "walnut_incremental_backups_total").unwrap_or(0.0) >= 1.0, "{m}");
+    assert!(metric(&m, "walnut_replay_estimate_seconds").is_some(), "{m}");
+
+    // The setting, through the API: validated, and null turns it off.
+    let (status, body) = http(port, "PATCH", "/v1/settings", r#"{"max_replay": "10s"}"#, None);
+    assert!(status == 400 && body.contains("max_replay must be at least 1min"), "{status} {body}");
+    let (status, body) =
+        http(port, "PATCH", "/v1/settings", r#"{"max_replay": null, "incremental_frequency": "6h"}"#, None);
+    assert_eq!(status, 200, "{body}");
+    let s = json_of(&body);
+    assert!(s["max_replay"].is_null() && s["incremental_frequency"] == "6h", "{body}");
 }

@@ -114,6 +114,13 @@ fn a_chain_of_incrementals_stores_the_changes_and_restores_the_same_data() {
         stored(full)
     );
     assert_eq!(inc2["chain_stored_bytes"].as_u64(), Some(stored(full) + stored(inc1) + stored(inc2)));
+    let o = env.walnut(&["backup-list", "--detail"]);
+    let text = stdout(&o);
+    assert!(text.contains("CHAIN STORED") && text.contains("incremental"), "{text}");
+    assert!(
+        text.contains("a restore to the latest point replays") && text.contains(inc2["id"].as_str().unwrap()),
+        "{text}"
+    );
     let o = env.walnut(&["backup-show", "inc2"]);
     assert!(o.status.success() && stdout(&o).contains("incremental on"), "{}", stdout(&o));
 

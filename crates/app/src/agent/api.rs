@@ -31,11 +31,7 @@ pub(super) fn patched(current: &Settings, body: &serde_json::Value) -> Result<Se
             "recovery_window" => s.recovery_window = dur(v)?,
             "incremental_frequency" | "max_replay" => {
                 let d = if v.is_null() { None } else { Some(dur(v)?) };
-                if k == "incremental_frequency" {
-                    s.incremental_frequency = d
-                } else {
-                    s.max_replay = d
-                }
+                if k == "incremental_frequency" { s.incremental_frequency = d } else { s.max_replay = d }
             }
             "minimum_redundancy" => {
                 let n =

@@ -153,10 +153,8 @@ impl Agent {
             let mut opts = self.ctx.push_options(None, name, scheduled)?;
             opts.cancel = self.abandon.clone();
             if incremental {
-                opts.incremental = Some(backup::IncrementalOptions {
-                    parent: None,
-                    max_chain: self.ctx.config.backup_max_chain,
-                });
+                opts.incremental =
+                    Some(backup::IncrementalOptions { parent: None, max_chain: self.ctx.config.backup_max_chain });
             }
             let progress = Arc::new(backup::Progress::default());
             Ok(backup::push(&self.repo, &opts, progress).await?)
@@ -410,10 +408,21 @@ async fn scheduler(agent: Arc<Agent>) {
             _ => None,
         };
         let retry_at = (incremental.failures > 0)
-            .then(|| incremental.last_failure.map(|f| at(schedule::saturating_add(f, schedule::retry_delay(incremental.failures)))))
+            .then(|| {
+                incremental
+                    .last_failure
+                    .map(|f| at(schedule::saturating_add(f, schedule::retry_delay(incremental.failures))))
+            })
             .flatten();
-        let replay_at = settings.max_replay.filter(|_| newest.is_some()).map(|_| next_replay_check.max(retry_at.unwrap_or(next_replay_check)));
-        let wake_at = [Some(backup_at), Some(next_retention), incremental_at, replay_at].into_iter().flatten().min().expect("deadlines");
+        let replay_at = settings
+            .max_replay
+            .filter(|_| newest.is_some())
+            .map(|_| next_replay_check.max(retry_at.unwrap_or(next_replay_check)));
+        let wake_at = [Some(backup_at), Some(next_retention), incremental_at, replay_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("deadlines");
         tokio::select! {
             _ = tokio::time::sleep_until(wake_at) => {}
             _ = agent.wake.notified() => continue,

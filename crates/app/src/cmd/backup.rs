@@ -109,7 +109,43 @@ pub async fn list(ctx: &Ctx, detail: bool) -> Result<()> {
         rows.push(row);
     }
     print_table(&header, &rows);
+    if detail && let Some(e) = replay_estimate(ctx, &repo, &all).await {
+        println!(
+            "a restore to the latest point replays {} of WAL from backup {}: about {:.0}s at {}/s ({})",
+            output::bytes(e.wal_bytes),
+            e.backup,
+            e.seconds,
+            output::bytes(e.bytes_per_second as u64),
+            if e.measured {
+                "the rate the last restore here measured"
+            } else {
+                "an assumed rate: no restore here measured one"
+            }
+        );
+    }
     Ok(())
+}
+
+/// The replay-time estimate of a restore to the end of the archive (see `walnut_core::replay`).
+async fn replay_estimate(
+    ctx: &Ctx,
+    repo: &walnut_core::Repository,
+    all: &[backup::BackupInfo],
+) -> Option<walnut_core::replay::Estimate> {
+    let (id, start) = all
+        .iter()
+        .filter(|b| b.status == Status::Done)
+        .filter_map(|b| b.manifest.as_ref().map(|m| (b.id.to_string(), m.start_lsn)))
+        .max_by_key(|(_, s)| *s)?;
+    let end = walnut_core::replay::archive_end(repo).await?;
+    let identity = repo.identity().await.ok().flatten()?;
+    let measured = ctx
+        .config
+        .repo_url()
+        .ok()
+        .and_then(|url| walnut_core::state::StateDir::open(&ctx.config.state_dir, url, &identity).ok())
+        .and_then(|s| walnut_core::replay::measured(&s));
+    Some(walnut_core::replay::estimate(&id, start, end, measured.as_ref()))
 }
 
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
