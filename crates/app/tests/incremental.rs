@@ -360,3 +360,52 @@ fn every_kind_of_change_restores_from_a_chain_as_the_source_has_it() {
     assert!(checksums.status.success(), "pg_checksums --check: {}{}", stdout(&checksums), stderr(&checksums));
     drop(r);
 }
+
+/// What the block maps cannot vouch for: a segment stored without its map is decoded from the
+/// archive (and the backup says so); a segment neither archived nor in pg_wal makes the map
+/// unknown, so every relation file is stored whole, with that reason, and the backup restores.
+#[test]
+fn missing_block_maps_are_rebuilt_or_make_files_whole_and_say_so() {
+    let env = Env::new(Backend::File);
+    let pg = cluster(&env);
+    pg.sql("CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 30000) g");
+    push(&env, &pg, &["--name", "full"]);
+
+    // A segment archived without its map (as an older walnut stored them).
+    pg.sql("UPDATE t SET h = 'a' WHERE g <= 100");
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, WAIT);
+    let path = env.object_path(&wal_key(&seg));
+    let d = walnut_core::envelope::decode(&std::fs::read(&path).unwrap()).unwrap();
+    let mut meta = d.meta.clone();
+    assert!(meta.as_object_mut().unwrap().remove("blocks").is_some(), "wal-push stores the map: {meta}");
+    std::fs::write(&path, walnut_core::envelope::encode(&d.content, &meta, Default::default())).unwrap();
+    let out = push(&env, &pg, &["--incremental", "--name", "rebuilt"]);
+    assert!(out.contains("block map: 1 archived segment(s) stored without a block map were decoded"), "{out}");
+    let list = backups(&env);
+    assert!(list[1]["stored_bytes"].as_u64().unwrap() * 4 < list[0]["stored_bytes"].as_u64().unwrap(), "{list:?}");
+
+    // A segment lost from the archive (and recycled from pg_wal by the next checkpoint).
+    pg.sql("UPDATE t SET h = 'b' WHERE g <= 100");
+    let lost = pg.switch_wal();
+    pg.wait_archived(&lost, WAIT);
+    std::fs::remove_file(env.object_path(&wal_key(&lost))).unwrap();
+    pg.sql("CHECKPOINT");
+    push(&env, &pg, &["--incremental", "--name", "blind"]);
+    let show = stdout(&env.walnut(&["backup-show", "blind"]));
+    assert!(show.contains(&format!("{lost}: neither archived nor in pg_wal")), "{show}");
+    assert!(!show.contains("changed block(s)") || show.contains("as 0 changed block(s)"), "{show}");
+
+    // The last incremental restores without the lost segment (it begins after it).
+    pg.sql("INSERT INTO t VALUES (0, 'last')");
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, WAIT);
+    let want = dumpall(pg.port);
+    let (_d, dest) = restore_dir("blind");
+    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
+    let o = env.walnut(&["restore", dest.to_str().unwrap(), "--backup", "blind", "--start"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let r = Restored::from_dir(&dest);
+    let got = dumpall(r.port);
+    assert!(got == want, "restored: {}", first_difference(&want, &got));
+}

@@ -45,6 +45,9 @@ pub async fn push(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>, how: P
                  stored whole although the parent holds them (see backup-show)",
                 m.chain.len()
             );
+            for note in &m.map_notes {
+                println!("block map: {note}");
+            }
         } else if how.incremental {
             println!("a full backup, not an incremental one (see the warning above)");
         }
@@ -203,6 +206,9 @@ pub async fn show(ctx: &Ctx, reference: &str) -> Result<()> {
                 as_blocks.len(),
                 output::bytes(blocks * backup::BLCKSZ)
             );
+            for note in &m.map_notes {
+                println!("Block map:     {note}");
+            }
             if m.whole.is_empty() {
                 println!("Stored whole:  none of the parent's relation files");
             } else {

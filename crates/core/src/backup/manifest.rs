@@ -184,6 +184,10 @@ pub struct Manifest {
     /// existed in the parent, grouped by why (e.g. "created since the parent").
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub whole: BTreeMap<String, Vec<String>>,
+    /// An incremental backup: how the changed-block map was made when it was not all stored
+    /// with the archived WAL (e.g. segments decoded from the archive).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub map_notes: Vec<String>,
 }
 
 impl Manifest {

@@ -603,6 +603,7 @@ pub(super) async fn push_inner(
         parent: base.as_ref().map(|b| b.parent.id.clone()),
         chain: base.as_ref().map(|b| b.chain.clone()).unwrap_or_default(),
         whole: if base.is_some() { whole } else { Default::default() },
+        map_notes: base.as_ref().map(|b| b.notes.clone()).unwrap_or_default(),
     };
     // Commit: the manifest, create-only, last.
     walnut_storage::crashpoint::hit("backup-push:before-manifest");
