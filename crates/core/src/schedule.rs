@@ -53,6 +53,20 @@ pub fn next_due(state: &ScheduleState, frequency: Duration, now: DateTime<Utc>) 
     }
 }
 
+/// When the next incremental backup is due by `[agent] incremental_frequency`: `frequency` after
+/// the start of the newest DONE backup of any type (`state.last_scheduled`), retried after failures
+/// like scheduled full backups. `None` without a frequency, or without any backup yet (the full
+/// schedule takes the first one).
+pub fn next_incremental(
+    state: &ScheduleState,
+    frequency: Option<Duration>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let frequency = frequency?;
+    state.last_scheduled?;
+    Some(next_due(state, frequency, now))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +79,17 @@ mod tests {
 
     /// (what, state, frequency, now, expected next deadline)
     type Case = (&'static str, ScheduleState, Duration, DateTime<Utc>, DateTime<Utc>);
+
+    #[test]
+    fn incrementals_follow_the_newest_backup_and_back_off() {
+        let six = Some(Duration::from_secs(6 * 3600));
+        assert_eq!(next_incremental(&ScheduleState::default(), six, at(5, 0)), None, "no backup yet");
+        let s = ScheduleState { last_scheduled: Some(at(1, 0)), ..Default::default() };
+        assert_eq!(next_incremental(&s, None, at(5, 0)), None, "no frequency");
+        assert_eq!(next_incremental(&s, six, at(5, 0)), Some(at(7, 0)));
+        let failed = ScheduleState { failures: 2, last_failure: Some(at(7, 0)), ..s };
+        assert_eq!(next_incremental(&failed, six, at(7, 1)), Some(at(7, 2)), "retried after 2 minutes");
+    }
 
     #[test]
     fn table() {

@@ -403,10 +403,8 @@ async fn scheduler(agent: Arc<Agent>) {
         let newest = backup::list(&agent.repo).await.ok().and_then(|l| incremental_anchor(&l));
         incremental.last_scheduled = newest;
         // No backup at all: the full schedule takes the first.
-        let incremental_at = match (settings.incremental_frequency, newest) {
-            (Some(f), Some(_)) => Some(at(schedule::next_due(&incremental, f, chrono::Utc::now()))),
-            _ => None,
-        };
+        let incremental_at =
+            schedule::next_incremental(&incremental, settings.incremental_frequency, chrono::Utc::now()).map(at);
         let retry_at = (incremental.failures > 0)
             .then(|| {
                 incremental
