@@ -131,7 +131,7 @@ row() { # DS KEY LABEL
 }
 echo
 echo "walnut incremental backup benchmark  walnut $REV_DESC  $(date -u +%Y-%m-%dT%H:%MZ)  $(nproc) cores  PostgreSQL $("$PGBIN/postgres" -V | awk '{print $3}')  $( ((HAVE_PGBR)) && pgbackrest version || echo 'pgBackRest: not installed')"
-echo "walnut: parallel 2, zstd 1; pgBackRest: process-max 2, zst 1 (2.45 has no block incremental); $REPEAT rounds of 1 full + $CHAIN incrementals; cache ${COLD_CACHE:+cold (dropped before each step)}${COLD_CACHE:-warm}"
+echo "walnut: parallel 2, zstd 1; pgBackRest: process-max 2, zst 1 (2.45 has no block incremental); $REPEAT rounds of 1 full + $CHAIN incrementals; cache $([[ -n $COLD_CACHE ]] && echo 'cold (dropped before each step)' || echo warm)"
 [[ -n $PGBR_NOTE ]] && echo "NOTE: $PGBR_NOTE"
 for ds in $DATASETS; do
   echo
