@@ -24,7 +24,7 @@ fn cluster(env: &Env) -> PgCluster {
 /// `pg_dumpall` of the server on `port`: the whole logical content, for comparing clusters.
 fn dumpall(port: u16) -> String {
     let o = Command::new(walnut_testkit::pg::bindir().join("pg_dumpall"))
-        .args(["-h", "127.0.0.1", "-U", "postgres", "--no-role-passwords"])
+        .args(["-h", "127.0.0.1", "-U", "postgres", "--no-role-passwords", "--no-unlogged-table-data"])
         .arg("-p")
         .arg(port.to_string())
         .output()
@@ -43,6 +43,35 @@ fn first_difference(a: &str, b: &str) -> String {
     let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
     let at = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
     format!("{} vs {} lines; from line {at}:\n< {:?}\n> {:?}", a.len(), b.len(), a.get(at..at + 3), b.get(at..at + 3))
+}
+
+/// Restores `args` (after `restore DEST`) with `--start` once the source's archive has caught up,
+/// and checks the restored cluster holds what the source holds (`rename`: source paths that
+/// differ in the restored cluster, e.g. a tablespace's location).
+fn restores_like_the_source(
+    env: &Env,
+    pg: &PgCluster,
+    name: &str,
+    args: &[&str],
+    rename: Option<(&str, &str)>,
+) -> (tempfile::TempDir, Restored) {
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, WAIT);
+    let mut want = dumpall(pg.port);
+    if let Some((from, to)) = rename {
+        want = want.replace(from, to);
+    }
+    let (d, dest) = restore_dir(name);
+    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
+    let mut all = vec!["restore", dest.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.push("--start");
+    let o = env.walnut(&all);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let r = Restored::from_dir(&dest);
+    let got = dumpall(r.port);
+    assert!(got == want, "restored ({args:?}) differs from the source: {}", first_difference(&want, &got));
+    (d, r)
 }
 
 fn backups(env: &Env) -> Vec<serde_json::Value> {
@@ -125,16 +154,7 @@ fn a_chain_of_incrementals_stores_the_changes_and_restores_the_same_data() {
     assert!(o.status.success() && stdout(&o).contains("incremental on"), "{}", stdout(&o));
 
     // The source goes idle; its archive catches up: the restored chain holds the same data.
-    let seg = pg.switch_wal();
-    pg.wait_archived(&seg, WAIT);
-    let want = dumpall(pg.port);
-    let (_d, dest) = restore_dir("chain");
-    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
-    let o = env.walnut(&["restore", dest.to_str().unwrap(), "--backup", "inc2", "--start"]);
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    let r = Restored::from_dir(&dest);
-    let got = dumpall(r.port);
-    assert!(got == want, "the restored chain differs from the source: {}", first_difference(&want, &got));
+    let (_d, r) = restores_like_the_source(&env, &pg, "chain", &["--backup", "inc2"], None);
     drop(r);
 
     // backup-fetch rebuilds the same files, with a backup_manifest pg_verifybackup accepts.
@@ -213,16 +233,7 @@ fn backups_taken_on_a_standby_restore_the_primarys_data() {
     let out = push(&env, &standby, &["--incremental"]);
     assert!(out.contains("incremental on"), "{out}");
 
-    let seg = primary.switch_wal();
-    primary.wait_archived(&seg, WAIT);
-    let want = dumpall(primary.port);
-    let (_d, dest) = restore_dir("from-standby");
-    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
-    let o = env.walnut(&["restore", dest.to_str().unwrap(), "--start"]);
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    let r = Restored::from_dir(&dest);
-    let got = dumpall(r.port);
-    assert!(got == want, "restored from the standby's chain: {}", first_difference(&want, &got));
+    restores_like_the_source(&env, &primary, "from-standby", &[], None);
 }
 
 /// psql against database `db` of the server on `port`.
@@ -308,34 +319,12 @@ fn every_kind_of_change_restores_from_a_chain_as_the_source_has_it() {
     let show = stdout(&env.walnut(&["backup-show", "inc1"]));
     assert!(show.contains("not in the parent backup") && show.contains("the relation is unlogged"), "{show}");
 
-    let seg = pg.switch_wal();
-    pg.wait_archived(&seg, WAIT);
-    let dump = |port| {
-        let o = Command::new(walnut_testkit::pg::bindir().join("pg_dumpall"))
-            .args(["-h", "127.0.0.1", "-U", "postgres", "--no-role-passwords", "--no-unlogged-table-data"])
-            .arg("-p")
-            .arg(format!("{port}"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "pg_dumpall: {}", stderr(&o));
-        stdout(&o)
-            .lines()
-            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let want = dump(pg.port);
-    let (_d, dest) = restore_dir("every-change");
-    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
     let (_t, ts_dest) = restore_dir("every-change-ts");
     let map = format!("ts={}", ts_dest.display());
-    let o = env.walnut(&["restore", dest.to_str().unwrap(), "--backup", "inc2", "--tablespace-map", &map, "--start"]);
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    let r = Restored::from_dir(&dest);
-    // The tablespace is where --tablespace-map put it.
-    let want = want.replace(&ts.path().display().to_string(), &ts_dest.display().to_string());
-    let got = dump(r.port);
-    assert!(got == want, "the restored chain differs from the source: {}", first_difference(&want, &got));
+    let (from, to) = (ts.path().display().to_string(), ts_dest.display().to_string());
+    let args = ["--backup", "inc2", "--tablespace-map", map.as_str()];
+    let (_d, r) = restores_like_the_source(&env, &pg, "every-change", &args, Some((&from, &to)));
+    let dest = r.pgdata.clone();
     assert_eq!(r.sql("SELECT count(*) FROM u"), "0", "an unlogged table comes back empty");
     let amcheck = walnut_testkit::pg::as_postgres(&walnut_testkit::pg::bindir().join("pg_amcheck"))
         .args(["--all", "--install-missing", "--heapallindexed", "-h", "127.0.0.1", "-U", "postgres"])
@@ -398,14 +387,5 @@ fn missing_block_maps_are_rebuilt_or_make_files_whole_and_say_so() {
 
     // The last incremental restores without the lost segment (it begins after it).
     pg.sql("INSERT INTO t VALUES (0, 'last')");
-    let seg = pg.switch_wal();
-    pg.wait_archived(&seg, WAIT);
-    let want = dumpall(pg.port);
-    let (_d, dest) = restore_dir("blind");
-    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
-    let o = env.walnut(&["restore", dest.to_str().unwrap(), "--backup", "blind", "--start"]);
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    let r = Restored::from_dir(&dest);
-    let got = dumpall(r.port);
-    assert!(got == want, "restored: {}", first_difference(&want, &got));
+    restores_like_the_source(&env, &pg, "blind", &["--backup", "blind"], None);
 }

@@ -446,9 +446,11 @@ async fn rekey_part(
     };
     let (k, from) = (keys.clone(), part.key.clone());
     let produce = backup::read_part(repo, &part.key, move |reader| {
-        let sink = ChunkSink { tx, buf: Vec::with_capacity(CHUNK) };
-        envelope::reseal(reader, sink, Some(&k), &to)
-            .map_err(|e| BackupError::Corrupt { key: from, reason: e.to_string() })
+        let mut sink = backup::ChunkWriter::new(backup::channel_sender(tx, |b| b));
+        let sealed = envelope::reseal(reader, &mut sink, Some(&k), &to)
+            .map_err(|e| BackupError::Corrupt { key: from.clone(), reason: e.to_string() })?;
+        sink.finish().map_err(|e| BackupError::Corrupt { key: from, reason: format!("write: {e}") })?;
+        Ok(sealed)
     });
     let (written, sealed) = tokio::join!(upload, produce);
     let sealed = match (written, sealed) {
@@ -487,40 +489,6 @@ async fn rekey_part(
         return Err(e);
     }
     Ok(entry)
-}
-
-const CHUNK: usize = 4 << 20;
-
-/// A `Write` that hands fixed-size chunks to an async uploader.
-struct ChunkSink {
-    tx: tokio::sync::mpsc::Sender<Bytes>,
-    buf: Vec<u8>,
-}
-
-impl ChunkSink {
-    fn send(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-        self.tx
-            .blocking_send(chunk.into())
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
-    }
-}
-
-impl std::io::Write for ChunkSink {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= CHUNK {
-            self.send()?;
-        }
-        Ok(data.len())
-    }
-    /// Sends what is buffered ([`envelope::reseal`] flushes once, at the end).
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.send()
-    }
 }
 
 #[cfg(test)]

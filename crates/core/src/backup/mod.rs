@@ -108,6 +108,7 @@ pub use fetch::*;
 pub use incremental::{IncrementalOptions, map_metadata, stored_map};
 pub use manifest::*;
 pub use push::*;
+pub(crate) use push::{ChunkWriter, channel_sender};
 pub use session::*;
 use source::*;
 

@@ -72,23 +72,27 @@ pub(super) enum Msg {
     End { content_len: u64, sha256: [u8; 32], payload_sha256: Option<[u8; 32]> },
 }
 
-/// Fixed-size chunks into the upload channel.
-pub(super) struct ChunkWriter {
-    pub(super) tx: mpsc::Sender<Msg>,
-    pub(super) buf: Vec<u8>,
+/// A `Write` that hands fixed-size chunks to `send` (an upload's channel); [`ChunkWriter::finish`]
+/// sends the rest.
+pub(crate) struct ChunkWriter {
+    send: Box<dyn FnMut(Bytes) -> std::io::Result<()> + Send>,
+    buf: Vec<u8>,
 }
 
-pub(super) const CHUNK: usize = 4 << 20;
+pub(crate) const CHUNK: usize = 4 << 20;
 
 impl ChunkWriter {
-    fn send(&mut self) -> std::io::Result<()> {
+    pub(crate) fn new(send: impl FnMut(Bytes) -> std::io::Result<()> + Send + 'static) -> ChunkWriter {
+        ChunkWriter { send: Box::new(send), buf: Vec::with_capacity(CHUNK) }
+    }
+
+    /// Sends what is buffered.
+    pub(crate) fn finish(&mut self) -> std::io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
         let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-        self.tx
-            .blocking_send(Msg::Data(chunk.into()))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))
+        (self.send)(chunk.into())
     }
 }
 
@@ -96,12 +100,22 @@ impl Write for ChunkWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.buf.extend_from_slice(data);
         if self.buf.len() >= CHUNK {
-            self.send()?;
+            self.finish()?;
         }
         Ok(data.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// The sender of an upload channel, as a [`ChunkWriter`] sends (from a blocking thread).
+pub(crate) fn channel_sender<T: Send + 'static>(
+    tx: mpsc::Sender<T>,
+    wrap: impl Fn(Bytes) -> T + Send + 'static,
+) -> impl FnMut(Bytes) -> std::io::Result<()> + Send + 'static {
+    move |b| {
+        tx.blocking_send(wrap(b)).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))
     }
 }
 
@@ -111,7 +125,7 @@ pub(super) fn finish_part(builder: PartWriter, tx: &mpsc::Sender<Msg>) -> std::i
     let hashing = builder.into_inner()?;
     let (compressor, content_len, sha256) = hashing.finish();
     let (mut chunks, payload_sha256) = compressor.finish()?.finish()?;
-    chunks.send()?;
+    chunks.finish()?;
     tx.blocking_send(Msg::End { content_len, sha256, payload_sha256 })
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))
 }
@@ -137,7 +151,7 @@ pub(super) fn produce_stream(
             let key = layout::backup_part(id, stream, part_no);
             tx.blocking_send(Msg::Start(key.clone()))
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))?;
-            let chunks = ChunkWriter { tx: tx.clone(), buf: Vec::with_capacity(CHUNK) };
+            let chunks = ChunkWriter::new(channel_sender(tx.clone(), Msg::Data));
             let mut b = tar::Builder::new(HashingWriter::new(Compressor::new(Sealing::new(chunks, &codec)?, &codec)?));
             b.mode(tar::HeaderMode::Complete);
             current = Some((b, key));
