@@ -37,6 +37,15 @@
 //! reference to a fork above 3, and an `XLOG_PARAMETER_CHANGE` to `wal_level = minimal` (under
 //! which new relation files are not WAL-logged).
 //!
+//! # The tail record from a segment's last pages
+//!
+//! [`decode_tail_from_end`] decodes the record that begins in a segment and continues into the
+//! next (its *tail record*) from the segment's last pages and the next segment only: the first
+//! page header of the window says where its first record begins, the records are walked from
+//! there as above, and the last that begins in the segment is completed from the next segment
+//! and validated. It says distinctly when no record continues (and why), when the window is too
+//! small, and when the record was abandoned by a crash ([`TailDecode`]).
+//!
 //! What no WAL record says, and a caller must know (see `walnut_core::blockmap`): the free space
 //! map is not WAL-logged (its pages change during normal operation and during redo without
 //! block references, even though full-page images of it do appear); visibility-map bits are
