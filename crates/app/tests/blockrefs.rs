@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Instant;
 use walnut_core::blockmap::{BlockMap, FileDecision, WholeReason};
-use walnut_core::summary;
+use walnut_core::summary::{self, TailMap};
 use walnut_pg::relpath::{ForkNumber, RelFileNode, parse_relpath, relpath};
 use walnut_pg::walrec::{self, BKPBLOCK_SAME_REL, RelChange};
 use walnut_pg::{Lsn, WalFileName, WalSegSize};
@@ -235,6 +235,8 @@ fn block_references_and_maps_agree_with_pg_waldump() {
     let mut their_blocks: BTreeSet<(RelFileNode, ForkNumber, u32)> = BTreeSet::new();
     let mut map_bytes = 0usize;
     let mut hint_fpis = 0u64;
+    let (mut tail_retries, mut page_retries, mut no_tail, mut tail_time) =
+        (0u64, 0u64, vec![], std::time::Duration::ZERO);
     for w in names.windows(2) {
         let seg = WalFileName::parse(&w[0]).unwrap().segment().unwrap();
         let start = seg_size.start_lsn(seg.segno(seg_size).unwrap());
@@ -290,6 +292,26 @@ fn block_references_and_maps_agree_with_pg_waldump() {
             joined.merge(t);
         }
         assert_eq!(joined, full, "{}", w[0]);
+        // The tail record's map from the segment's last 64 kB (larger when needed), as wal-push
+        // makes it with the next segment: the same. And from its last page, grown page by page
+        // while more is needed (exercising the walk from wherever a window begins).
+        let from_end = |mut k: usize, retries: &mut u64| loop {
+            match summary::tail_block_map_from_end(&data[data.len() - k..], start, SEG, &next).unwrap() {
+                TailMap::NeedMore => {
+                    assert!(k < data.len(), "{}: more than the whole segment needed", w[0]);
+                    k = (k + 8192).min(data.len());
+                    *retries += 1;
+                }
+                TailMap::Tail(m) => break (Some(m), None),
+                TailMap::NoTail(why) => break (None, Some(why)),
+            }
+        };
+        let t_tail = Instant::now();
+        let (map, why) = from_end(64 << 10, &mut tail_retries);
+        tail_time += t_tail.elapsed();
+        assert_eq!(map, tail, "{}: the tail map from the last 64 kB", w[0]);
+        no_tail.extend(why.map(|w| format!("{w:?}")));
+        assert_eq!(from_end(8192, &mut page_retries).0, tail, "{}: the tail map from the last page", w[0]);
         let (sum, with_map) = summary::summarize_with_blocks(&data, start).unwrap();
         assert_eq!((sum, with_map), (summary::summarize(&data, start).unwrap(), alone.clone()));
         assert!(!full.is_unknown(), "{}: {:?}", w[0], full.unknown);
@@ -378,11 +400,14 @@ fn block_references_and_maps_agree_with_pg_waldump() {
         "{} segments, {records} records ({with_blocks} with block references, {images} images, {compressed} compressed, \
          {hint_fpis} FPI_FOR_HINT); \
          range map: {} relations, {} blocks, {} bytes stored ({} bytes as per-segment maps); \
-         workload {workload:?}, decode and compare {decode:?}",
+         tail maps from the last 64 kB: {} without a tail ({no_tail:?}), {tail_retries} retries with more ({page_retries} pages more from the last page), \
+         {:?} per segment; workload {workload:?}, decode and compare {decode:?}",
         names.len() - 1,
         m.relations.len(),
         our_blocks.len(),
         stored.len(),
         map_bytes,
+        no_tail.len(),
+        tail_time / (names.len() as u32 - 1),
     );
 }

@@ -6,8 +6,9 @@
 //! A [`BlockMap`] covers the WAL records that *begin* in `[start, end)`. The map of a segment
 //! decoded alone ([`crate::summary::segment_block_map`] without the next segment) ends where the
 //! record that continues into the next segment begins (`end` < the segment's end); the map of
-//! that one record ([`crate::summary::tail_block_map`]) covers the rest, and a map made with the
-//! next segment at hand covers the whole segment. Maps of consecutive ranges merge into the map
+//! that one record ([`crate::summary::tail_block_map`], or from the segment's last pages alone
+//! [`crate::summary::tail_block_map_from_end`]) covers the rest, and a map made with the next
+//! segment at hand covers the whole segment. Maps of consecutive ranges merge into the map
 //! of their union ([`BlockMap::merge`], [`BlockMap::combine`]); a hole between them makes the
 //! merged map *unknown*.
 //!

@@ -5,12 +5,43 @@
 //! The segment's changed-block map ([`crate::blockmap`]) is made here too, but kept out of the
 //! summary (summaries are indexed in bulk and stay small): [`summarize_with_blocks`] makes both
 //! in one decode, [`segment_block_map`] and [`tail_block_map`] the map alone.
+//!
+//! # Tiling the maps at `wal-push`
+//!
+//! At the push of segment N, N's map ([`summarize_with_blocks`]) covers the records that begin
+//! in N but for its *tail record*, the one that continues into N+1 (it cannot be validated
+//! without N+1): `[N's start, where the tail begins)`, or the end of valid WAL when N ends in
+//! zeros. At the push of N+1, N is still in `pg_wal` as a rule, and
+//! [`tail_block_map_from_end`] makes the tail record's map from N's *last pages* and N+1:
+//! stored with N+1, it covers `[where N's map ends, N's end)`, so the stored maps tile with no
+//! hole. Its outcomes ([`TailMap`]):
+//!
+//! - [`TailMap::Tail`]: the map of `[map.start, N's end)`, where `map.start` is exactly where
+//!   N's own map ends (the end of the record before the tail, or N's start). It equals what
+//!   [`tail_block_map`] makes from the whole of N. A tail record that a crash cut off (N+1 begins
+//!   with `XLP_FIRST_IS_OVERWRITE_CONTRECORD`) gives an empty map of the same range: it changed
+//!   nothing.
+//! - [`TailMap::NoTail`]: no record continues into N+1, nothing to store. After an
+//!   `XLOG_SWITCH` or at a record boundary, N's own map already reaches N's end. When N ended in
+//!   zeros, N's map ends at its end of valid WAL and `[that, N's end)` stays covered by no map
+//!   (a range merged across it reads as unknown, as it should: replay stops there). The window
+//!   cannot always tell which (`NoTail::ZeroedPages`: PostgreSQL zeroes what follows a switch).
+//! - [`TailMap::NeedMore`]: the window is too small (the tail record, the record before it, or
+//!   the first record boundary in the window begins before it); call again with a larger window,
+//!   twice as large, say, up to the whole segment, which always answers otherwise. How many
+//!   bytes would do is not knowable from the window.
+//! - an error: the tail record does not validate (nor was it abandoned), it runs past N+1 too,
+//!   or the window is not N's last pages. Nothing covers `[where N's map ends, N's end)`.
+//!
+//! 64 kB of N (eight pages) almost always does: only a tail record, or the record before it,
+//! that begins more than 56 kB before N's end needs more. What lies before the window is not
+//! read, so not checked; N was decoded whole when it was pushed.
 
 use crate::blockmap::{BlockMap, BlockMapBuilder};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use walnut_pg::Lsn;
-use walnut_pg::walrec::{self, Decoded, End, Event, PgTimestamp, XactKind};
+use walnut_pg::walrec::{self, Decoded, End, Event, NoTail, PgTimestamp, TailDecode, XactKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct RestorePoint {
@@ -82,7 +113,8 @@ pub fn segment_block_map(seg: &[u8], start: Lsn, next: Option<&[u8]>) -> Result<
 
 /// The map of the one record that begins in the segment at `start` and continues into `next`,
 /// covering from where [`segment_block_map`] without `next` ends to the segment's end; `None`
-/// when no record continues. A record that a crash cut off (`next` begins with
+/// when no record continues (or none begins in the segment: one from an earlier segment runs
+/// through it). [`tail_block_map_from_end`] makes the same map from the segment's last pages. A record that a crash cut off (`next` begins with
 /// `XLP_FIRST_IS_OVERWRITE_CONTRECORD`: recovery abandoned it) changed nothing: an empty map.
 /// An error when the record does not validate whole otherwise (or continues even past `next`):
 /// then nothing covers that range, and a merged map without it reads as unknown.
@@ -109,11 +141,50 @@ pub fn tail_block_map(seg: &[u8], start: Lsn, next: &[u8]) -> Result<Option<Bloc
             }
             Err(d.invalid_reason.unwrap_or_else(|| "invalid WAL".into()))
         }
+        // No record begins in the segment: one from an earlier segment runs through it.
+        End::ContinuesIntoNext if d.records == 0 && d.end_of_valid == seg_end => Ok(None),
         End::ContinuesIntoNext if !tail => {
             Err(format!("the record after {before} continues past the next segment too"))
         }
         _ => Ok(tail.then(|| b.finish(before, seg_end))),
     }
+}
+
+/// The map of a segment's tail record made from its last pages ([`tail_block_map_from_end`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TailMap {
+    /// The tail record's map, covering `[map.start, the segment's end)`; `map.start` is where the
+    /// segment's own map (made without the next segment) ends. Empty when a crash cut the record
+    /// off. Equal to what [`tail_block_map`] makes from the whole segment.
+    Tail(BlockMap),
+    /// No record continues into the next segment: nothing to store (see the module docs for the
+    /// range the segment's own map leaves when it ended in zeros).
+    NoTail(NoTail),
+    /// The window is too small: call again with a larger one, up to the whole segment.
+    NeedMore,
+}
+
+/// The map of the tail record of the segment starting at `seg_start` (`seg_size` bytes), the
+/// record that begins in it and continues into `next`, from the segment's last pages alone:
+/// `last_pages` is its final K bytes (K a multiple of 8 kB, at most `seg_size`). See the module
+/// docs for the outcomes and the range each covers; an error when the tail record does not
+/// validate (and was not abandoned by a crash), runs past `next` too, or the window is not the
+/// segment's last pages. Never panics.
+pub fn tail_block_map_from_end(
+    last_pages: &[u8],
+    seg_start: Lsn,
+    seg_size: u64,
+    next: &[u8],
+) -> Result<TailMap, String> {
+    let seg_end = Lsn(seg_start.0.saturating_add(seg_size));
+    let mut b = BlockMapBuilder::new();
+    Ok(match walrec::decode_tail_from_end(last_pages, seg_start, seg_size, next, |r| b.add(r)) {
+        TailDecode::Tail { before, .. } => TailMap::Tail(b.finish(before, seg_end)),
+        TailDecode::Abandoned { before } => TailMap::Tail(BlockMap::empty(before, seg_end)),
+        TailDecode::NoTail(why) => TailMap::NoTail(why),
+        TailDecode::NeedMore => TailMap::NeedMore,
+        TailDecode::Invalid(e) => return Err(e),
+    })
 }
 
 fn from_decoded(d: Decoded) -> Result<SegmentSummary, String> {
@@ -256,5 +327,79 @@ mod tests {
         let m = segment_block_map(&segs[0], Lsn(MB), None).unwrap();
         assert_eq!(blocks(&m), vec![0, 1, 2]);
         assert_eq!(m.end, walrec::decode_segment(&segs[0], Lsn(MB), None).end_of_valid);
+    }
+
+    /// tail_block_map_from_end with the last `k` bytes, doubled while more are needed.
+    fn from_end(seg: &[u8], start: Lsn, next: &[u8], mut k: usize) -> Result<TailMap, String> {
+        loop {
+            match tail_block_map_from_end(&seg[seg.len() - k..], start, seg.len() as u64, next)? {
+                TailMap::NeedMore if k < seg.len() => k = (k * 2).min(seg.len()),
+                t => return Ok(t),
+            }
+        }
+    }
+
+    #[test]
+    fn the_tail_map_from_the_last_pages_is_the_tail_map_from_the_whole_segment() {
+        let (a, b, crossing) = two_segments();
+        let whole = tail_block_map(&a, Lsn(MB), &b).unwrap().unwrap();
+        for k in [8192, 16384, 65536, MB as usize] {
+            assert_eq!(from_end(&a, Lsn(MB), &b, k), Ok(TailMap::Tail(whole.clone())), "{k}");
+        }
+        // One page is not enough (the record before the tail began before it).
+        assert_eq!(tail_block_map_from_end(&a[MB as usize - 8192..], Lsn(MB), MB, &b), Ok(TailMap::NeedMore));
+        let TailMap::Tail(t) = from_end(&a, Lsn(MB), &b, 65536).unwrap() else { unreachable!() };
+        assert_eq!(
+            (t.start, t.end, blocks(&t)),
+            (segment_block_map(&a, Lsn(MB), None).unwrap().end, Lsn(2 * MB), vec![crossing])
+        );
+
+        // A crash cut the tail record off: an empty map of the same range.
+        let size = WalSegSize::new(MB).unwrap();
+        let mut c = walsynth::segments(Lsn(2 * MB), size, &[fpi(999)]).swap_remove(0);
+        let h = walsynth::page_header(Lsn(2 * MB), size, XLP_FIRST_IS_OVERWRITE_CONTRECORD, 0);
+        c[..h.len()].copy_from_slice(&h);
+        let abandoned = tail_block_map(&a, Lsn(MB), &c).unwrap().unwrap();
+        assert_eq!(from_end(&a, Lsn(MB), &c, 65536), Ok(TailMap::Tail(abandoned)));
+        // Without the flag: an error, as from the whole segment.
+        let h = walsynth::page_header(Lsn(2 * MB), size, 0, 0);
+        c[..h.len()].copy_from_slice(&h);
+        assert!(from_end(&a, Lsn(MB), &c, 65536).is_err());
+        // Pages that are not the segment's last: an error.
+        assert!(tail_block_map_from_end(&a[..65536], Lsn(MB), MB, &b).is_err());
+    }
+
+    #[test]
+    fn no_tail_map_when_no_record_continues() {
+        let size = WalSegSize::new(MB).unwrap();
+        let next = walsynth::segments(Lsn(2 * MB), size, &[fpi(7)]).swap_remove(0);
+        // A switch: PostgreSQL zeroes the rest of the segment, page headers too.
+        let mut recs: Vec<Vec<u8>> = (0..3).map(fpi).collect();
+        recs.push(walsynth::record(RM_XLOG_ID, 0x40, 0, &[]));
+        let seg = walsynth::segments(Lsn(MB), size, &recs).swap_remove(0);
+        assert_eq!(tail_block_map(&seg, Lsn(MB), &next), Ok(None));
+        assert_eq!(from_end(&seg, Lsn(MB), &next, 65536), Ok(TailMap::NoTail(NoTail::ZeroedPages)));
+        assert_eq!(from_end(&seg, Lsn(MB), &next, MB as usize), Ok(TailMap::NoTail(NoTail::Switch)));
+        // The segment's own map reaches its end.
+        assert_eq!(segment_block_map(&seg, Lsn(MB), None).unwrap().end, Lsn(2 * MB));
+    }
+
+    #[test]
+    fn a_segment_that_one_record_runs_through_has_no_tail() {
+        // A record from the end of the first segment through the second, into the third.
+        let size = WalSegSize::new(MB).unwrap();
+        let mut recs: Vec<Vec<u8>> = (0..120).map(fpi).collect();
+        recs.push(walsynth::record(10, 0, 1, &Body::main_only(&vec![1u8; 1_200_000]).bytes()));
+        recs.push(fpi(500));
+        let segs = walsynth::segments(Lsn(MB), size, &recs);
+        assert_eq!(segs.len(), 3);
+        // The second segment's own map covers it whole, and there is no tail to add.
+        let own = segment_block_map(&segs[1], Lsn(2 * MB), None).unwrap();
+        assert_eq!((own.start, own.end), (Lsn(2 * MB), Lsn(3 * MB)));
+        assert_eq!(tail_block_map(&segs[1], Lsn(2 * MB), &segs[2]), Ok(None));
+        assert_eq!(from_end(&segs[1], Lsn(2 * MB), &segs[2], 65536), Ok(TailMap::NoTail(NoTail::NoneBegins)));
+        // The first segment's tail record runs past the next segment: an error either way.
+        assert!(tail_block_map(&segs[0], Lsn(MB), &segs[1]).is_err());
+        assert!(from_end(&segs[0], Lsn(MB), &segs[1], 65536).is_err());
     }
 }

@@ -37,6 +37,15 @@
 //! reference to a fork above 3, and an `XLOG_PARAMETER_CHANGE` to `wal_level = minimal` (under
 //! which new relation files are not WAL-logged).
 //!
+//! # The tail record from a segment's last pages
+//!
+//! [`decode_tail_from_end`] decodes the record that begins in a segment and continues into the
+//! next (its *tail record*) from the segment's last pages and the next segment only: the first
+//! page header of the window says where its first record begins, the records are walked from
+//! there as above, and the last that begins in the segment is completed from the next segment
+//! and validated. It says distinctly when no record continues (and why), when the window is too
+//! small, and when the record was abandoned by a crash ([`TailDecode`]).
+//!
 //! What no WAL record says, and a caller must know (see `walnut_core::blockmap`): the free space
 //! map is not WAL-logged (its pages change during normal operation and during redo without
 //! block references, even though full-page images of it do appear); visibility-map bits are
@@ -344,9 +353,13 @@ fn u64_at(b: &[u8], o: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
 }
 
-/// The WAL byte stream of one segment (plus, optionally, the next), skipping page headers.
+/// The WAL byte stream of one segment (plus, optionally, the next), skipping page headers. `seg`
+/// may be only the segment's last bytes (from `seg_off` on): bytes before them read as missing.
+#[derive(Clone, Copy)]
 struct Stream<'a> {
     seg: &'a [u8],
+    /// Where in the segment `seg` begins (0 for the whole segment).
+    seg_off: u64,
     next: Option<&'a [u8]>,
     seg_start: u64,
     seg_size: u64,
@@ -363,8 +376,12 @@ impl Stream<'_> {
     /// `n` bytes at `lsn`, within one page (so within one segment).
     fn slice(&self, lsn: u64, n: usize) -> Option<&[u8]> {
         let off = lsn.checked_sub(self.seg_start)?;
-        let (buf, o) = if off < self.seg_size { (self.seg, off) } else { (self.next?, off - self.seg_size) };
-        buf.get(o as usize..o as usize + n)
+        let (buf, o) = if off < self.seg_size {
+            (self.seg, off.checked_sub(self.seg_off)?)
+        } else {
+            (self.next?, off - self.seg_size)
+        };
+        buf.get(o as usize..(o as usize).checked_add(n)?)
     }
 
     fn page_header_len(&self, page_lsn: u64) -> usize {
@@ -372,9 +389,7 @@ impl Stream<'_> {
     }
 
     fn page(&self, page_lsn: u64) -> Option<&[u8]> {
-        let off = page_lsn.checked_sub(self.seg_start)?;
-        let (buf, o) = if off < self.seg_size { (self.seg, off) } else { (self.next?, off - self.seg_size) };
-        buf.get(o as usize..o as usize + XLOG_BLCKSZ)
+        self.slice(page_lsn, XLOG_BLCKSZ)
     }
 
     /// Checks the header of the page at `page_lsn` and, for continuation pages, the flag.
@@ -796,6 +811,149 @@ pub fn decode_segment_with_blocks(
     decode(seg, seg_start, next, Some(on_record))
 }
 
+/// Why no record continues from a segment into the next ([`decode_tail_from_end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoTail {
+    /// An `XLOG_SWITCH` record: the rest of the segment is padding.
+    Switch,
+    /// The last record ends exactly at the segment's end.
+    SegmentEnd,
+    /// Zeros where a record should begin: the segment was not written to its end.
+    Zeros,
+    /// The window begins with a zeroed page (its header included): what PostgreSQL leaves after
+    /// an `XLOG_SWITCH` record (it zeroes the rest of the segment, page headers too, since 11),
+    /// or a part of the segment never written. Whichever it was lies before the window; either
+    /// way no record reaches the next segment, whose pages such a record would have to precede.
+    ZeroedPages,
+    /// No record begins in the segment: one that began in an earlier segment runs through all of
+    /// it (and on into the next). Only said with the whole segment as the window.
+    NoneBegins,
+}
+
+/// What [`decode_tail_from_end`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TailDecode {
+    /// The tail record (it begins in the segment and continues into the next one) validated
+    /// whole and went to the callback. `before` is the end of the record before it (padding not
+    /// included), or the segment's start when it is the segment's first record: where the map
+    /// of the segment decoded alone ends, and so where the tail's range begins. `start..end` is
+    /// the tail record itself (`end` lies in the next segment).
+    Tail { before: Lsn, start: Lsn, end: Lsn },
+    /// No record continues into the next segment; nothing went to the callback.
+    NoTail(NoTail),
+    /// The window is too small: the tail record, or the record before it (whose end is where the
+    /// tail's range begins), or the first record boundary needed to find them, lies before the
+    /// window. How many bytes would do is not knowable from the window (a record's length is in
+    /// its header, which is before it): retry with a larger window (twice as large, say), up to
+    /// the whole segment, which always answers otherwise. Nothing went to the callback.
+    NeedMore,
+    /// The tail record does not validate and the next segment's first page is flagged
+    /// `XLP_FIRST_IS_OVERWRITE_CONTRECORD`: a crash cut the record off and recovery abandoned it
+    /// and wrote over its missing part. It changed nothing. `before` is as for `Tail`. Nothing
+    /// went to the callback.
+    Abandoned { before: Lsn },
+    /// The window or the record does not validate otherwise (or the tail record runs past the
+    /// next segment too, or the arguments make no segment). Nothing went to the callback.
+    Invalid(String),
+}
+
+/// Decodes the *tail record* of the segment that starts at `seg_start` (`seg_size` bytes): the
+/// record that begins in it and continues into the next segment (`next`, whole), from the
+/// segment's last pages only. `last_pages` is the segment's final K bytes (K a multiple of the
+/// 8 kB WAL page size, 0 < K <= `seg_size`), so it begins at `seg_start + seg_size - K`.
+///
+/// The window's first page header says where the first record in the window begins (after the
+/// rest of a record that began earlier: `XLP_FIRST_IS_CONTRECORD`, `xlp_rem_len`); from there the
+/// records are walked and validated (CRC-32C, page headers) exactly as [`decode_segment_with_blocks`]
+/// does, to the last one that begins in the segment. If that one continues into `next` it is
+/// decoded whole, validated, and handed to `on_record` (the only record handed on), as
+/// `decode_segment_with_blocks(seg, seg_start, Some(next), ..)` hands it on. See [`TailDecode`] for
+/// the outcomes. Whatever it returns agrees with decoding the whole segment with `next`, except
+/// that what lies before the window is not read, so not checked: a record there that would not
+/// validate stops a whole decode (an error) but not this one. The segment was decoded whole when
+/// it was archived. Never panics.
+pub fn decode_tail_from_end(
+    last_pages: &[u8],
+    seg_start: Lsn,
+    seg_size: u64,
+    next: &[u8],
+    mut on_record: impl FnMut(&Record<'_>),
+) -> TailDecode {
+    let k = last_pages.len() as u64;
+    if !addressable(seg_start.0, seg_size) {
+        return TailDecode::Invalid(format!("not a segment: {seg_size} bytes at {seg_start}"));
+    }
+    if k == 0 || !k.is_multiple_of(XLOG_BLCKSZ as u64) || k > seg_size {
+        return TailDecode::Invalid(format!(
+            "a window of {k} bytes is not a whole number of WAL pages within a segment of {seg_size} bytes"
+        ));
+    }
+    let seg_end = seg_start.0 + seg_size;
+    let window = seg_end - k;
+    let whole = window == seg_start.0;
+    let s =
+        Stream { seg: last_pages, seg_off: window - seg_start.0, next: Some(next), seg_start: seg_start.0, seg_size };
+    if !whole && last_pages[..SIZE_OF_SHORT_PHD].iter().all(|&b| b == 0) {
+        return TailDecode::NoTail(NoTail::ZeroedPages);
+    }
+    // Where the first record in the window begins; for the whole segment, exactly as
+    // decode_segment finds it.
+    let first = match first_record_on_page(&s, window, !whole) {
+        Ok(Some(lsn)) => lsn,
+        Ok(None) if whole => return TailDecode::NoTail(NoTail::NoneBegins),
+        Ok(None) => return TailDecode::NeedMore,
+        Err(e) => return TailDecode::Invalid(e),
+    };
+    // The end of the record before the one at hand: unknown until a record in the window ends,
+    // but for the whole segment, where the map of the segment alone starts.
+    let initial = whole.then_some(seg_start.0);
+    let mut d = new_decoded(seg_start);
+    let mut prev = initial;
+    let mut tail = None;
+    let mut need_more = false;
+    walk(&s, first, &mut d, &mut prev, Some(seg_end), |r, before| match before {
+        Some(b) => {
+            tail = Some((Lsn(b), r.lsn, r.end));
+            on_record(r);
+        }
+        None => need_more = true,
+    });
+    if need_more {
+        return TailDecode::NeedMore;
+    }
+    if let Some((before, start, end)) = tail {
+        return TailDecode::Tail { before, start, end };
+    }
+    match d.end {
+        End::Invalid => {
+            let reason = d.invalid_reason.unwrap_or_else(|| "invalid WAL".into());
+            let overwritten = PageHeader::parse(next)
+                .is_some_and(|h| h.info & crate::walpage::XLP_FIRST_IS_OVERWRITE_CONTRECORD != 0);
+            if !overwritten {
+                return TailDecode::Invalid(reason);
+            }
+            // Abandoned if, without the next segment, the walk ends the same way but for running
+            // out of data in the record that crosses into it.
+            let mut alone = new_decoded(seg_start);
+            let mut alone_prev = initial;
+            walk(&Stream { next: None, ..s }, first, &mut alone, &mut alone_prev, None, |_, _| {});
+            match (alone.end, alone_prev) {
+                (End::ContinuesIntoNext, _) if alone_prev != prev => TailDecode::Invalid(reason),
+                (End::ContinuesIntoNext, Some(b)) => TailDecode::Abandoned { before: Lsn(b) },
+                // The abandoned record is the first in the window: where its range begins is not.
+                (End::ContinuesIntoNext, None) => TailDecode::NeedMore,
+                _ => TailDecode::Invalid(reason),
+            }
+        }
+        End::ContinuesIntoNext => {
+            TailDecode::Invalid(format!("the record after {} continues past the next segment too", d.end_of_valid))
+        }
+        End::Switch => TailDecode::NoTail(NoTail::Switch),
+        End::SegmentEnd => TailDecode::NoTail(NoTail::SegmentEnd),
+        End::Zeros => TailDecode::NoTail(NoTail::Zeros),
+    }
+}
+
 /// Decodes one record's block references and relation changes into the reused buffers.
 fn record_details(rmid: u8, info: u8, rec: &[u8], blocks: &mut Vec<BlockRef>, changes: &mut Vec<RelChange>) {
     blocks.clear();
@@ -813,11 +971,8 @@ fn record_details(rmid: u8, info: u8, rec: &[u8], blocks: &mut Vec<BlockRef>, ch
     rel_changes(rmid, info, main, changes);
 }
 
-fn decode<F: FnMut(&Record<'_>)>(seg: &[u8], seg_start: Lsn, next: Option<&[u8]>, mut on_record: Option<F>) -> Decoded {
-    let mut blocks: Vec<BlockRef> = Vec::new();
-    let mut changes: Vec<RelChange> = Vec::new();
-    let seg_size = seg.len() as u64;
-    let mut d = Decoded {
+fn new_decoded(seg_start: Lsn) -> Decoded {
+    Decoded {
         records: 0,
         per_rmgr: [0; 256],
         events: Vec::new(),
@@ -825,56 +980,113 @@ fn decode<F: FnMut(&Record<'_>)>(seg: &[u8], seg_start: Lsn, next: Option<&[u8]>
         last_record: None,
         end: End::Invalid,
         invalid_reason: None,
-    };
-    let s = Stream { seg, next, seg_start: seg_start.0, seg_size: seg_size.max(1) };
-    if seg.len() < XLOG_BLCKSZ || !seg_size.is_power_of_two() || !seg_start.0.is_multiple_of(seg_size) {
-        d.invalid_reason = Some("not a whole segment".into());
-        return d;
     }
-    if let Err(e) = s.check_page(seg_start.0, None) {
-        d.invalid_reason = Some(e);
-        return d;
-    }
-    let first = PageHeader::parse(seg).expect("checked");
-    let mut lsn = seg_start.0 + SIZE_OF_LONG_PHD as u64;
-    if first.info & XLP_FIRST_IS_CONTRECORD != 0 {
-        // The tail of a record that began in the previous segment: skip it.
-        let rem = first.rem_len;
-        let mut left = rem as u64;
+}
+
+/// Whether `seg_size` and `seg_start` make a segment this decoder can address (the next segment
+/// included) without overflowing.
+fn addressable(seg_start: u64, seg_size: u64) -> bool {
+    seg_size >= XLOG_BLCKSZ as u64
+        && seg_size.is_power_of_two()
+        && seg_start.is_multiple_of(seg_size)
+        && seg_size.checked_mul(2).and_then(|two| seg_start.checked_add(two)).is_some()
+}
+
+/// Where the first record on the page at `page_lsn` begins: after the page header, past the rest
+/// of a record that began on an earlier page (`XLP_FIRST_IS_CONTRECORD`, `xlp_rem_len` bytes
+/// left). The page's header is checked; with `check_pages`, so are those of the pages the rest
+/// runs over (each must continue the record, as reading it whole would check). `None` when the
+/// rest runs on to the segment's end: no record begins after it in this segment.
+fn first_record_on_page(s: &Stream<'_>, page_lsn: u64, check_pages: bool) -> Result<Option<u64>, String> {
+    s.check_page(page_lsn, None)?;
+    let h = s.page(page_lsn).and_then(PageHeader::parse).ok_or("page missing")?;
+    let mut lsn = page_lsn + s.page_header_len(page_lsn) as u64;
+    if h.info & XLP_FIRST_IS_CONTRECORD != 0 {
+        let seg_end = s.seg_start + s.seg_size;
+        let mut left = u64::from(h.rem_len);
         while left > 0 {
             let in_page_left = XLOG_BLCKSZ as u64 - lsn % XLOG_BLCKSZ as u64;
             let take = left.min(in_page_left);
             lsn += take;
             left -= take;
             if left > 0 {
-                if lsn >= seg_start.0 + seg_size {
-                    d.end = End::ContinuesIntoNext;
-                    d.end_of_valid = Lsn(lsn);
-                    return d;
+                if lsn >= seg_end {
+                    return Ok(None);
+                }
+                if check_pages {
+                    s.check_page(lsn, Some(left as u32))?;
                 }
                 lsn += SIZE_OF_SHORT_PHD as u64;
             }
         }
         lsn = maxalign(lsn);
     }
-    let seg_end = seg_start.0 + seg_size;
+    Ok(Some(lsn))
+}
+
+fn decode<F: FnMut(&Record<'_>)>(seg: &[u8], seg_start: Lsn, next: Option<&[u8]>, on_record: Option<F>) -> Decoded {
+    let seg_size = seg.len() as u64;
+    let mut d = new_decoded(seg_start);
+    if !addressable(seg_start.0, seg_size) {
+        d.invalid_reason = Some("not a whole segment".into());
+        return d;
+    }
+    let s = Stream { seg, seg_off: 0, next, seg_start: seg_start.0, seg_size };
+    let lsn = match first_record_on_page(&s, seg_start.0, false) {
+        Ok(Some(lsn)) => lsn,
+        Ok(None) => {
+            // The whole segment continues a record that began in an earlier one.
+            d.end = End::ContinuesIntoNext;
+            d.end_of_valid = Lsn(seg_start.0 + seg_size);
+            return d;
+        }
+        Err(e) => {
+            d.invalid_reason = Some(e);
+            return d;
+        }
+    };
+    let mut f = on_record;
+    let details = f.is_some().then_some(0);
+    walk(&s, lsn, &mut d, &mut None, details, |r, _| {
+        if let Some(f) = f.as_mut() {
+            f(r)
+        }
+    });
+    d
+}
+
+/// The decoding loop: the records from `lsn` (where one begins, or a page's start) to the end of
+/// the segment, into `d`. A record that validates and ends past `details_past` has its details
+/// decoded and goes to `on_record`, with `prev_end`: the end of the record before it in this walk
+/// (its initial value for the first record), which is then updated to this record's end.
+fn walk<F: FnMut(&Record<'_>, Option<u64>)>(
+    s: &Stream<'_>,
+    mut lsn: u64,
+    d: &mut Decoded,
+    prev_end: &mut Option<u64>,
+    details_past: Option<u64>,
+    mut on_record: F,
+) {
+    let mut blocks: Vec<BlockRef> = Vec::new();
+    let mut changes: Vec<RelChange> = Vec::new();
+    let seg_end = s.seg_start + s.seg_size;
     loop {
         if lsn >= seg_end {
             d.end = End::SegmentEnd;
-            return d;
+            return;
         }
         if lsn.is_multiple_of(XLOG_BLCKSZ as u64) {
             if let Err(e) = s.check_page(lsn, None) {
                 d.end = End::Invalid;
                 d.invalid_reason = Some(e);
-                return d;
+                return;
             }
             let h = PageHeader::parse(s.page(lsn).expect("checked")).expect("page");
             lsn += s.page_header_len(lsn) as u64;
             if h.info & XLP_FIRST_IS_CONTRECORD != 0 {
                 d.end = End::Invalid;
                 d.invalid_reason = Some(format!("unexpected continuation at {}", Lsn(lsn)));
-                return d;
+                return;
             }
         }
         let start = lsn;
@@ -882,33 +1094,33 @@ fn decode<F: FnMut(&Record<'_>)>(seg: &[u8], seg_start: Lsn, next: Option<&[u8]>
             (Read::Bytes(b), _) => u32::from_le_bytes(b.try_into().expect("4")),
             (Read::Eof, _) => {
                 d.end = End::ContinuesIntoNext;
-                return d;
+                return;
             }
             (Read::Invalid(e), _) => {
                 d.end = End::Invalid;
                 d.invalid_reason = Some(e);
-                return d;
+                return;
             }
         };
         if tot_len == 0 {
             d.end = End::Zeros;
-            return d;
+            return;
         }
         if (tot_len as usize) < SIZE_OF_XLOG_RECORD || tot_len > 1 << 30 {
             d.end = End::Invalid;
             d.invalid_reason = Some(format!("record at {} has an invalid length {tot_len}", Lsn(start)));
-            return d;
+            return;
         }
         let (rec, after) = match s.read(start, tot_len as usize, tot_len, 0) {
             (Read::Bytes(b), after) => (b, after),
             (Read::Eof, _) => {
                 d.end = End::ContinuesIntoNext;
-                return d;
+                return;
             }
             (Read::Invalid(e), _) => {
                 d.end = End::Invalid;
                 d.invalid_reason = Some(e);
-                return d;
+                return;
             }
         };
         let crc = u32_at(&rec, 20).expect("header");
@@ -916,28 +1128,30 @@ fn decode<F: FnMut(&Record<'_>)>(seg: &[u8], seg_start: Lsn, next: Option<&[u8]>
         if crc != computed {
             d.end = End::Invalid;
             d.invalid_reason = Some(format!("record at {} fails its CRC check", Lsn(start)));
-            return d;
+            return;
         }
         let (xid, info, rmid) = (u32_at(&rec, 4).expect("header"), rec[16], rec[17]);
         d.records += 1;
         d.per_rmgr[rmid as usize] += 1;
         d.end_of_valid = Lsn(after);
         d.last_record = Some(Lsn(start));
-        if let Some(f) = on_record.as_mut() {
+        if details_past.is_some_and(|p| after > p) {
             record_details(rmid, info, &rec, &mut blocks, &mut changes);
-            f(&Record { lsn: Lsn(start), end: Lsn(after), rmid, info, xid, blocks: &blocks, changes: &changes });
+            let r = Record { lsn: Lsn(start), end: Lsn(after), rmid, info, xid, blocks: &blocks, changes: &changes };
+            on_record(&r, *prev_end);
         }
+        *prev_end = Some(after);
         if let Some(e) = event(rmid, info, xid, &rec, Lsn(start)) {
             let switch = matches!(e, Event::Switch { .. });
             d.events.push(e);
             if switch {
                 d.end = End::Switch;
-                return d;
+                return;
             }
         }
         if after >= seg_end {
             d.end = if after == seg_end { End::SegmentEnd } else { End::ContinuesIntoNext };
-            return d;
+            return;
         }
         lsn = maxalign(after);
     }
@@ -1335,5 +1549,371 @@ mod tests {
         let seg = crate::walpage::synthetic_segment(name, crate::SystemId(1), crate::WalSegSize::new(1 << 20).unwrap());
         let d = decode_segment(&seg, Lsn(1 << 20), None);
         assert_eq!((d.records, d.end), (0, End::Zeros));
+    }
+
+    // The tail record from a segment's last pages (decode_tail_from_end).
+
+    const MB: u64 = 1 << 20;
+    const PAGE: usize = XLOG_BLCKSZ;
+
+    fn seg_size() -> crate::WalSegSize {
+        crate::WalSegSize::new(MB).unwrap()
+    }
+
+    /// An XLOG_FPI record with a whole-page image of block `block` of `R1` (8 kB and a bit:
+    /// longer than a page).
+    fn fpi(block: u32) -> Vec<u8> {
+        let mut b = Body::default();
+        let img = Img { hole_offset: 0, hole_length: 0, info: BKPIMAGE_APPLY, stored: 8192, compressed_hole: None };
+        b.block(0, 0, false, false, 0, Some(img), R1, block);
+        record(RM_XLOG_ID, XLOG_FPI, 0, &b.bytes())
+    }
+
+    /// A heap record referencing block `block` of `R2`, about `len` bytes long in all (>= 60).
+    fn heap(block: u32, len: usize) -> Vec<u8> {
+        let mut b = Body::default();
+        b.block(0, 0, false, false, 0, None, R2, block);
+        // 24 (XLogRecord) + 20 (block header, relation, block) + the main data's header and bytes.
+        b.main(&vec![7u8; len.max(60) - 49]);
+        record(10, 0, 1, &b.bytes())
+    }
+
+    /// A record of only main data, exactly `len` bytes long (a multiple of 8).
+    fn exact(len: usize) -> Vec<u8> {
+        let main = match len {
+            24 => 0,
+            32..=280 => len - 26,
+            288.. => len - 29,
+            _ => panic!("no record is {len} bytes"),
+        };
+        let r = record(10, 0, 1, &Body::main_only(&vec![7u8; main]).bytes());
+        assert_eq!(r.len(), len);
+        r
+    }
+
+    fn switch() -> Vec<u8> {
+        record(RM_XLOG_ID, XLOG_SWITCH, 0, &[])
+    }
+
+    type TailSeen = Vec<(Lsn, Lsn, Vec<BlockRef>, Vec<RelChange>)>;
+
+    /// What decoding the whole segment with the next says of its tail record: the end of the
+    /// record before it (where the segment's map alone ends) and the record, or how it ended.
+    fn whole_decode(seg: &[u8], start: Lsn, next: &[u8]) -> (Option<(Lsn, TailSeen)>, Decoded) {
+        let seg_end = Lsn(start.0 + seg.len() as u64);
+        let (mut before, mut tail) = (start, vec![]);
+        let d = decode_segment_with_blocks(seg, start, Some(next), |r| {
+            if r.end > seg_end {
+                tail.push((r.lsn, r.end, r.blocks.to_vec(), r.changes.to_vec()));
+            } else {
+                before = r.end;
+            }
+        });
+        ((!tail.is_empty()).then_some((before, tail)), d)
+    }
+
+    /// decode_tail_from_end with the segment's last `k` bytes, and what went to the callback.
+    fn from_end(seg: &[u8], start: Lsn, next: &[u8], k: usize) -> (TailDecode, TailSeen) {
+        let mut seen = vec![];
+        let t = decode_tail_from_end(&seg[seg.len() - k..], start, seg.len() as u64, next, |r| {
+            seen.push((r.lsn, r.end, r.blocks.to_vec(), r.changes.to_vec()));
+        });
+        if !matches!(t, TailDecode::Tail { .. }) {
+            assert!(seen.is_empty(), "{t:?}: {seen:?}");
+        }
+        (t, seen)
+    }
+
+    /// From a window of `k` bytes, doubling it while more is needed: the answer and the window
+    /// that gave it. Every larger window gives the same answer.
+    fn grow(seg: &[u8], start: Lsn, next: &[u8], mut k: usize) -> (TailDecode, TailSeen, usize) {
+        loop {
+            let (t, seen) = from_end(seg, start, next, k);
+            if t != TailDecode::NeedMore {
+                let mut larger = k;
+                while larger < seg.len() {
+                    larger = (larger * 2).min(seg.len());
+                    let (l, l_seen) = from_end(seg, start, next, larger);
+                    if t == TailDecode::NoTail(NoTail::ZeroedPages) {
+                        // A larger window may reach the switch or the zeros before them.
+                        assert!(matches!(l, TailDecode::NoTail(NoTail::ZeroedPages | NoTail::Switch | NoTail::Zeros)));
+                    } else {
+                        assert_eq!((l, l_seen), (t.clone(), seen.clone()), "window {larger}");
+                    }
+                }
+                return (t, seen, k);
+            }
+            assert!(k < seg.len(), "more needed than the whole segment");
+            k = (k * 2).min(seg.len());
+        }
+    }
+
+    /// The answer from the last `k` bytes (grown as needed) agrees with decoding the whole
+    /// segment with the next one; returns it and the window that gave it.
+    fn agrees(seg: &[u8], start: Lsn, next: &[u8], k: usize) -> (TailDecode, usize) {
+        let (t, seen, k) = grow(seg, start, next, k);
+        let (reference, d) = whole_decode(seg, start, next);
+        match (&t, reference) {
+            (TailDecode::Tail { before, start: s, end }, Some((b, tail))) => {
+                assert_eq!((*before, *s, *end), (b, tail[0].0, tail[0].1));
+                assert_eq!(seen, tail);
+                // Where the segment's map alone ends.
+                assert_eq!(*before, decode_segment(seg, start, None).end_of_valid.min(*s));
+            }
+            (TailDecode::NoTail(why), None) => match why {
+                NoTail::Switch => assert_eq!(d.end, End::Switch),
+                NoTail::SegmentEnd => assert_eq!(d.end, End::SegmentEnd),
+                NoTail::Zeros => assert_eq!(d.end, End::Zeros),
+                NoTail::ZeroedPages => assert!(matches!(d.end, End::Switch | End::Zeros), "{d:?}"),
+                NoTail::NoneBegins => assert_eq!((d.end, d.records), (End::ContinuesIntoNext, 0)),
+            },
+            (TailDecode::Abandoned { before }, None) => {
+                assert_eq!(d.end, End::Invalid);
+                assert_eq!(*before, decode_segment(seg, start, None).end_of_valid);
+            }
+            (TailDecode::Invalid(_), _) => assert!(matches!(d.end, End::Invalid | End::ContinuesIntoNext), "{d:?}"),
+            (t, r) => panic!("from the end: {t:?}; whole: {r:?} {d:?}"),
+        }
+        (t, k)
+    }
+
+    /// `recs` laid out from 0/100000 (1 MiB segments): the segments and where each record is.
+    fn laid_out(recs: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<(Lsn, Lsn)>) {
+        crate::walsynth::layout(Lsn(MB), seg_size(), recs)
+    }
+
+    /// Heap records of 1000 bytes from `from` on, until one ends at or after `to` (an offset in
+    /// the first segment); returns their number.
+    fn fill_until(recs: &mut Vec<Vec<u8>>, to: u64) -> usize {
+        let n = recs.len();
+        loop {
+            let (_, at) = laid_out(recs);
+            if at.last().is_some_and(|a| a.1.0 >= MB + to) {
+                return recs.len() - n;
+            }
+            recs.push(heap(recs.len() as u32, 1000));
+        }
+    }
+
+    #[test]
+    fn a_tail_record_from_the_last_pages() {
+        // Records longer than a page: every page continues one.
+        let recs: Vec<Vec<u8>> = (0..200).map(fpi).collect();
+        let (segs, _) = laid_out(&recs);
+        let start = Lsn(MB);
+        // One page holds the tail record's beginning but not the end of the one before it.
+        assert_eq!(from_end(&segs[0], start, &segs[1], PAGE).0, TailDecode::NeedMore);
+        let (t, k) = agrees(&segs[0], start, &segs[1], PAGE);
+        assert_eq!(k, 2 * PAGE);
+        assert!(matches!(t, TailDecode::Tail { .. }));
+        assert_eq!(agrees(&segs[0], start, &segs[1], 64 << 10), (t, 64 << 10));
+        // The next segment's tail too.
+        let (segs, _) = laid_out(&(0..400).map(fpi).collect::<Vec<_>>());
+        let (t, _) = agrees(&segs[1], Lsn(2 * MB), &segs[2], 64 << 10);
+        assert!(matches!(t, TailDecode::Tail { .. }));
+        // Small records, many per page, the window's first page continuing one.
+        let mut recs = vec![];
+        fill_until(&mut recs, MB + 5000);
+        let (segs, _) = laid_out(&recs);
+        for k in [PAGE, 3 * PAGE, 64 << 10, MB as usize] {
+            let (t, _) = agrees(&segs[0], start, &segs[1], k);
+            assert!(matches!(t, TailDecode::Tail { .. }), "{k}: {t:?}");
+        }
+    }
+
+    #[test]
+    fn a_tail_record_longer_than_the_window_needs_a_larger_one() {
+        let mut recs = vec![];
+        fill_until(&mut recs, MB - 100_000);
+        // 200 kB, from about 100 kB before the segment's end.
+        let mut big = Body::default();
+        big.block(0, 0, false, true, 0, None, R1, 77);
+        big.main(&vec![1u8; 200_000]);
+        recs.push(record(10, 0, 1, &big.bytes()));
+        recs.extend((0..3).map(fpi));
+        let (segs, at) = laid_out(&recs);
+        let tail_at = at[at.len() - 4];
+        assert!(tail_at.0.0 < 2 * MB - 64 * 1024 && tail_at.1.0 > 2 * MB, "{tail_at:?}");
+        let start = Lsn(MB);
+        assert_eq!(from_end(&segs[0], start, &segs[1], 64 << 10).0, TailDecode::NeedMore);
+        let (t, k) = agrees(&segs[0], start, &segs[1], 64 << 10);
+        assert_eq!(k, 128 << 10);
+        let TailDecode::Tail { start: s, end, .. } = t else { panic!("{t:?}") };
+        assert_eq!((s, end), tail_at);
+        let (_, seen) = from_end(&segs[0], start, &segs[1], k);
+        assert_eq!((seen.len(), seen[0].2[0].block), (1, 77));
+    }
+
+    #[test]
+    fn no_tail_at_a_record_boundary_a_switch_or_zeros() {
+        let start = Lsn(MB);
+        // A record that ends exactly at the segment's end: fill to the last page, then one
+        // record of exactly the space left.
+        let mut recs = vec![];
+        fill_until(&mut recs, MB - PAGE as u64 + 100);
+        let (_, at) = laid_out(&recs);
+        let left = (2 * MB - maxalign(at.last().unwrap().1.0)) as usize;
+        recs.push(exact(left));
+        recs.extend((0..3).map(fpi));
+        let (segs, at) = laid_out(&recs);
+        assert_eq!(at[at.len() - 4].1, Lsn(2 * MB));
+        for k in [PAGE, 64 << 10] {
+            assert_eq!(agrees(&segs[0], start, &segs[1], k), (TailDecode::NoTail(NoTail::SegmentEnd), k));
+        }
+
+        // A switch in the last page, and one well before the window.
+        let mut recs = vec![];
+        fill_until(&mut recs, MB - PAGE as u64 + 100);
+        recs.push(switch());
+        let (segs, _) = laid_out(&recs);
+        let next = crate::walsynth::segments(Lsn(2 * MB), seg_size(), &[fpi(5)]).swap_remove(0);
+        assert_eq!(agrees(&segs[0], start, &next, PAGE), (TailDecode::NoTail(NoTail::Switch), PAGE));
+        let recs = vec![fpi(1), fpi(2), switch()];
+        let (segs, _) = laid_out(&recs);
+        assert_eq!(agrees(&segs[0], start, &next, 64 << 10), (TailDecode::NoTail(NoTail::ZeroedPages), 64 << 10));
+        assert_eq!(from_end(&segs[0], start, &next, MB as usize).0, TailDecode::NoTail(NoTail::Switch));
+
+        // Zeros where a record should begin, in the window's second page; and after it.
+        let mut recs = vec![];
+        fill_until(&mut recs, MB - 7 * PAGE as u64);
+        let (segs, _) = laid_out(&recs);
+        assert_eq!(agrees(&segs[0], start, &next, 64 << 10), (TailDecode::NoTail(NoTail::Zeros), 64 << 10));
+        assert_eq!(agrees(&segs[0], start, &next, PAGE), (TailDecode::NoTail(NoTail::ZeroedPages), PAGE));
+    }
+
+    #[test]
+    fn a_tail_record_cut_off_by_a_crash() {
+        let recs: Vec<Vec<u8>> = (0..200).map(fpi).collect();
+        let (segs, _) = laid_out(&recs);
+        let start = Lsn(MB);
+        // Recovery wrote over the record's missing part: the next segment's first page is
+        // flagged XLP_FIRST_IS_OVERWRITE_CONTRECORD and holds new records.
+        let mut next = crate::walsynth::segments(Lsn(2 * MB), seg_size(), &[fpi(999)]).swap_remove(0);
+        let h =
+            crate::walsynth::page_header(Lsn(2 * MB), seg_size(), crate::walpage::XLP_FIRST_IS_OVERWRITE_CONTRECORD, 0);
+        next[..h.len()].copy_from_slice(&h);
+        let (t, k) = agrees(&segs[0], start, &next, PAGE);
+        assert!(matches!(t, TailDecode::Abandoned { .. }), "{t:?}");
+        assert_eq!(k, 2 * PAGE);
+        // Without the flag, a page that does not continue the record is invalid.
+        let h = crate::walsynth::page_header(Lsn(2 * MB), seg_size(), 0, 0);
+        next[..h.len()].copy_from_slice(&h);
+        assert!(matches!(from_end(&segs[0], start, &next, 64 << 10).0, TailDecode::Invalid(_)));
+        // Nor does a next segment that stops short of the record's end.
+        assert!(matches!(from_end(&segs[0], start, &segs[1][..100], 64 << 10).0, TailDecode::Invalid(_)));
+    }
+
+    #[test]
+    fn a_segment_a_record_runs_through() {
+        // A 1.2 MB record from near the end of the first segment through the whole second one.
+        let mut recs = vec![];
+        fill_until(&mut recs, MB - 20_000);
+        recs.push(record(10, 0, 1, &Body::main_only(&vec![3u8; 1_200_000]).bytes()));
+        recs.push(fpi(1));
+        let (segs, _) = laid_out(&recs);
+        assert_eq!(segs.len(), 3);
+        let (t, k) = agrees(&segs[1], Lsn(2 * MB), &segs[2], 64 << 10);
+        assert_eq!((t, k), (TailDecode::NoTail(NoTail::NoneBegins), MB as usize));
+        // The first segment's tail is that record.
+        let (t, _) = agrees(&segs[0], Lsn(MB), &segs[1], 64 << 10);
+        assert!(matches!(t, TailDecode::Invalid(_)), "it runs past the next segment too: {t:?}");
+    }
+
+    #[test]
+    fn arguments_that_make_no_window() {
+        let (segs, _) = laid_out(&(0..200).map(fpi).collect::<Vec<_>>());
+        let s = &segs[0];
+        let f = |w: &[u8], start: u64, size: u64| decode_tail_from_end(w, Lsn(start), size, &segs[1], |_| {});
+        for (w, start, size) in [
+            (&s[..0], MB, MB),
+            (&s[..100], MB, MB),
+            (&s[..PAGE + 8], MB, MB),
+            (&s[..], MB, MB / 2),
+            (&s[..PAGE], MB + 8, MB),
+            (&s[..PAGE], MB, 3 * MB),
+            (&s[..PAGE], u64::MAX - MB + 1, MB),
+            (&s[..PAGE], 0, 4096),
+        ] {
+            assert!(matches!(f(w, start, size), TailDecode::Invalid(_)), "{} {start} {size}", w.len());
+        }
+        // Pages from elsewhere in the segment: their addresses are not the window's.
+        assert!(matches!(f(&s[..64 << 10], MB, MB), TailDecode::Invalid(r) if r.contains("claims address")));
+    }
+
+    /// Records of assorted sizes over three segments, ending in a record, a switch or zeros.
+    fn arb_wal() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        let rec = prop_oneof![
+            (0u32..100).prop_map(fpi),
+            (60usize..3000, 0u32..100).prop_map(|(len, b)| heap(b, len)),
+            (3000usize..40_000).prop_map(|len| record(10, 0, 1, &Body::main_only(&vec![5u8; len]).bytes())),
+        ];
+        (proptest::collection::vec(rec, 20..400), 0u8..4).prop_map(|(mut recs, end)| {
+            match end {
+                0 => recs.push(switch()),
+                1 => {
+                    recs.push(switch());
+                    recs.push(fpi(1));
+                }
+                _ => {}
+            }
+            recs
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// From any window, grown as needed, the answer is the whole decode's.
+        #[test]
+        fn windows_agree_with_whole_segments(recs in arb_wal(), pages in 1usize..40) {
+            let (segs, _) = laid_out(&recs);
+            let zeros = vec![0u8; MB as usize];
+            let next = segs.get(1).unwrap_or(&zeros);
+            agrees(&segs[0], Lsn(MB), next, pages * PAGE);
+            if segs.len() > 2 {
+                agrees(&segs[1], Lsn(2 * MB), &segs[2], pages * PAGE);
+            }
+        }
+
+        /// Damaged windows and next segments: any answer, never a panic, and a tail that is
+        /// reported went to the callback once.
+        #[test]
+        fn never_panics_on_damaged_windows(
+            recs in arb_wal(),
+            pages in 1usize..20,
+            flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>(), any::<bool>()), 1..20),
+        ) {
+            let (segs, _) = laid_out(&recs);
+            let k = pages * PAGE;
+            let mut w = segs[0][MB as usize - k..].to_vec();
+            let mut next = segs.get(1).cloned().unwrap_or_else(|| vec![0u8; MB as usize]);
+            for (i, b, in_next) in flips {
+                if in_next {
+                    let i = i.index(next.len());
+                    next[i] ^= b;
+                } else {
+                    let i = i.index(w.len());
+                    w[i] ^= b;
+                }
+            }
+            let mut seen = 0;
+            let t = decode_tail_from_end(&w, Lsn(MB), MB, &next, |_| seen += 1);
+            prop_assert_eq!(seen, usize::from(matches!(t, TailDecode::Tail { .. })));
+        }
+
+        #[test]
+        fn tail_never_panics_on_random_bytes(
+            window in proptest::collection::vec(any::<u8>(), 0..40_000),
+            next in proptest::collection::vec(any::<u8>(), 0..20_000),
+            pages in 0usize..5,
+            start in any::<u64>(),
+            size_log in 0u32..64,
+        ) {
+            // Random bytes as given, and as whole pages of a 1 MiB segment.
+            let _ = decode_tail_from_end(&window, Lsn(start), 1u64 << size_log, &next, |_| {});
+            let _ = decode_tail_from_end(&window, Lsn(start), start, &next, |_| {});
+            let k = (pages * PAGE).min(window.len() / PAGE * PAGE);
+            let _ = decode_tail_from_end(&window[..k], Lsn((start % 1000) * MB), MB, &next, |_| {});
+        }
     }
 }

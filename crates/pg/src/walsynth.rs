@@ -138,7 +138,13 @@ pub fn page_header(page_lsn: Lsn, seg_size: WalSegSize, info: u16, rem_len: u32)
 /// split over pages and segments as PostgreSQL writes them; every page a record touches gets its
 /// header, the rest of the last segment is zeros.
 pub fn segments(first: Lsn, seg_size: WalSegSize, recs: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    layout(first, seg_size, recs).0
+}
+
+/// [`segments`], and where each record begins and ends (just after its last byte).
+pub fn layout(first: Lsn, seg_size: WalSegSize, recs: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<(Lsn, Lsn)>) {
     let size = seg_size.bytes() as usize;
+    let mut at = Vec::with_capacity(recs.len());
     let mut segs: Vec<Vec<u8>> = vec![];
     let mut pos = 0usize; // offset from `first`
     let place = |segs: &mut Vec<Vec<u8>>, at: usize, bytes: &[u8]| {
@@ -150,6 +156,7 @@ pub fn segments(first: Lsn, seg_size: WalSegSize, recs: &[Vec<u8>]) -> Vec<Vec<u
     };
     for r in recs {
         let mut written = 0;
+        let mut begins = None;
         while written < r.len() {
             if pos.is_multiple_of(XLOG_BLCKSZ) {
                 let info = if written > 0 { XLP_FIRST_IS_CONTRECORD } else { 0 };
@@ -159,10 +166,13 @@ pub fn segments(first: Lsn, seg_size: WalSegSize, recs: &[Vec<u8>]) -> Vec<Vec<u
                 pos += h.len();
             }
             let n = (r.len() - written).min(XLOG_BLCKSZ - pos % XLOG_BLCKSZ);
+            begins = begins.or(Some(pos));
             place(&mut segs, pos, &r[written..written + n]);
             pos += n;
             written += n;
         }
+        let lsn = |p: usize| Lsn(first.0 + p as u64);
+        at.push((lsn(begins.unwrap_or(pos)), lsn(pos)));
         pos = pos.next_multiple_of(8);
     }
     if segs.is_empty() {
@@ -170,5 +180,5 @@ pub fn segments(first: Lsn, seg_size: WalSegSize, recs: &[Vec<u8>]) -> Vec<Vec<u
         let h = page_header(first, seg_size, 0, 0);
         segs[0][..h.len()].copy_from_slice(&h);
     }
-    segs
+    (segs, at)
 }
