@@ -3,8 +3,10 @@
 #
 # Generates WAL with pgbench in a throwaway PostgreSQL 15 cluster (loopback only, data checksums
 # on), then decodes every completed segment (best of 15 passes, interleaved) three ways: as wal-push does today,
-# with block references and relation changes, and with the changed-block map built as well; and
-# reports the stored size of the maps. Figures, not pass/fail.
+# with block references and relation changes, and with the changed-block map built as well; then
+# the tail record's map at each segment boundary, from the whole segment (tail_block_map) and from
+# its last 64 kB (tail_block_map_from_end); and reports the stored size of the maps. Figures, not
+# pass/fail.
 # Usage: [PORT=54334] [CARGO_FLAGS=--release] bash bench/blocks.sh [pgbench scale, default 10]
 set -euo pipefail
 cd "$(dirname "$0")/.."

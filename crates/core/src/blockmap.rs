@@ -1364,6 +1364,55 @@ mod tests {
                 (best[i] / best[0] - 1.0) * 100.0
             );
         }
+        // The tail record's map at the push of the next segment: from the whole segment
+        // (tail_block_map) against from its last 64 kB (tail_block_map_from_end, doubled while
+        // more is needed), over every pair of consecutive segments.
+        type Seg = (Lsn, Vec<u8>);
+        let pairs: Vec<(&Seg, &Seg)> =
+            segs.windows(2).filter(|w| w[1].0.0 == w[0].0.0 + w[0].1.len() as u64).map(|w| (&w[0], &w[1])).collect();
+        let from_end = |(lsn, data): &Seg, next: &[u8], retries: &mut u64| {
+            let mut k = 64 << 10;
+            loop {
+                match crate::summary::tail_block_map_from_end(&data[data.len() - k..], *lsn, data.len() as u64, next) {
+                    Ok(crate::summary::TailMap::NeedMore) if k < data.len() => {
+                        k = (k * 2).min(data.len());
+                        *retries += 1;
+                    }
+                    t => return t.map(|t| matches!(t, crate::summary::TailMap::Tail(_))),
+                }
+            }
+        };
+        let (mut best_whole, mut best_end, mut best_decode, mut retries) = (f64::MAX, f64::MAX, f64::MAX, 0);
+        for _ in 0..15 {
+            let t = std::time::Instant::now();
+            for ((lsn, data), _) in &pairs {
+                std::hint::black_box(walrec::decode_segment(data, *lsn, None));
+            }
+            best_decode = best_decode.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            for ((lsn, data), (_, next)) in &pairs {
+                std::hint::black_box(crate::summary::tail_block_map(data, *lsn, next).unwrap());
+            }
+            best_whole = best_whole.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            retries = 0;
+            for (seg, (_, next)) in &pairs {
+                std::hint::black_box(from_end(seg, next, &mut retries).unwrap());
+            }
+            best_end = best_end.min(t.elapsed().as_secs_f64());
+        }
+        let tails = pairs.iter().filter(|(seg, (_, next))| from_end(seg, next, &mut 0).unwrap()).count();
+        let per = |t: f64| t * 1e6 / pairs.len().max(1) as f64;
+        eprintln!(
+            "tail maps over {} segment boundaries ({tails} with a tail record, {retries} retries with a larger window): \
+             tail_block_map (whole segment + next) {:.0} us per segment; tail_block_map_from_end (last 64 kB + next) \
+             {:.1} us per segment ({:.0}x less); decode_segment of the same segments {:.0} us",
+            pairs.len(),
+            per(best_whole),
+            per(best_end),
+            best_whole / best_end,
+            per(best_decode),
+        );
         let records: u64 = segs.iter().map(|(l, d)| walrec::decode_segment(d, *l, None).records).sum();
         eprintln!("{records} records");
         let maps: Vec<BlockMap> =

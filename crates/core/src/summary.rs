@@ -10,8 +10,8 @@
 //!
 //! At the push of segment N, N's map ([`summarize_with_blocks`]) covers the records that begin
 //! in N but for its *tail record*, the one that continues into N+1 (it cannot be validated
-//! without N+1): `[N's start, where the tail begins)`, or the end of valid WAL when N ends in
-//! zeros. At the push of N+1, N is still in `pg_wal` as a rule, and
+//! without N+1): `[N's start, the end of the record before the tail)`, or to the end of valid
+//! WAL when N ends in zeros. At the push of N+1, N is still in `pg_wal` as a rule, and
 //! [`tail_block_map_from_end`] makes the tail record's map from N's *last pages* and N+1:
 //! stored with N+1, it covers `[where N's map ends, N's end)`, so the stored maps tile with no
 //! hole. Its outcomes ([`TailMap`]):
@@ -21,21 +21,24 @@
 //!   [`tail_block_map`] makes from the whole of N. A tail record that a crash cut off (N+1 begins
 //!   with `XLP_FIRST_IS_OVERWRITE_CONTRECORD`) gives an empty map of the same range: it changed
 //!   nothing.
-//! - [`TailMap::NoTail`]: no record continues into N+1, nothing to store. After an
-//!   `XLOG_SWITCH` or at a record boundary, N's own map already reaches N's end. When N ended in
-//!   zeros, N's map ends at its end of valid WAL and `[that, N's end)` stays covered by no map
-//!   (a range merged across it reads as unknown, as it should: replay stops there). The window
-//!   cannot always tell which (`NoTail::ZeroedPages`: PostgreSQL zeroes what follows a switch).
-//! - [`TailMap::NeedMore`]: the window is too small (the tail record, the record before it, or
-//!   the first record boundary in the window begins before it); call again with a larger window,
-//!   twice as large, say, up to the whole segment, which always answers otherwise. How many
-//!   bytes would do is not knowable from the window.
+//! - [`TailMap::NoTail`]: no record continues into N+1; nothing to store, and this covers
+//!   nothing. After an `XLOG_SWITCH`, at a record boundary, or when no record begins in N (one
+//!   from an earlier segment runs through it), N's own map already reaches N's end. When N ended
+//!   in zeros, N's map ends at its end of valid WAL and `[that, N's end)` is covered by no map (a
+//!   range merged across it reads as unknown, as it should: replay stops there). A window that
+//!   begins past a switch cannot tell a switch from zeros (`NoTail::ZeroedPages`: PostgreSQL
+//!   zeroes the rest of the segment after a switch, page headers too); it matters not here.
+//! - [`TailMap::NeedMore`]: the window is too small (the record before the tail record, whose
+//!   end is where the tail's range begins, begins before the window; so may the tail record).
+//!   Call again with a larger window, twice as large, say, up to the whole segment, which always
+//!   answers otherwise. How many bytes would do is not knowable from the window.
 //! - an error: the tail record does not validate (nor was it abandoned), it runs past N+1 too,
 //!   or the window is not N's last pages. Nothing covers `[where N's map ends, N's end)`.
 //!
-//! 64 kB of N (eight pages) almost always does: only a tail record, or the record before it,
-//! that begins more than 56 kB before N's end needs more. What lies before the window is not
-//! read, so not checked; N was decoded whole when it was pushed.
+//! 64 kB of N (eight pages) almost always does: more is needed only when the record before the
+//! tail record begins before the window (the two together are longer than the window, less its
+//! page headers). What lies before the window is not read, so not checked; N was decoded whole
+//! when it was pushed.
 
 use crate::blockmap::{BlockMap, BlockMapBuilder};
 use chrono::{DateTime, Utc};

@@ -821,7 +821,7 @@ pub enum NoTail {
     /// Zeros where a record should begin: the segment was not written to its end.
     Zeros,
     /// The window begins with a zeroed page (its header included): what PostgreSQL leaves after
-    /// an `XLOG_SWITCH` record (it zeroes the rest of the segment, page headers too, since 11),
+    /// an `XLOG_SWITCH` record (PostgreSQL 15 zeroes the rest of the segment, page headers too),
     /// or a part of the segment never written. Whichever it was lies before the window; either
     /// way no record reaches the next segment, whose pages such a record would have to precede.
     ZeroedPages,
@@ -841,9 +841,9 @@ pub enum TailDecode {
     Tail { before: Lsn, start: Lsn, end: Lsn },
     /// No record continues into the next segment; nothing went to the callback.
     NoTail(NoTail),
-    /// The window is too small: the tail record, or the record before it (whose end is where the
-    /// tail's range begins), or the first record boundary needed to find them, lies before the
-    /// window. How many bytes would do is not knowable from the window (a record's length is in
+    /// The window is too small: the record before the tail record (whose end is where the
+    /// tail's range begins) begins before the window, and so may the tail record, or the first
+    /// record boundary in the window lies after the segment's end. How many bytes would do is not knowable from the window (a record's length is in
     /// its header, which is before it): retry with a larger window (twice as large, say), up to
     /// the whole segment, which always answers otherwise. Nothing went to the callback.
     NeedMore,
