@@ -55,6 +55,13 @@ impl Ctx {
         })
     }
 
+    /// Where `wal-push` keeps the last pages of the segments it pushed (in the state directory;
+    /// none without one).
+    pub fn tails_dir(&self) -> Option<std::path::PathBuf> {
+        let d = &self.config.state_dir;
+        (!d.as_os_str().is_empty()).then(|| d.join("tails"))
+    }
+
     pub fn repository(&self) -> Result<Repository> {
         let url = self.config.repo_url()?;
         let store = walnut_storage::open(url, &self.config.storage)?;

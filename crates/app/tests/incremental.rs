@@ -13,11 +13,17 @@ use walnut_testkit::pg::PgOptions;
 const WAIT: Duration = Duration::from_secs(60);
 
 fn cluster(env: &Env) -> PgCluster {
+    cluster_with(env, 16)
+}
+
+/// A cluster with `wal_segsize_mb` MiB WAL segments (small ones put many records across
+/// segment boundaries).
+fn cluster_with(env: &Env, wal_segsize_mb: u32) -> PgCluster {
     PgCluster::start(PgOptions {
         archive_command: Some(env.archive_command()),
         data_checksums: true,
+        wal_segsize_mb,
         extra_conf: "fsync = on\n".into(),
-        ..Default::default()
     })
 }
 
@@ -257,13 +263,16 @@ fn sql_in(port: u16, db: &str, sql: &str) -> String {
 #[test]
 fn every_kind_of_change_restores_from_a_chain_as_the_source_has_it() {
     let env = Env::new(Backend::File);
-    let pg = cluster(&env);
+    // 1 MiB segments: the changes span dozens of segment boundaries, most crossed by a record.
+    let pg = cluster_with(&env, 1);
     let ts = walnut_testkit::shared_tempdir("walnut-incr-ts-");
     walnut_testkit::pg::give_to_postgres_user(ts.path());
     for s in [
         "CREATE TABLE a (id int PRIMARY KEY, v text, w int)".to_string(),
         "INSERT INTO a SELECT g, md5(g::text), g % 97 FROM generate_series(1, 40000) g".into(),
         "CREATE TABLE vac (id int, pad text); INSERT INTO vac SELECT g, repeat('p', 300) FROM generate_series(1, 5000) g".into(),
+        "CREATE TABLE quiet AS SELECT g, repeat('q', 200) AS pad FROM generate_series(1, 20000) g".into(),
+        "VACUUM FREEZE quiet".into(),
         "CREATE TABLE full_me AS SELECT g, md5(g::text) AS h FROM generate_series(1, 5000) g".into(),
         "CREATE TABLE clus (id int PRIMARY KEY, h text); INSERT INTO clus SELECT g, md5(g::text) FROM generate_series(5000, 1, -1) g".into(),
         "CREATE TABLE trunc_me AS SELECT g FROM generate_series(1, 5000) g".into(),
@@ -281,6 +290,7 @@ fn every_kind_of_change_restores_from_a_chain_as_the_source_has_it() {
 
     for s in [
         "UPDATE a SET v = 'u1' WHERE id BETWEEN 100 AND 400",
+        "UPDATE quiet SET pad = 'changed' WHERE g BETWEEN 1000 AND 1050",
         "DELETE FROM a WHERE id BETWEEN 30000 AND 30100",
         "INSERT INTO a SELECT g, 'new', 1 FROM generate_series(40001, 41000) g",
         "DELETE FROM vac WHERE id > 200",
@@ -318,6 +328,22 @@ fn every_kind_of_change_restores_from_a_chain_as_the_source_has_it() {
     push(&env, &pg, &["--incremental", "--name", "inc2"]);
     let show = stdout(&env.walnut(&["backup-show", "inc1"]));
     assert!(show.contains("not in the parent backup") && show.contains("the relation is unlogged"), "{show}");
+    // The stored maps tile the WAL across every boundary: nothing is unknown, and a table with a
+    // few rows changed is stored as its changed blocks (`a` is whole: its first scan after the
+    // load set hint bits, which checksums log as a page image of every block).
+    assert!(!show.contains("unknown changes"), "{show}");
+    let a_path = pg.sql("SELECT pg_relation_filepath('quiet')").trim().to_string();
+    let shown: serde_json::Value =
+        serde_json::from_str(&stdout(&env.walnut(&["--json", "backup-show", "inc1"]))).unwrap();
+    let a = shown["files"].as_array().unwrap().iter().find(|f| f["path"] == a_path.as_str()).unwrap().clone();
+    // Every map came stored with the archived WAL, tails included (even where a checkpoint
+    // recycled a segment before the next was pushed); only the segment the backup began in,
+    // not archived yet, was decoded from pg_wal.
+    let notes = shown["map_notes"].to_string();
+    assert!(!notes.contains("tail record") && !notes.contains("archived segment"), "{notes}");
+    let stored = a["blocks"]["stored"].as_str().unwrap_or_else(|| panic!("{a_path} stored whole: {a}"));
+    let n = stored.parse::<walnut_core::backup::BlockRanges>().unwrap().count();
+    assert!(n > 0 && n * 8192 < a["size"].as_u64().unwrap() / 2, "{a_path}: {n} blocks of {}", a["size"]);
 
     let (_t, ts_dest) = restore_dir("every-change-ts");
     let map = format!("ts={}", ts_dest.display());

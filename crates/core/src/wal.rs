@@ -87,6 +87,8 @@ pub struct WalPusher {
     pub state_base: Option<PathBuf>,
     /// How many `.ready` segments to upload ahead, in parallel (0 turns it off).
     pub upload_ahead: usize,
+    /// Where the last pages of recently pushed segments are kept (see [`previous_tail`]).
+    pub tails: Option<PathBuf>,
 }
 
 /// What storing one file did.
@@ -107,6 +109,9 @@ struct Prepared {
     summary: Option<crate::summary::SegmentSummary>,
     /// The segment's changed-block map (for incremental backups), stored in its metadata.
     blocks: Option<crate::blockmap::BlockMap>,
+    /// The map of the previous segment's tail record (the one continuing into this segment),
+    /// made from the previous segment's last pages when they are still beside this one.
+    blocks_head: Option<crate::blockmap::BlockMap>,
 }
 
 impl Prepared {
@@ -115,6 +120,9 @@ impl Prepared {
         let mut meta = serde_json::json!({ "name": self.name.to_string(), "summary": self.summary });
         if let Some(map) = &self.blocks {
             meta["blocks"] = crate::backup::map_metadata(map);
+        }
+        if let Some(map) = &self.blocks_head {
+            meta["blocks_head"] = crate::backup::map_metadata(map);
         }
         meta
     }
@@ -132,11 +140,94 @@ fn identity_from_control(path: &Path) -> Result<Identity, String> {
     Ok(Identity::new(c.system_identifier, major, c.wal_seg_size))
 }
 
+/// The map of the tail record of the segment before `seg` (the record that continues into it),
+/// from that segment's last pages when it is still beside `path` (see `summary`'s docs): what
+/// makes the maps stored with consecutive segments tile. `None` when there is nothing to cover
+/// or it cannot be made (an incremental backup then decodes that boundary from the archive).
+pub(crate) fn previous_tail(
+    path: &Path,
+    tails: Option<&Path>,
+    seg: walnut_pg::names::SegName,
+    size: walnut_pg::WalSegSize,
+    segno: walnut_pg::SegNo,
+    content: &[u8],
+) -> Option<crate::blockmap::BlockMap> {
+    use std::os::unix::fs::FileExt;
+    let prev_no = walnut_pg::SegNo(segno.0.checked_sub(1)?);
+    let prev = walnut_pg::names::SegName::new(seg.tli, prev_no, size);
+    // The previous segment itself, still in pg_wal; else its last pages kept when it was pushed
+    // (a checkpoint recycles archived segments, often before the next one is complete).
+    let (file, len) = match std::fs::File::open(path.with_file_name(prev.to_string())) {
+        Ok(f) if f.metadata().ok()?.len() == size.bytes() => (f, size.bytes()),
+        _ => {
+            let f = std::fs::File::open(tails?.join(prev.to_string())).ok()?;
+            let len = f.metadata().ok()?.len();
+            (f, len)
+        }
+    };
+    let mut window = (TAIL_KEPT as u64).min(len);
+    loop {
+        let mut buf = vec![0u8; window as usize];
+        file.read_exact_at(&mut buf, len - window).ok()?;
+        match crate::summary::tail_block_map_from_end(&buf, size.start_lsn(prev_no), size.bytes(), content) {
+            Ok(crate::summary::TailMap::Tail(map)) => return Some(map),
+            Ok(crate::summary::TailMap::NoTail(_)) => return None,
+            Ok(crate::summary::TailMap::NeedMore) if window < len => window = (window * 2).min(len),
+            Ok(crate::summary::TailMap::NeedMore) => return None,
+            Err(e) => {
+                tracing::debug!("the tail record of {prev}: {e}");
+                return None;
+            }
+        }
+    }
+}
+
+/// How much of each pushed segment's end is kept for the next push (see [`previous_tail`]).
+const TAIL_KEPT: usize = 64 << 10;
+
+/// Keeps the last [`TAIL_KEPT`] bytes of a segment being pushed in `tails` (best effort: without
+/// them the next push leaves the boundary to the backup to decode), and drops what is older
+/// than a few segments.
+fn keep_tail(
+    tails: &Path,
+    seg: walnut_pg::names::SegName,
+    size: walnut_pg::WalSegSize,
+    segno: walnut_pg::SegNo,
+    content: &[u8],
+) {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let kept = (|| -> std::io::Result<()> {
+        // WAL pages: private to walnut's user, like the rest of its state.
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(tails)?;
+        let name = seg.to_string();
+        let tmp = tails.join(format!(".{name}.{}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&content[content.len().saturating_sub(TAIL_KEPT)..])?;
+        drop(f);
+        std::fs::rename(&tmp, tails.join(&name))?;
+        for e in std::fs::read_dir(tails)?.flatten() {
+            let old = WalFileName::parse(&e.file_name().to_string_lossy())
+                .ok()
+                .and_then(|w| w.segment())
+                .and_then(|s| s.segno(size))
+                .is_some_and(|s| s.0 + 16 < segno.0);
+            if old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = kept {
+        tracing::debug!("keep the last pages of {seg} in {}: {e}", tails.display());
+    }
+}
+
 /// Validates a WAL file and works out which cluster it comes from.
-fn prepare(path: &Path, content: Bytes) -> Result<Prepared, WalError> {
+fn prepare(path: &Path, content: Bytes, tails: Option<&Path>) -> Result<Prepared, WalError> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let name = WalFileName::parse(&file_name)?;
-    let (mut summary, mut blocks) = (None, None);
+    let (mut summary, mut blocks, mut blocks_head) = (None, None, None);
     let identity = match name {
         WalFileName::Segment(seg) => {
             let c = walpage::check_segment(seg, &content)?;
@@ -144,6 +235,11 @@ fn prepare(path: &Path, content: Bytes) -> Result<Prepared, WalError> {
             let (s, b) = crate::summary::summarize_with_blocks(&content, c.seg_size.start_lsn(c.segno))
                 .map_err(|reason| WalError::CorruptWal { name: file_name.clone(), reason })?;
             (summary, blocks) = (Some(s), Some(b));
+            let tails = tails.map(|t| t.join(c.sysid.to_string()));
+            blocks_head = previous_tail(path, tails.as_deref(), seg, c.seg_size, c.segno, &content);
+            if let Some(t) = &tails {
+                keep_tail(t, seg, c.seg_size, c.segno, &content);
+            }
             Some(Identity::new(c.sysid, c.major, c.seg_size))
         }
         WalFileName::Partial(_) => {
@@ -153,7 +249,7 @@ fn prepare(path: &Path, content: Bytes) -> Result<Prepared, WalError> {
         }
         WalFileName::History(_) | WalFileName::Backup(..) => identity_from_control(path).ok(),
     };
-    Ok(Prepared { name, identity, content, summary, blocks })
+    Ok(Prepared { name, identity, content, summary, blocks, blocks_head })
 }
 
 fn same_sum(stored: &[u8], ours: &[u8; 32]) -> Result<(), (String, String)> {
@@ -170,7 +266,8 @@ impl WalPusher {
         let content: Bytes =
             tokio::fs::read(path).await.map_err(WalError::io(format!("read {}", path.display())))?.into();
         let p = path.to_path_buf();
-        let prepared = cpu(move || prepare(&p, content)).await?;
+        let tails = self.tails.clone();
+        let prepared = cpu(move || prepare(&p, content, tails.as_deref())).await?;
         let identity = match &prepared.identity {
             Some(ours) => self.repo.ensure_identity(ours).await?,
             None => match self.repo.identity().await? {
@@ -240,7 +337,8 @@ impl WalPusher {
         let content: Bytes =
             tokio::fs::read(path).await.map_err(WalError::io(format!("read {}", path.display())))?.into();
         let p = path.to_path_buf();
-        let prepared = cpu(move || prepare(&p, content)).await?;
+        let tails = self.tails.clone();
+        let prepared = cpu(move || prepare(&p, content, tails.as_deref())).await?;
         let ours = prepared.identity.clone().ok_or_else(|| WalError::UnknownCluster {
             name: prepared.name.to_string(),
             pgdata: path.parent().and_then(Path::parent).unwrap_or(Path::new("?")).display().to_string(),
@@ -317,7 +415,8 @@ impl WalPusher {
             .map(|p| async move {
                 let content: Bytes = tokio::fs::read(&p).await.ok()?.into();
                 let pp = p.clone();
-                let prepared = cpu(move || prepare(&pp, content)).await.ok()?;
+                let tails = self.tails.clone();
+                let prepared = cpu(move || prepare(&pp, content, tails.as_deref())).await.ok()?;
                 if !prepared.identity.as_ref().is_some_and(|i| i.same_cluster(identity)) {
                     return None;
                 }
@@ -683,7 +782,7 @@ pub async fn stage_timings(
     let content: Bytes = tokio::fs::read(path).await.map_err(WalError::io(format!("read {}", path.display())))?.into();
     lap("read the file", &mut stages);
     let p = path.to_path_buf();
-    let prepared = cpu(move || prepare(&p, content)).await?;
+    let prepared = cpu(move || prepare(&p, content, None)).await?;
     lap("validate + decode records", &mut stages);
     let c = prepared.content.clone();
     cpu(move || envelope::sha256(&c)).await;

@@ -115,9 +115,17 @@ pub struct Worker {
 pub type StillCurrent = Box<dyn FnMut() -> bool + Send>;
 
 impl Worker {
-    pub fn new(repo: Repository, codec: Codec, repo_url: &str, pg_wal: PathBuf, parallel: usize) -> Arc<Worker> {
+    /// `tails`: where the last pages of pushed segments are kept (`WalPusher::tails`).
+    pub fn new(
+        repo: Repository,
+        codec: Codec,
+        repo_url: &str,
+        pg_wal: PathBuf,
+        parallel: usize,
+        tails: Option<PathBuf>,
+    ) -> Arc<Worker> {
         Arc::new(Worker {
-            pusher: WalPusher { repo, codec: codec.clone(), state_base: None, upload_ahead: 0 },
+            pusher: WalPusher { repo, codec: codec.clone(), state_base: None, upload_ahead: 0, tails },
             pg_wal,
             fingerprint: fingerprint(repo_url, &codec),
             parallel: Arc::new(Semaphore::new(parallel.max(1))),

@@ -26,6 +26,7 @@ pub async fn push(ctx: &Ctx, path: &Path) -> u8 {
         repo,
         codec: ctx.config.codec.clone(),
         upload_ahead: ctx.config.upload_ahead,
+        tails: ctx.tails_dir(),
     };
     match pusher.push(path).await {
         Ok(r) => {
@@ -245,7 +246,14 @@ pub async fn worker(ctx: &Ctx, pg_wal: &Path) -> u8 {
         let repo = ctx.repository()?;
         let parallel = ctx.config.upload_ahead.max(1);
         tracing::info!("WAL worker for {} serving on {}", pg_wal.display(), socket.display());
-        let w = walworker::Worker::new(repo, ctx.config.codec.clone(), url, pg_wal.to_path_buf(), parallel);
+        let w = walworker::Worker::new(
+            repo,
+            ctx.config.codec.clone(),
+            url,
+            pg_wal.to_path_buf(),
+            parallel,
+            ctx.tails_dir(),
+        );
         w.serve(listener, ctx.config.wal_worker_idle, still_current(ctx, url)).await;
         let _ = std::fs::remove_file(&socket);
         anyhow::Ok(())

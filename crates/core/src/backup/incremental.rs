@@ -110,10 +110,11 @@ pub(super) async fn base(
     Ok(Ok(Base { parent, chain, map, parent_sizes, notes }))
 }
 
-/// A segment's block map as `wal-push` stored it in the object's metadata.
-pub fn stored_map(meta: &serde_json::Value) -> Option<BlockMap> {
+/// A block map `wal-push` stored in a segment's metadata under `key` (`blocks`: the segment's own;
+/// `blocks_head`: its predecessor's tail record's).
+pub fn stored_map(meta: &serde_json::Value, key: &str) -> Option<BlockMap> {
     use base64::Engine;
-    let text = meta.get("blocks")?.as_str()?;
+    let text = meta.get(key)?.as_str()?;
     let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
     BlockMap::from_bytes(&bytes).ok()
 }
@@ -125,6 +126,12 @@ pub fn map_metadata(map: &BlockMap) -> serde_json::Value {
 }
 
 /// The changed-block map of the WAL from `from` to `to` along `path` (see the module docs).
+///
+/// Each segment's stored maps (its own, and its predecessor's tail record's) tile the range; a
+/// segment stored without them is decoded. What still no map covers (a boundary whose tail
+/// record nobody mapped: the previous segment had left `pg_wal` when this one was pushed) is
+/// decoded from the two segments around it, [`MAX_REPAIRS`] boundaries at most; beyond that, or
+/// where the WAL cannot be read, the range is unknown.
 #[allow(clippy::too_many_arguments)]
 async fn range_map(
     repo: &Repository,
@@ -136,22 +143,25 @@ async fn range_map(
     pg_wal: &Path,
     notes: &mut Vec<String>,
 ) -> BlockMap {
+    let at = |s: SegNo| {
+        let name = SegName::new(plan::tli_for(path, s, seg), s, seg);
+        let archived = inv.segments.get(&name.tli).is_some_and(|m| m.contains_key(&s));
+        WalAt { name, start: seg.start_lsn(s), archived }
+    };
     let segnos: Vec<SegNo> =
         (seg.segno(from).0..=seg.segno(Lsn(to.0.saturating_sub(1).max(from.0))).0).map(SegNo).collect();
-    type Found = (SegName, Result<(BlockMap, Source), String>);
+    type Found = (WalAt, Result<(Vec<BlockMap>, Source), String>);
     let found: Vec<Found> = futures::stream::iter(segnos)
         .map(|s| async move {
-            let name = SegName::new(plan::tli_for(path, s, seg), s, seg);
-            let archived = inv.segments.get(&name.tli).is_some_and(|m| m.contains_key(&s));
-            (name, segment_map(repo, name, seg, archived, pg_wal).await)
+            let w = at(s);
+            (w, segment_maps(repo, w, seg, pg_wal).await)
         })
         .buffered(16)
         .collect()
         .await;
     let (mut decoded_archive, mut decoded_local) = (0, 0);
     let mut maps = Vec::with_capacity(found.len());
-    for (name, r) in found {
-        let start = seg.start_lsn(name.segno(seg).unwrap_or(SegNo(0)));
+    for (w, r) in found {
         match r {
             Ok((m, how)) => {
                 match how {
@@ -159,9 +169,26 @@ async fn range_map(
                     Source::PgWal => decoded_local += 1,
                     Source::Stored => {}
                 }
-                maps.push(m)
+                maps.extend(m)
             }
-            Err(why) => maps.push(BlockMap::unknown(start, Lsn(start.0 + seg.bytes()), format!("{name}: {why}"))),
+            Err(why) => {
+                maps.push(BlockMap::unknown(w.start, Lsn(w.start.0 + seg.bytes()), format!("{}: {why}", w.name)))
+            }
+        }
+    }
+    // What no map covers yet: decode the segment there with the next one at hand.
+    let holes = uncovered(&maps, from, to);
+    let mut repaired = Vec::new();
+    for (hole, _) in holes.iter().take(MAX_REPAIRS) {
+        let s = seg.segno(*hole);
+        let (this, next) = (at(s), at(SegNo(s.0 + 1)));
+        let (a, b) = tokio::join!(segment_content(repo, this, seg, pg_wal), segment_content(repo, next, seg, pg_wal));
+        if let (Ok((a, _)), Ok((b, _))) = (a, b) {
+            let start = this.start;
+            if let Ok(m) = crate::repo::cpu(move || crate::summary::segment_block_map(&a, start, Some(&b))).await {
+                maps.push(m);
+                repaired.push(this.name.to_string());
+            }
         }
     }
     if decoded_archive > 0 {
@@ -170,7 +197,45 @@ async fn range_map(
     if decoded_local > 0 {
         notes.push(format!("{decoded_local} segment(s) not archived yet were decoded from pg_wal"));
     }
+    if !repaired.is_empty() {
+        notes.push(format!(
+            "{} segment(s) whose tail record no stored map covered were decoded with the next: {}",
+            repaired.len(),
+            repaired.join(", ")
+        ));
+    }
     BlockMap::combine(&maps, from, to)
+}
+
+/// Segment boundaries decoded from the WAL itself at most, per backup.
+const MAX_REPAIRS: usize = 64;
+
+/// A segment of the range, on the timeline the backup's history takes.
+#[derive(Debug, Clone, Copy)]
+struct WalAt {
+    name: SegName,
+    start: Lsn,
+    archived: bool,
+}
+
+/// The parts of `[from, to)` that no map in `maps` covers.
+fn uncovered(maps: &[BlockMap], from: Lsn, to: Lsn) -> Vec<(Lsn, Lsn)> {
+    let mut ranges: Vec<(Lsn, Lsn)> = maps.iter().map(|m| (m.start, m.end)).filter(|(a, b)| a < b).collect();
+    ranges.sort();
+    let (mut covered, mut holes) = (from, Vec::new());
+    for (a, b) in ranges {
+        if covered >= to {
+            break;
+        }
+        if a > covered {
+            holes.push((covered, a.min(to)));
+        }
+        covered = covered.max(b);
+    }
+    if covered < to {
+        holes.push((covered, to));
+    }
+    holes
 }
 
 /// Where a segment's map came from.
@@ -184,36 +249,54 @@ enum Source {
     PgWal,
 }
 
-/// One segment's map: stored with it, else decoded from the archive, else from `pg_wal`.
-async fn segment_map(
+/// A segment's content: archived (verified), else from `pg_wal` when whole.
+async fn segment_content(
     repo: &Repository,
-    name: SegName,
+    w: WalAt,
     seg: WalSegSize,
-    archived: bool,
     pg_wal: &Path,
-) -> Result<(BlockMap, Source), String> {
-    let start = seg.start_lsn(name.segno(seg).ok_or("not a segment of this size")?);
-    let decode = |content: Bytes| async move {
-        crate::repo::cpu(move || crate::summary::segment_block_map(&content, start, None)).await
-    };
-    if archived {
-        let key = layout::wal_key(&WalFileName::Segment(name));
-        if let Ok((meta, _)) = repo.object_head(&key).await
-            && let Some(map) = stored_map(&meta)
-        {
-            return Ok((map, Source::Stored));
-        }
-        if let Ok(d) = repo.get_object(&key).await {
-            return decode(d.content).await.map(|m| (m, Source::Archive));
+) -> Result<(Bytes, Source), String> {
+    if w.archived {
+        match repo.get_object(&layout::wal_key(&WalFileName::Segment(w.name))).await {
+            Ok(d) => return Ok((d.content, Source::Archive)),
+            Err(e) => tracing::debug!("{}: {e}; trying pg_wal", w.name),
         }
     }
-    let local = pg_wal.join(name.to_string());
+    let local = pg_wal.join(w.name.to_string());
     match tokio::fs::read(&local).await {
-        Ok(bytes) if bytes.len() as u64 == seg.bytes() => decode(bytes.into()).await.map(|m| (m, Source::PgWal)),
+        Ok(bytes) if bytes.len() as u64 == seg.bytes() => Ok((bytes.into(), Source::PgWal)),
         Ok(_) => Err(format!("{} is not a whole segment", local.display())),
-        Err(e) if archived => Err(format!("archived, but neither its block map nor its content could be read ({e})")),
+        Err(e) if w.archived => Err(format!("archived, but neither its block map nor its content could be read ({e})")),
         Err(_) => Err("neither archived nor in pg_wal".into()),
     }
+}
+
+/// One segment's maps: those stored with it (its own, and its predecessor's tail record's), else
+/// its own decoded from its content.
+async fn segment_maps(
+    repo: &Repository,
+    w: WalAt,
+    seg: WalSegSize,
+    pg_wal: &Path,
+) -> Result<(Vec<BlockMap>, Source), String> {
+    if w.archived
+        && let Ok((meta, _)) = repo.object_head(&layout::wal_key(&WalFileName::Segment(w.name))).await
+        && let Some(map) = stored_map(&meta, "blocks")
+    {
+        let mut maps = vec![map];
+        maps.extend(stored_map(&meta, "blocks_head"));
+        return Ok((maps, Source::Stored));
+    }
+    let (content, source) = segment_content(repo, w, seg, pg_wal).await?;
+    let (start, local, name) = (w.start, pg_wal.join(w.name.to_string()), w.name);
+    crate::repo::cpu(move || {
+        let mut maps = vec![crate::summary::segment_block_map(&content, start, None)?];
+        // The previous segment's tail record, as wal-push would store it with this one.
+        let segno = name.segno(seg).ok_or("not a segment of this size")?;
+        maps.extend(crate::wal::previous_tail(&local, None, name, seg, segno, &content));
+        Ok((maps, source))
+    })
+    .await
 }
 
 impl Base {
