@@ -38,5 +38,4 @@ for f in $(ls "$work/data/pg_wal" | grep -E '^[0-9A-F]{24}$' | sort); do
 done
 echo "walnut block-map benchmark: $(ls "$work/segs" | wc -l) segments of pgbench WAL (scale $scale), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 # shellcheck disable=SC2086
-WALNUT_BENCH_WAL="$work/segs" cargo test -q ${CARGO_FLAGS:---release} -p walnut-core --lib bench_decode_with_blocks \
-  -- --ignored --nocapture 2>&1 | grep -vE '^(running|test |\.+$|$)|test result'
+cargo run -q ${CARGO_FLAGS:---release} -p walnut-core --example blocks_bench -- "$work/segs"
