@@ -153,8 +153,11 @@ impl Agent {
             let mut opts = self.ctx.push_options(None, name, scheduled)?;
             opts.cancel = self.abandon.clone();
             if incremental {
-                opts.incremental =
-                    Some(backup::IncrementalOptions { parent: None, max_chain: self.ctx.config.backup_max_chain });
+                opts.incremental = Some(backup::IncrementalOptions {
+                    parent: None,
+                    max_chain: self.ctx.config.backup_max_chain,
+                    tails: self.ctx.tails_dir(),
+                });
             }
             let progress = Arc::new(backup::Progress::default());
             Ok(backup::push(&self.repo, &opts, progress).await?)

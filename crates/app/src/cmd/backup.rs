@@ -21,8 +21,11 @@ pub async fn push(ctx: &Ctx, pgdata: Option<&Path>, name: Option<String>, how: P
     let repo = ctx.repository()?;
     let mut opts = ctx.push_options(pgdata, name, false)?;
     if how.incremental {
-        opts.incremental =
-            Some(backup::IncrementalOptions { parent: how.parent, max_chain: ctx.config.backup_max_chain });
+        opts.incremental = Some(backup::IncrementalOptions {
+            parent: how.parent,
+            max_chain: ctx.config.backup_max_chain,
+            tails: ctx.tails_dir(),
+        });
     }
     opts.max_rate = how.max_rate.or(opts.max_rate);
     // Ctrl-C or SIGTERM: the backup is marked FAILED at once instead of going stale.

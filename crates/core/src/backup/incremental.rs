@@ -30,6 +30,9 @@ pub struct IncrementalOptions {
     pub parent: Option<String>,
     /// Incremental backups in a chain before a full backup is taken instead.
     pub max_chain: usize,
+    /// Where `wal-push` keeps the last pages of the segments it pushed (`WalPusher::tails`): the
+    /// tail records of segments a checkpoint already recycled from `pg_wal`.
+    pub tails: Option<PathBuf>,
 }
 
 /// What an incremental backup builds on.
@@ -105,7 +108,12 @@ pub(super) async fn base(
         )));
     }
     let mut notes = Vec::new();
-    let map = range_map(repo, &inv, &path, parent.start_lsn, start, seg, pg_wal, &mut notes).await;
+    let tails = match (&opts.tails, repo.identity().await?) {
+        (Some(t), Some(id)) => Some(t.join(id.system_identifier.to_string())),
+        _ => None,
+    };
+    let wal = LocalWal { pg_wal, tails: tails.as_deref() };
+    let map = range_map(repo, &inv, &path, parent.start_lsn, start, seg, wal, &mut notes).await;
     let parent_sizes = parent.files.iter().map(|f| (f.path.clone(), f.size)).collect();
     Ok(Ok(Base { parent, chain, map, parent_sizes, notes }))
 }
@@ -140,7 +148,7 @@ async fn range_map(
     from: Lsn,
     to: Lsn,
     seg: WalSegSize,
-    pg_wal: &Path,
+    wal: LocalWal<'_>,
     notes: &mut Vec<String>,
 ) -> BlockMap {
     let at = |s: SegNo| {
@@ -154,7 +162,7 @@ async fn range_map(
     let found: Vec<Found> = futures::stream::iter(segnos)
         .map(|s| async move {
             let w = at(s);
-            (w, segment_maps(repo, w, seg, pg_wal).await)
+            (w, segment_maps(repo, w, seg, wal).await)
         })
         .buffered(16)
         .collect()
@@ -182,7 +190,8 @@ async fn range_map(
     for (hole, _) in holes.iter().take(MAX_REPAIRS) {
         let s = seg.segno(*hole);
         let (this, next) = (at(s), at(SegNo(s.0 + 1)));
-        let (a, b) = tokio::join!(segment_content(repo, this, seg, pg_wal), segment_content(repo, next, seg, pg_wal));
+        let (a, b) =
+            tokio::join!(segment_content(repo, this, seg, wal.pg_wal), segment_content(repo, next, seg, wal.pg_wal));
         if let (Ok((a, _)), Ok((b, _))) = (a, b) {
             let start = this.start;
             if let Ok(m) = crate::repo::cpu(move || crate::summary::segment_block_map(&a, start, Some(&b))).await {
@@ -209,6 +218,13 @@ async fn range_map(
 
 /// Segment boundaries decoded from the WAL itself at most, per backup.
 const MAX_REPAIRS: usize = 64;
+
+/// The WAL on this host: `pg_wal`, and the last pages `wal-push` kept of recent segments.
+#[derive(Debug, Clone, Copy)]
+struct LocalWal<'a> {
+    pg_wal: &'a Path,
+    tails: Option<&'a Path>,
+}
 
 /// A segment of the range, on the timeline the backup's history takes.
 #[derive(Debug, Clone, Copy)]
@@ -277,7 +293,7 @@ async fn segment_maps(
     repo: &Repository,
     w: WalAt,
     seg: WalSegSize,
-    pg_wal: &Path,
+    wal: LocalWal<'_>,
 ) -> Result<(Vec<BlockMap>, Source), String> {
     if w.archived
         && let Ok((meta, _)) = repo.object_head(&layout::wal_key(&WalFileName::Segment(w.name))).await
@@ -287,13 +303,14 @@ async fn segment_maps(
         maps.extend(stored_map(&meta, "blocks_head"));
         return Ok((maps, Source::Stored));
     }
-    let (content, source) = segment_content(repo, w, seg, pg_wal).await?;
-    let (start, local, name) = (w.start, pg_wal.join(w.name.to_string()), w.name);
+    let (content, source) = segment_content(repo, w, seg, wal.pg_wal).await?;
+    let (start, local, name) = (w.start, wal.pg_wal.join(w.name.to_string()), w.name);
+    let tails = wal.tails.map(Path::to_path_buf);
     crate::repo::cpu(move || {
         let mut maps = vec![crate::summary::segment_block_map(&content, start, None)?];
         // The previous segment's tail record, as wal-push would store it with this one.
         let segno = name.segno(seg).ok_or("not a segment of this size")?;
-        maps.extend(crate::wal::previous_tail(&local, None, name, seg, segno, &content));
+        maps.extend(crate::wal::previous_tail(&local, tails.as_deref(), name, seg, segno, &content));
         Ok((maps, source))
     })
     .await
