@@ -87,6 +87,9 @@ pub(super) enum PartUse<'a> {
         dest: &'a Path,
         fsync: &'a std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)>,
         only: Option<&'a std::collections::HashSet<String>>,
+        /// Files a later backup of the chain writes again: fsynced then (an fsync flushes every
+        /// write the file had), not now.
+        rewritten: Option<&'a std::collections::HashSet<String>>,
     },
     /// Verification, nothing written: the whole content is hashed against the part's trailer
     /// and the manifest; with `files`, the tar is read too and every file checked against the
@@ -297,6 +300,7 @@ pub(super) fn extract_part(
                             return Err(corrupt(format!("{rel}: content does not match the manifest checksum")));
                         }
                         progress.done.fetch_add(n, Ordering::Relaxed);
+                        let later = matches!(&usage, PartUse::Extract { rewritten: Some(r), .. } if r.contains(&rel));
                         written.push(rel);
                         if let Some((target, file, fsync)) = out {
                             std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))
@@ -304,7 +308,7 @@ pub(super) fn extract_part(
                             let mtime = std::time::UNIX_EPOCH + Duration::from_secs(want.mtime.max(0) as u64);
                             let _ = file.set_modified(mtime);
                             // Flushed by the syncer's threads while extraction goes on.
-                            if fsync.send((target, file)).is_err() {
+                            if !later && fsync.send((target, file)).is_err() {
                                 return Err(BackupError::Invalid("the fsync threads stopped".into()));
                             }
                         }
@@ -416,11 +420,13 @@ pub async fn check_part(
 }
 
 /// Restores the parts of one backup (of a chain: only the files in `only`) below `dest`.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_stage(
     repo: &Repository,
     manifest: &Manifest,
     dest: &Path,
     only: Option<std::collections::HashSet<String>>,
+    rewritten: std::collections::HashSet<String>,
     fsync: &std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)>,
     parallel: usize,
     progress: &Arc<Progress>,
@@ -437,15 +443,17 @@ async fn fetch_stage(
         }
     };
     let only = only.map(Arc::new);
+    let rewritten = Arc::new(rewritten);
     let results: Vec<Result<Vec<String>, BackupError>> = futures::stream::iter(parts)
         .map(|part| {
             let (repo, expected, progress, dest) =
                 (repo.clone(), expected.clone(), progress.clone(), dest.to_path_buf());
-            let (fsync, only) = (fsync.clone(), only.clone());
+            let (fsync, only, rewritten) = (fsync.clone(), only.clone(), rewritten.clone());
             async move {
                 let (key, keys) = (part.key.clone(), repo.keys().cloned());
                 let r = read_part(&repo, &part.key, move |reader| {
-                    let usage = PartUse::Extract { dest: &dest, fsync: &fsync, only: only.as_deref() };
+                    let rewritten = (!rewritten.is_empty()).then_some(&*rewritten);
+                    let usage = PartUse::Extract { dest: &dest, fsync: &fsync, only: only.as_deref(), rewritten };
                     extract_part(&key, reader, &expected, &progress, usage, keys.as_deref()).map(|(files, _, _)| files)
                 })
                 .await;
@@ -585,11 +593,18 @@ pub async fn fetch(
     let fsync = syncer.sender();
     let mut seen = std::collections::HashSet::new();
     let mut failed = None;
-    for (member, only) in chain.iter().zip(stages) {
+    // What each member writes that a later one writes again (fsynced by the last writer).
+    let mut rewritten: Vec<std::collections::HashSet<String>> = vec![Default::default(); stages.len()];
+    let mut later: std::collections::HashSet<String> = Default::default();
+    for (k, only) in stages.iter().enumerate().rev() {
+        rewritten[k] = later.clone();
+        later.extend(only.iter().flatten().cloned());
+    }
+    for ((member, only), rewritten) in chain.iter().zip(stages).zip(rewritten) {
         if only.as_ref().is_some_and(|o| o.is_empty()) {
             continue;
         }
-        match fetch_stage(repo, member, dest, only, &fsync, parallel, &progress).await {
+        match fetch_stage(repo, member, dest, only, rewritten, &fsync, parallel, &progress).await {
             Ok(files) => seen.extend(files),
             Err(e) => {
                 failed = Some(e);
