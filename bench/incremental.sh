@@ -14,7 +14,7 @@
 #
 # Knobs: SCALE=100, ROWS=5200000, DATASETS="pgbench realistic", REPEAT=3 (interleaved rounds; the
 # table shows medians and the spreads), CHAIN=6, TXNS=2500 (pgbench transactions per client, 2
-# clients, per day of change), NEW_ROWS=50000 and UPDATED_ROWS=10000 (realistic, per day), SKIP_PGBACKREST=1,
+# clients, per day of change), NEW_ROWS=10000 and UPDATED_ROWS=2000 (realistic, per day), SKIP_PGBACKREST=1,
 # COLD_CACHE= (empty: warm cache), STEP_TIMEOUT=900, NO_WAIT=1, KEEP=1. Needs root.
 #
 # The day of change: pgbench: pgbench -n -c 2 -t TXNS (uniform random accounts: a few % of the
@@ -29,7 +29,7 @@ cd "$(dirname "$0")/.."
 SRC=$(pwd)
 SCALE=${SCALE:-100} ROWS=${ROWS:-5200000} DATASETS=${DATASETS:-pgbench realistic}
 STEP_TIMEOUT=${STEP_TIMEOUT:-900} REPEAT=${REPEAT:-3} CHAIN=${CHAIN:-6} TXNS=${TXNS:-2500}
-NEW_ROWS=${NEW_ROWS:-50000} UPDATED_ROWS=${UPDATED_ROWS:-10000} PGBR_VARIANTS=zst1
+NEW_ROWS=${NEW_ROWS:-10000} UPDATED_ROWS=${UPDATED_ROWS:-2000} PGBR_VARIANTS=zst1
 PGBIN=/usr/lib/postgresql/15/bin PORT=54339 LOCK=/tmp/walnut-bench.lock
 [[ $(id -u) == 0 ]] || { echo "run as root (PostgreSQL is run as the postgres OS user)" >&2; exit 2; }
 [[ -x $PGBIN/postgres ]] || { echo "PostgreSQL 15 not found in $PGBIN (bash scripts/setup.sh)" >&2; exit 2; }
