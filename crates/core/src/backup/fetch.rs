@@ -87,9 +87,12 @@ pub(super) enum PartUse<'a> {
         dest: &'a Path,
         fsync: &'a std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)>,
         only: Option<&'a std::collections::HashSet<String>>,
-        /// Files a later backup of the chain writes again: fsynced then (an fsync flushes every
-        /// write the file had), not now.
+        /// Files a member of the chain restored after this one writes again: fsynced then (an
+        /// fsync flushes every write the file had), not now.
         rewritten: Option<&'a std::collections::HashSet<String>>,
+        /// A chain restored newest member first: files several members write get each block
+        /// once (see [`ChainWrite`]).
+        chain: Option<&'a ChainWrite>,
     },
     /// Verification, nothing written: the whole content is hashed against the part's trailer
     /// and the manifest; with `files`, the tar is read too and every file checked against the
@@ -190,6 +193,10 @@ pub(super) fn extract_part(
         }
         return Err(refused(envelope::EnvelopeError::no_identity(&meta)));
     }
+    if payload.sealed() && keys.is_some() {
+        // Decrypted below: age authenticates what the stored-form checksum would check.
+        payload.skip_stored_check();
+    }
     let opening: std::sync::Mutex<Option<envelope::EnvelopeError>> = Default::default();
     let mut written = Vec::new();
     let payload_ref = &mut payload;
@@ -271,6 +278,11 @@ pub(super) fn extract_part(
                             // Superseded by a later backup of the chain: read through.
                             continue;
                         }
+                        // A file several members of a chain write: each block once.
+                        let shared = match &usage {
+                            PartUse::Extract { chain: Some(c), .. } => c.take(&rel),
+                            _ => None,
+                        };
                         let mut out = match &usage {
                             PartUse::Extract { dest, fsync, .. } => {
                                 let target = dest.join(&path);
@@ -278,7 +290,7 @@ pub(super) fn extract_part(
                                     std::fs::create_dir_all(parent)
                                         .map_err(io_ctx(format!("create {}", parent.display())))?;
                                 }
-                                let file = if want.blocks.is_some() {
+                                let file = if want.blocks.is_some() || shared.is_some() {
                                     std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&target)
                                 } else {
                                     std::fs::File::create(&target)
@@ -288,11 +300,19 @@ pub(super) fn extract_part(
                             }
                             PartUse::Check { .. } => None,
                         };
+                        let is_shared = shared.is_some();
                         let mut h = HashingReader::new(&mut entry);
-                        match (&mut out, &want.blocks) {
-                            (Some((_, file, _)), Some(blocks)) => write_blocks(&mut h, file, blocks, want.size),
-                            (Some((_, file, _)), None) => std::io::copy(&mut h, file).map(|_| ()),
-                            (None, _) => std::io::copy(&mut h, &mut std::io::sink()).map(|_| ()),
+                        match (&mut out, &want.blocks, shared) {
+                            (Some((_, file, _)), blocks, Some(mut shared)) => {
+                                let r = shared.write(&mut h, file, blocks.as_ref(), want.stored_len());
+                                if let PartUse::Extract { chain: Some(c), .. } = &usage {
+                                    c.put(&rel, shared);
+                                }
+                                r
+                            }
+                            (Some((_, file, _)), Some(blocks), None) => write_blocks(&mut h, file, blocks, want.size),
+                            (Some((_, file, _)), None, None) => std::io::copy(&mut h, file).map(|_| ()),
+                            (None, _, _) => std::io::copy(&mut h, &mut std::io::sink()).map(|_| ()),
                         }
                         .map_err(|e| corrupt(format!("{rel}: {e}")))?;
                         let (n, sum) = h.finish();
@@ -305,8 +325,11 @@ pub(super) fn extract_part(
                         if let Some((target, file, fsync)) = out {
                             std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))
                                 .map_err(io_ctx(format!("chmod {}", target.display())))?;
-                            let mtime = std::time::UNIX_EPOCH + Duration::from_secs(want.mtime.max(0) as u64);
-                            let _ = file.set_modified(mtime);
+                            // A file several members of a chain write gets its time once they all did.
+                            if !is_shared {
+                                let mtime = std::time::UNIX_EPOCH + Duration::from_secs(want.mtime.max(0) as u64);
+                                let _ = file.set_modified(mtime);
+                            }
                             // Flushed by the syncer's threads while extraction goes on.
                             if !later && fsync.send((target, file)).is_err() {
                                 return Err(BackupError::Invalid("the fsync threads stopped".into()));
@@ -340,6 +363,74 @@ pub(super) fn extract_part(
         )));
     }
     Ok((written, tn, tsum))
+}
+
+/// A chain restored newest member first, so that each block of a file several members write is
+/// written once, by the newest member holding it; older members read through what newer ones
+/// wrote. Each file is worked on by one thread at a time (a member's part holds it once, and
+/// members are restored one after the other).
+pub(super) struct ChainWrite {
+    /// The files several members write: their size and modification time in the restored backup.
+    finals: HashMap<String, (u64, i64)>,
+    /// The blocks of each such file written so far.
+    written: std::sync::Mutex<HashMap<String, Vec<u64>>>,
+}
+
+/// One file of a [`ChainWrite`], while a member writes it.
+pub(super) struct SharedFile {
+    size: u64,
+    written: Vec<u64>,
+    first: bool,
+}
+
+impl ChainWrite {
+    fn take(&self, rel: &str) -> Option<SharedFile> {
+        let &(size, _) = self.finals.get(rel)?;
+        let taken = self.written.lock().expect("chain bitmap").remove(rel);
+        let first = taken.is_none();
+        let written = taken.unwrap_or_else(|| vec![0; size.div_ceil(BLCKSZ).div_ceil(64) as usize]);
+        Some(SharedFile { size, written, first })
+    }
+
+    fn put(&self, rel: &str, f: SharedFile) {
+        self.written.lock().expect("chain bitmap").insert(rel.to_string(), f.written);
+    }
+}
+
+impl SharedFile {
+    /// Writes what this member holds of the file (its blocks `stored`, or the whole file of
+    /// `len` bytes) at the blocks no newer member wrote, within the restored size.
+    fn write(
+        &mut self,
+        data: &mut impl Read,
+        file: &std::fs::File,
+        stored: Option<&FileBlocks>,
+        len: u64,
+    ) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.first {
+            file.set_len(self.size)?;
+        }
+        let blocks: Box<dyn Iterator<Item = u64>> = match stored {
+            Some(b) => Box::new(b.stored.iter().map(u64::from)),
+            None => Box::new(0..len.div_ceil(BLCKSZ)),
+        };
+        let mut buf = vec![0u8; BLCKSZ as usize];
+        for b in blocks {
+            let at = b * BLCKSZ;
+            let n = if stored.is_some() { BLCKSZ } else { BLCKSZ.min(len - at) } as usize;
+            data.read_exact(&mut buf[..n])?;
+            let (word, bit) = ((b / 64) as usize, 1u64 << (b % 64));
+            if at < self.size && self.written.get(word).is_some_and(|w| w & bit == 0) {
+                file.write_all_at(&buf[..n.min((self.size - at) as usize)], at)?;
+                self.written[word] |= bit;
+            }
+        }
+        if data.read(&mut buf[..1])? != 0 {
+            return Err(std::io::Error::other("more data than the manifest names"));
+        }
+        Ok(())
+    }
 }
 
 /// Writes the blocks of an incremental backup's file (`blocks.stored`, in order, from `data`)
@@ -427,6 +518,7 @@ async fn fetch_stage(
     dest: &Path,
     only: Option<std::collections::HashSet<String>>,
     rewritten: std::collections::HashSet<String>,
+    shared: Option<Arc<ChainWrite>>,
     fsync: &std::sync::mpsc::SyncSender<(PathBuf, std::fs::File)>,
     parallel: usize,
     progress: &Arc<Progress>,
@@ -448,12 +540,18 @@ async fn fetch_stage(
         .map(|part| {
             let (repo, expected, progress, dest) =
                 (repo.clone(), expected.clone(), progress.clone(), dest.to_path_buf());
-            let (fsync, only, rewritten) = (fsync.clone(), only.clone(), rewritten.clone());
+            let (fsync, only, rewritten, shared) = (fsync.clone(), only.clone(), rewritten.clone(), shared.clone());
             async move {
                 let (key, keys) = (part.key.clone(), repo.keys().cloned());
                 let r = read_part(&repo, &part.key, move |reader| {
                     let rewritten = (!rewritten.is_empty()).then_some(&*rewritten);
-                    let usage = PartUse::Extract { dest: &dest, fsync: &fsync, only: only.as_deref(), rewritten };
+                    let usage = PartUse::Extract {
+                        dest: &dest,
+                        fsync: &fsync,
+                        only: only.as_deref(),
+                        rewritten,
+                        chain: shared.as_deref(),
+                    };
                     extract_part(&key, reader, &expected, &progress, usage, keys.as_deref()).map(|(files, _, _)| files)
                 })
                 .await;
@@ -593,18 +691,33 @@ pub async fn fetch(
     let fsync = syncer.sender();
     let mut seen = std::collections::HashSet::new();
     let mut failed = None;
-    // What each member writes that a later one writes again (fsynced by the last writer).
+    // Members are restored newest first: a block is written once, by the newest member that
+    // holds it. What a member writes that an older one writes again is fsynced by the older.
     let mut rewritten: Vec<std::collections::HashSet<String>> = vec![Default::default(); stages.len()];
-    let mut later: std::collections::HashSet<String> = Default::default();
-    for (k, only) in stages.iter().enumerate().rev() {
-        rewritten[k] = later.clone();
-        later.extend(only.iter().flatten().cloned());
+    let mut older: std::collections::HashSet<String> = Default::default();
+    let mut writers: HashMap<&str, usize> = HashMap::new();
+    for (k, only) in stages.iter().enumerate() {
+        rewritten[k] = older.clone();
+        older.extend(only.iter().flatten().cloned());
+        for p in only.iter().flatten() {
+            *writers.entry(p.as_str()).or_default() += 1;
+        }
     }
-    for ((member, only), rewritten) in chain.iter().zip(stages).zip(rewritten) {
+    let shared = ChainWrite {
+        finals: manifest
+            .files
+            .iter()
+            .filter(|f| writers.get(f.path.as_str()).is_some_and(|n| *n > 1))
+            .map(|f| (f.path.clone(), (f.size, f.mtime)))
+            .collect(),
+        written: Default::default(),
+    };
+    let shared = (chain.len() > 1).then_some(Arc::new(shared));
+    for ((member, only), rewritten) in chain.iter().zip(stages).zip(rewritten).rev() {
         if only.as_ref().is_some_and(|o| o.is_empty()) {
             continue;
         }
-        match fetch_stage(repo, member, dest, only, rewritten, &fsync, parallel, &progress).await {
+        match fetch_stage(repo, member, dest, only, rewritten, shared.clone(), &fsync, parallel, &progress).await {
             Ok(files) => seen.extend(files),
             Err(e) => {
                 failed = Some(e);
@@ -616,6 +729,14 @@ pub async fn fetch(
     let synced = crate::repo::cpu(move || syncer.finish()).await;
     if let Some(e) = failed {
         return Err(e);
+    }
+    if let Some(shared) = &shared {
+        for (path, (_, mtime)) in &shared.finals {
+            let target = dest.join(path);
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&target) {
+                let _ = f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs((*mtime).max(0) as u64));
+            }
+        }
     }
     synced.map_err(io_ctx(format!("fsync the files restored into {}", dest.display())))?;
     if let Some(missing) = manifest.files.iter().find(|f| !seen.contains(&f.path)) {
