@@ -21,18 +21,7 @@ use walnut_testkit::pg::PgOptions;
 const SEG: u64 = 1 << 20;
 
 fn waldump(pg: &PgCluster, start: Lsn, end: Lsn) -> String {
-    let o = Command::new(pg.bindir.join("pg_waldump"))
-        .arg("--bkp-details")
-        .arg("-p")
-        .arg(pg.pgdata.join("pg_wal"))
-        .arg("-s")
-        .arg(start.to_string())
-        .arg("-e")
-        .arg(end.to_string())
-        .env("TZ", "UTC")
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    pg_waldump(pg, start, end, &["--bkp-details"])
 }
 
 /// One record as `pg_waldump` prints it.

@@ -278,3 +278,19 @@ pub fn now_utc() -> String {
     let o = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%S.%6NZ"]).output().unwrap();
     stdout(&o).trim().to_string()
 }
+
+/// `pg_waldump` of `pg`'s WAL from `start` to `end` (times in UTC), with `extra` arguments.
+pub fn pg_waldump(pg: &PgCluster, start: walnut_pg::Lsn, end: walnut_pg::Lsn, extra: &[&str]) -> String {
+    let o = Command::new(pg.bindir.join("pg_waldump"))
+        .args(extra)
+        .arg("-p")
+        .arg(pg.pgdata.join("pg_wal"))
+        .arg("-s")
+        .arg(start.to_string())
+        .arg("-e")
+        .arg(end.to_string())
+        .env("TZ", "UTC")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
