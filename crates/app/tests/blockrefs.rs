@@ -8,7 +8,6 @@
 //! unlogged table, sequences (one unlogged), hint-bit full-page images and compressed ones.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::time::Instant;
 use walnut_core::blockmap::{BlockMap, FileDecision, WholeReason};
 use walnut_core::summary::{self, TailMap};

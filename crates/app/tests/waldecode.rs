@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use std::collections::BTreeMap;
-use std::process::Command;
 use walnut_pg::walrec::{self, Event, XactKind};
 use walnut_pg::{Lsn, WalFileName, WalSegSize};
 use walnut_testkit::PgCluster;
