@@ -7,6 +7,8 @@
 //! DATABASE, a tablespace (ALTER TABLE / ALTER DATABASE SET TABLESPACE, DROP TABLESPACE), an
 //! unlogged table, sequences (one unlogged), hint-bit full-page images and compressed ones.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 use walnut_core::blockmap::{BlockMap, FileDecision, WholeReason};
@@ -20,7 +22,7 @@ use walnut_testkit::pg::PgOptions;
 const SEG: u64 = 1 << 20;
 
 fn waldump(pg: &PgCluster, start: Lsn, end: Lsn) -> String {
-    pg_waldump(pg, start, end, &["--bkp-details"])
+    common::pg_waldump(pg, start, end, &["--bkp-details"])
 }
 
 /// One record as `pg_waldump` prints it.
