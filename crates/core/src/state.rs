@@ -139,17 +139,17 @@ impl StateDir {
             self.drop_spooled(name);
             return Err(std::io::Error::new(ErrorKind::InvalidData, format!("spooled {name} fails its CRC-32C")));
         }
-        let _ = fs::remove_file(&crc_path);
-        match fs::rename(&path, dest) {
+        // A second link, not a move: the spooled copy stays (with its CRC) until the prefetcher
+        // drops it once recovery has moved on, since recovery asks for its last segment again
+        // when it ends. PostgreSQL removes %p before it asks and only reads what it gets.
+        let _ = fs::remove_file(dest);
+        match fs::hard_link(&path, dest) {
             Ok(()) => {
                 let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
                 fs::File::open(dir)?.sync_all()?;
             }
             // Another file system: a durable copy of what was checked.
-            Err(e) if e.raw_os_error() == Some(18) => {
-                write_atomic(dest, &content)?;
-                let _ = fs::remove_file(&path);
-            }
+            Err(e) if e.raw_os_error() == Some(18) => write_atomic(dest, &content)?,
             Err(e) => return Err(e),
         }
         Ok(true)
@@ -230,7 +230,7 @@ mod tests {
     }
 
     #[test]
-    fn spooled_files_are_checked_and_renamed_into_place() {
+    fn spooled_files_are_checked_and_linked_into_place() {
         let d = tempfile::tempdir().unwrap();
         let st = StateDir::open(&d.path().join("state"), "file:///r", &identity(1, "x")).unwrap();
         let name = "000000010000000000000005";
@@ -240,7 +240,14 @@ mod tests {
         assert_eq!(st.spooled(), [name], "the CRC file is not listed");
         assert!(st.take_spooled(name, &dest).unwrap());
         assert_eq!(std::fs::read(&dest).unwrap(), b"wal bytes");
-        assert!(st.spooled().is_empty() && !st.spool_path(name).exists(), "moved, not copied");
+        // Linked, not copied, and kept for recovery's second request of its last segment.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&dest).unwrap().ino(), std::fs::metadata(st.spool_path(name)).unwrap().ino());
+        std::fs::remove_file(&dest).unwrap();
+        assert!(st.take_spooled(name, &dest).unwrap(), "asked again, handed out again");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"wal bytes");
+        st.drop_spooled(name);
+        assert!(st.spooled().is_empty());
         // A flipped byte: refused and dropped, the destination untouched.
         st.write_spool(name, b"wal bytes").unwrap();
         std::fs::write(st.spool_path(name), b"wal bytez").unwrap();

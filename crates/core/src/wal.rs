@@ -476,6 +476,10 @@ pub struct WalFetcher {
     pub repo: Repository,
     /// The state directory (the prefetch spool is below it, per repository instance).
     pub state_base: Option<PathBuf>,
+    /// Starts a prefetcher (the caller's: it owns processes). Called as soon as a fetch finds
+    /// none running, before it fetches its own segment, so that the prefetcher gets going while
+    /// this fetch works (`Fetched::start_prefetcher` is then false).
+    pub start_prefetcher: Option<std::sync::Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// What a fetch did, and whether a prefetcher should be started (none holds the spool).
@@ -498,6 +502,10 @@ impl WalFetcher {
             // Tell the prefetcher where recovery is, then take what it spooled.
             state.set_wanted(name);
             start_prefetcher = !state.spool_locked();
+            if start_prefetcher && let Some(start) = &self.start_prefetcher {
+                start();
+                start_prefetcher = false;
+            }
             let (st, n, d) = (state.clone(), name.to_string(), dest.to_path_buf());
             match cpu(move || st.take_spooled(&n, &d)).await {
                 Ok(true) => return Ok(Fetched { outcome: FetchOutcome::FromSpool, start_prefetcher }),
@@ -567,10 +575,10 @@ pub async fn prefetch(
                 return Ok(0);
             }
         }
-        // Spooled segments at or before the cursor, or on another timeline, will not be asked for.
+        // Spooled segments before the cursor, or on another timeline, will not be asked for (the
+        // cursor's own stays: recovery asks for the last segment again when it ends).
         for n in state.spooled() {
-            if WalFileName::parse(&n).ok().and_then(|w| w.segment()).is_none_or(|s| s.tli != cursor.tli || s <= cursor)
-            {
+            if WalFileName::parse(&n).ok().and_then(|w| w.segment()).is_none_or(|s| s.tli != cursor.tli || s < cursor) {
                 state.drop_spooled(&n);
             }
         }
@@ -839,7 +847,7 @@ mod tests {
     }
 
     /// The prefetcher keeps exactly `count` segments ahead of what recovery asked for last (the
-    /// spool's bound), follows recovery, hands spooled files out by rename after their CRC check,
+    /// spool's bound), follows recovery, hands spooled files out by a link after their CRC check,
     /// never hands out a spooled file that fails it, and exits once nothing new is asked for.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_prefetcher_stays_ahead_within_its_bound() {
@@ -860,12 +868,17 @@ mod tests {
         assert!(state.spool_locked(), "the running prefetcher holds the spool");
 
         // wal-fetch takes segment 2 from the spool (a rename) and says it asked for it.
-        let fetcher = WalFetcher { repo: repo.clone(), state_base: Some(base.path().to_path_buf()) };
+        let fetcher =
+            WalFetcher { repo: repo.clone(), state_base: Some(base.path().to_path_buf()), start_prefetcher: None };
         let dest = base.path().join("RECOVERYXLOG");
         let f = fetcher.fetch(&seg(2).to_string(), &dest).await.unwrap();
         assert_eq!(f, Fetched { outcome: FetchOutcome::FromSpool, start_prefetcher: false });
         assert_eq!(std::fs::read(&dest).unwrap(), b"segment 2");
-        until("the spool to follow", || names(&state) == (3..=6).map(|n| seg(n).to_string()).collect::<Vec<_>>()).await;
+        // It keeps the segment handed out (recovery asks for its last one again) and 4 more.
+        until("the spool to follow", || names(&state) == (2..=6).map(|n| seg(n).to_string()).collect::<Vec<_>>()).await;
+        std::fs::remove_file(&dest).unwrap();
+        let again = fetcher.fetch(&seg(2).to_string(), &dest).await.unwrap();
+        assert_eq!(again.outcome, FetchOutcome::FromSpool, "a second request of the same segment");
 
         // A spooled file with a flipped byte is never handed out: it is dropped and fetched again.
         let spooled = state.spool_path(&seg(3).to_string());

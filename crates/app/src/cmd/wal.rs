@@ -75,9 +75,12 @@ pub async fn fetch(ctx: &Ctx, name: &str, dest: &Path) -> u8 {
             return exit::FATAL;
         }
     };
-    let fetcher = WalFetcher { repo, state_base: Some(ctx.config.state_dir.clone()) };
+    let start_prefetcher: Option<std::sync::Arc<dyn Fn() + Send + Sync>> = (ctx.config.prefetch > 0).then(|| {
+        let (ctx, name) = (ctx.clone(), name.to_string());
+        std::sync::Arc::new(move || spawn_prefetcher(&ctx, &name)) as std::sync::Arc<dyn Fn() + Send + Sync>
+    });
+    let fetcher = WalFetcher { repo, state_base: Some(ctx.config.state_dir.clone()), start_prefetcher };
     let fetched = fetcher.fetch(name, dest).await;
-    let start_prefetcher = fetched.as_ref().is_ok_and(|f| f.start_prefetcher);
     let outcome = fetched.map(|f| f.outcome);
     if ctx.global.json {
         let status = match &outcome {
@@ -99,10 +102,6 @@ pub async fn fetch(ctx: &Ctx, name: &str, dest: &Path) -> u8 {
                 if o == FetchOutcome::FromSpool { " from the prefetch spool" } else { "" },
                 start.elapsed()
             );
-            // One long-running prefetcher stays ahead of recovery; start it if none runs.
-            if ctx.config.prefetch > 0 && start_prefetcher {
-                spawn_prefetcher(ctx, name);
-            }
             exit::OK
         }
         Err(e) => {
