@@ -85,9 +85,7 @@ fn start_agent_with(env: &Env, pg: &PgCluster, port: u16, token: Option<&str>, a
     child
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use walnut_testkit::free_port;
 
 #[test]
 fn agent_schedules_serves_the_api_and_keeps_settings() {

@@ -714,7 +714,7 @@ fn a_disaster_archived_after_planning_is_not_replayed() {
 
     // The primary is out of reach (no connection settings): the end of the archive is pinned.
     let (_d, dest) = restore_dir("pinned");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let port = walnut_testkit::free_port().to_string();
     let o = restore(&env, &dest, &["--target-time", &t, "--port", &port]);
     assert_ok(&o, "restore --target-time after the last archived commit");
     assert!(stdout(&o).contains("not replayed"), "{}", stdout(&o));

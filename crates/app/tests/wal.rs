@@ -291,7 +291,7 @@ fn upload_ahead_and_prefetch(backend: Backend) {
     let fetch_log = env.dir.path().join("fetch.jsonl");
     let data = base.path().join("data");
     let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = walnut_testkit::free_port();
     conf += &format!(
         "\nport = {port}\narchive_mode = off\nrestore_command = '{}'\nrecovery_target_action = 'promote'\n",
         env.restore_command_logging(&fetch_log)

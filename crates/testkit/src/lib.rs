@@ -12,7 +12,7 @@ pub mod tls;
 
 pub use azurite::Azurite;
 pub use faults::{Fault, FaultProxy, FaultStats};
-pub use pg::PgCluster;
+pub use pg::{PgCluster, free_port};
 pub use s3::S3Server;
 pub use tls::{TlsCert, TlsFront};
 

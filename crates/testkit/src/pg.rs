@@ -59,7 +59,33 @@ pub fn as_postgres(program: &Path) -> Command {
     }
 }
 
-fn free_port() -> u16 {
+/// A free TCP port on 127.0.0.1 for a server a test starts (PostgreSQL, the agent). It is picked
+/// at random *below* the kernel's ephemeral range: a port from that range, free when checked,
+/// can be taken as the local end of any outgoing connection (tests make many) before the server
+/// binds it. Two tests may still pick the same port: [`PgCluster`] retries on another one.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|t| t.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    const LOW: u16 = 12000;
+    if ephemeral_low > LOW + 1000 {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let mut x =
+            (nanos as u64) ^ (u64::from(std::process::id()) << 32) ^ SEQ.fetch_add(0x9E37_79B9, Ordering::Relaxed);
+        for _ in 0..100 {
+            // xorshift64: enough to spread the picks of parallel test processes.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let port = LOW + (x % u64::from(ephemeral_low - LOW)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -173,20 +199,35 @@ impl PgCluster {
         self.dir.path().join("server.log")
     }
 
+    /// `pg_ctl start`; when another process took the port first, the server moves to another
+    /// (a `port` line appended to postgresql.conf wins) and starts again.
     pub fn pg_ctl_start(&mut self) {
-        let out = as_postgres(&self.bindir.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.pgdata)
-            .arg("-l")
-            .arg(self.log_path())
-            .args(["-w", "-t", "60", "start"])
-            .output()
-            .expect("run pg_ctl");
-        if !out.status.success() {
-            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-            panic!("pg_ctl start failed: {}\n{log}", String::from_utf8_lossy(&out.stderr));
+        for attempt in 0.. {
+            let log_before = std::fs::metadata(self.log_path()).map(|m| m.len()).unwrap_or(0);
+            let out = as_postgres(&self.bindir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.pgdata)
+                .arg("-l")
+                .arg(self.log_path())
+                .args(["-w", "-t", "60", "start"])
+                .output()
+                .expect("run pg_ctl");
+            if out.status.success() {
+                self.running = true;
+                return;
+            }
+            let log = std::fs::read(self.log_path()).unwrap_or_default();
+            let new_lines = String::from_utf8_lossy(log.get(log_before as usize..).unwrap_or_default()).into_owned();
+            if attempt < 5 && new_lines.contains("Address already in use") {
+                self.port = free_port();
+                let conf_path = self.pgdata.join("postgresql.conf");
+                let mut conf = std::fs::read_to_string(&conf_path).unwrap();
+                conf += &format!("\n# the port was taken: moved\nport = {}\n", self.port);
+                std::fs::write(&conf_path, conf).unwrap();
+                continue;
+            }
+            panic!("pg_ctl start failed: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&log));
         }
-        self.running = true;
     }
 
     /// `pg_ctl stop -m MODE` (smart, fast, immediate).
