@@ -6,7 +6,7 @@
 
 use super::tools::{self, Bindirs, Tool};
 use super::*;
-use crate::backup::{ChunkWriter, channel_sender, connect, pg_error};
+use crate::backup::{ChunkWriter, channel_sender, pg_error};
 use crate::envelope::{Compressor, HashingWriter, Sealing};
 use bytes::Bytes;
 use std::ffi::OsString;
@@ -101,7 +101,19 @@ impl Running {
                 let _ = self.repo.store().delete(&layout::logical_running(&self.id)).await;
                 Ok(m)
             }
+            // Refused before anything was dumped (an unknown database, no client binaries):
+            // a mistake to correct, not a capture that ran; it leaves no record.
+            Err(e @ (LogicalError::Invalid(_) | LogicalError::Tool(_)))
+                if progress.databases_done.load(Ordering::Relaxed) == 0
+                    && progress.bytes.load(Ordering::Relaxed) == 0 =>
+            {
+                let _ = delete_objects(&self.repo, &self.id).await;
+                Err(e)
+            }
             Err(e) => {
+                // A killed pg_dump's session may sit in a lock wait until the lock is granted:
+                // end it on the server too, so nothing of the capture keeps running.
+                terminate_sessions(&opts.pg, &application_name(&self.id)).await;
                 self.mark_failed(&e.to_string()).await;
                 Err(e)
             }
@@ -114,7 +126,7 @@ impl Running {
         progress: &Arc<LogicalProgress>,
     ) -> Result<CaptureManifest, LogicalError> {
         let q = |e: tokio_postgres::Error| LogicalError::Postgres(pg_error(&e));
-        let client = connect(&opts.pg).await.map_err(|e| LogicalError::Postgres(e.to_string()))?;
+        let client = pg_connect(&opts.pg).await?;
         let row = client
             .query_one(
                 "SELECT current_setting('server_version_num')::int, \
@@ -176,7 +188,7 @@ impl Running {
         for db in &databases {
             let mut cfg = opts.pg.clone();
             cfg.dbname(db);
-            let c = connect(&cfg).await.map_err(|e| LogicalError::Postgres(e.to_string()))?;
+            let c = pg_connect(&cfg).await?;
             let n: i64 = c.query_one(COUNT_TABLES, &[]).await.map_err(q)?.get(0);
             total += n as u64;
         }
@@ -187,7 +199,7 @@ impl Running {
         let mut globals = None;
         if let Some(dumpall) = &pg_dumpall {
             progress.set_phase("globals (roles, tablespaces)");
-            let env = tools::conn_env(&opts.pg, None);
+            let env = with_app(tools::conn_env(&opts.pg, None), &application_name(&self.id));
             let args: Vec<OsString> = vec!["--globals-only".into()];
             let (object, _) = dump_object(
                 &self.repo,
@@ -205,7 +217,7 @@ impl Running {
         let mut dumps = Vec::new();
         for (i, db) in databases.iter().enumerate() {
             progress.set_phase(format!("database {db}"));
-            let env = tools::conn_env(&opts.pg, Some(db));
+            let env = with_app(tools::conn_env(&opts.pg, Some(db)), &application_name(&self.id));
             let args: Vec<OsString> = vec!["--format=custom".into(), "--compress=0".into(), "--verbose".into()];
             let (object, tables) = dump_object(
                 &self.repo,
@@ -269,6 +281,33 @@ impl Drop for Running {
                 let _ = repo.store().put(&key, crate::lock::json_record(&failed), PutMode::Overwrite).await;
             });
         }
+    }
+}
+
+/// The `application_name` of a capture's sessions (`pg_stat_activity`, the server log).
+pub fn application_name(id: &str) -> String {
+    format!("walnut logical capture {id}")
+}
+
+fn with_app(mut env: Vec<(&'static str, Option<OsString>)>, name: &str) -> Vec<(&'static str, Option<OsString>)> {
+    if let Some(e) = env.iter_mut().find(|(k, _)| *k == "PGAPPNAME") {
+        e.1 = Some(name.into());
+    }
+    env
+}
+
+/// Ends the server sessions named `name` (best effort, bounded).
+async fn terminate_sessions(cfg: &tokio_postgres::Config, name: &str) {
+    let run = async {
+        let c = pg_connect(cfg).await.ok()?;
+        c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", &[&name])
+            .await
+            .ok()
+    };
+    if let Ok(Some(n)) = tokio::time::timeout(std::time::Duration::from_secs(10), run).await
+        && n > 0
+    {
+        tracing::debug!("ended {n} session(s) of {name}");
     }
 }
 

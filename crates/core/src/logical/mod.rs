@@ -68,6 +68,14 @@ pub enum LogicalError {
     Program { program: String, status: String, detail: String },
 }
 
+/// Connects (core's bounded session); a failure is a [`LogicalError::Postgres`] with the reason.
+pub(crate) async fn pg_connect(cfg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, LogicalError> {
+    crate::backup::connect(cfg).await.map_err(|e| match e {
+        crate::backup::BackupError::Postgres(m) => LogicalError::Postgres(m),
+        other => LogicalError::Postgres(other.to_string()),
+    })
+}
+
 pub(crate) fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LogicalError {
     let context = context.into();
     move |source| LogicalError::Io { context, source }
@@ -230,8 +238,18 @@ pub struct CaptureInfo {
     /// RUNNING/FAILED: when it started, and where (from the marker).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
+    /// RUNNING/FAILED: the name it was given (from the marker).
+    #[serde(skip)]
+    pub pending_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl CaptureInfo {
+    /// The capture's name, DONE or not.
+    pub fn name(&self) -> Option<&str> {
+        self.catalog.as_ref().and_then(|c| c.name.as_deref()).or(self.pending_name.as_deref())
+    }
 }
 
 /// The RUNNING marker (`running.json`), and FAILED with `error`.
@@ -277,6 +295,7 @@ pub async fn list(repo: &Repository) -> Result<Vec<CaptureInfo>, LogicalError> {
                     status: Status::Done,
                     catalog: Some(catalog),
                     started_at: None,
+                    pending_name: None,
                     error: None,
                 });
             }
@@ -294,6 +313,7 @@ pub async fn list(repo: &Repository) -> Result<Vec<CaptureInfo>, LogicalError> {
                 status,
                 catalog: None,
                 started_at: marker.as_ref().map(|m| m.started_at.clone()),
+                pending_name: marker.as_ref().and_then(|m| m.name.clone()),
                 error,
             })
         })
@@ -420,6 +440,7 @@ mod tests {
                 tables: 1,
             }),
             started_at: None,
+            pending_name: None,
             error: None,
         }
     }

@@ -20,11 +20,39 @@ pub struct LogicalProgress {
     pub databases_total: AtomicU64,
     /// What is going on now (a database's name, "indexes and constraints", ...).
     pub phase: Mutex<String>,
+    /// Called (on the thread that changed it) each time the phase changes.
+    hook: PhaseHook,
+}
+
+/// The phase at which `pg_restore` builds indexes and constraints after the data is in.
+pub const POST_DATA: &str = "indexes and constraints";
+
+#[derive(Default)]
+struct PhaseHook(Mutex<Option<Box<dyn Fn(&str) + Send + Sync>>>);
+
+impl std::fmt::Debug for PhaseHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PhaseHook")
+    }
 }
 
 impl LogicalProgress {
     pub fn set_phase(&self, phase: impl Into<String>) {
-        *self.phase.lock().expect("progress phase") = phase.into();
+        let phase = phase.into();
+        let changed = {
+            let mut p = self.phase.lock().expect("progress phase");
+            let changed = *p != phase;
+            *p = phase.clone();
+            changed
+        };
+        if changed && let Some(f) = self.hook.0.lock().expect("phase hook").as_ref() {
+            f(&phase);
+        }
+    }
+
+    /// Calls `f` with every new phase as it begins (a display that must say so at once).
+    pub fn on_phase(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        *self.hook.0.lock().expect("phase hook") = Some(Box::new(f));
     }
 
     pub fn phase(&self) -> String {

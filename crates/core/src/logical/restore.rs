@@ -11,7 +11,7 @@
 use super::capture::{program_name, spawn, tail_of, watch_stderr};
 use super::tools::{self, Bindirs, Tool};
 use super::*;
-use crate::backup::{BackupError, connect, pg_error};
+use crate::backup::{BackupError, pg_error};
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -431,7 +431,7 @@ pub async fn target(
     bindirs: &Bindirs,
     dump_major: Option<u32>,
 ) -> Result<Target, LogicalError> {
-    let client = connect(&cfg).await.map_err(|e| LogicalError::Postgres(e.to_string()))?;
+    let client = pg_connect(&cfg).await?;
     let v: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
@@ -475,7 +475,7 @@ pub async fn run_pg_restore(
         let p = progress.clone();
         watch_stderr(child.stderr.take().expect("piped"), Some(progress.clone()), tail.clone(), move |l| {
             if let Line::PostData(_) = l {
-                p.set_phase("indexes and constraints");
+                p.set_phase(POST_DATA);
             }
         })
     };
@@ -535,7 +535,7 @@ pub async fn copy(
         watch_stderr(restore.stderr.take().expect("piped"), None, restore_tail.clone(), move |l| {
             if let Line::PostData(_) = l {
                 p.post_data_done.fetch_add(1, Ordering::Relaxed);
-                p.set_phase("indexes and constraints");
+                p.set_phase(POST_DATA);
             }
         })
     };
@@ -561,7 +561,7 @@ pub async fn copy(
                 progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
             // The dump is all in: what pg_restore does now is build indexes and constraints.
-            progress.set_phase("indexes and constraints");
+            progress.set_phase(POST_DATA);
             Ok(())
         })
     };
