@@ -160,6 +160,12 @@ pub enum Command {
         #[command(subcommand)]
         what: RetentionWhat,
     },
+    /// Logical backups (pg_dump/pg_restore): capture (also from the archive at a past point with
+    /// --at), list, show, delete, restore into a database, copy between databases, download.
+    Logical {
+        #[command(subcommand)]
+        what: crate::cmd::logical::LogicalCmd,
+    },
     /// Create a named restore point and make sure it is archived.
     RestorePoint { name: String },
     /// Plan, validate, fetch and configure a point-in-time restore.

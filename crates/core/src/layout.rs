@@ -145,3 +145,55 @@ mod backup_tests {
         assert!(rekeyed_part(&part).starts_with(&backup_data_dir("20260102T030405")));
     }
 }
+
+/// Logical captures (`pg_dump`), beside base backups: `logical/<ID>/...` (manifest last).
+pub const LOGICAL_DIR: &str = "logical";
+
+pub fn logical_dir(id: &str) -> String {
+    format!("{LOGICAL_DIR}/{id}")
+}
+
+/// Written first and refreshed while a capture runs; rewritten with the error when it fails;
+/// removed once the manifest is written.
+pub fn logical_running(id: &str) -> String {
+    format!("{LOGICAL_DIR}/{id}/running.json")
+}
+
+/// Written last, create-only: the capture is DONE once this exists.
+pub fn logical_manifest(id: &str) -> String {
+    format!("{LOGICAL_DIR}/{id}/manifest.json")
+}
+
+/// The `n`-th database dump of a capture (1-based; its database's name is in the manifest): a
+/// streamed envelope around a `pg_dump` custom-format archive.
+pub fn logical_dump(id: &str, n: usize) -> String {
+    format!("{LOGICAL_DIR}/{id}/data/{n:04}.dump")
+}
+
+/// The globals of an `--all` capture (`pg_dumpall --globals-only`, SQL), enveloped.
+pub fn logical_globals(id: &str) -> String {
+    format!("{LOGICAL_DIR}/{id}/data/globals.sql")
+}
+
+/// The capture ID a key belongs to, if it is below `logical/`.
+pub fn logical_id_of(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(LOGICAL_DIR)?.strip_prefix('/')?;
+    let id = rest.split('/').next()?;
+    is_backup_id(id).then_some(id)
+}
+
+#[cfg(test)]
+mod logical_tests {
+    use super::*;
+    #[test]
+    fn logical_keys() {
+        let id = "20260102T030405";
+        for key in [logical_running(id), logical_manifest(id), logical_dump(id, 3), logical_globals(id)] {
+            assert_eq!(logical_id_of(&key), Some(id), "{key}");
+            assert!(key.starts_with(&logical_dir(id)), "{key}");
+            assert_eq!(backup_id_of(&key), None, "not a backup key: {key}");
+        }
+        assert_eq!(logical_dump(id, 3), "logical/20260102T030405/data/0003.dump");
+        assert_eq!(logical_id_of("backups/20260102T030405/manifest.json"), None);
+    }
+}

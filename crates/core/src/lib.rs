@@ -16,6 +16,7 @@ pub mod durable;
 pub mod envelope;
 pub mod layout;
 pub mod lock;
+pub mod logical;
 pub mod plan;
 pub mod prune;
 pub mod rekey;

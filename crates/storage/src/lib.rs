@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use tls::{TlsOptions, TlsProblem};
-pub use url::{S3Options, StorageOptions, known_setting, open};
+pub use url::{S3Options, StorageOptions, known_setting, open, open_object_url};
 
 /// A secret string: never printed by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq, Default)]

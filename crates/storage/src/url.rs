@@ -339,3 +339,47 @@ pub fn open(repo: &str, o: &StorageOptions) -> Result<DynStore> {
     };
     Ok(Arc::new(Bounded::new(store, o.deadline)))
 }
+
+/// Opens the store holding the single object a URL names, and the object's key in it: for
+/// reading a dump given by URL (`logical restore https://...`). `file://`, `s3://`, `gs://` and
+/// `az://` URLs use the settings a repository of that scheme would (credentials, endpoint, CA);
+/// `https://` (and `http://`) is a plain GET.
+pub fn open_object_url(url_text: &str, o: &StorageOptions) -> Result<(DynStore, String)> {
+    let url = url::Url::parse(url_text).map_err(|e| {
+        StorageError::config(format!("{url_text:?} is not a URL: {e}; use https://, s3://, gs://, az:// or file://"))
+    })?;
+    let path = url.path();
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    if name.is_empty() {
+        return Err(StorageError::config(format!(
+            "{url_text:?} names a directory, not a file: give the dump's full URL"
+        )));
+    }
+    match url.scheme() {
+        "http" | "https" => {
+            use object_store::http::HttpBuilder;
+            let mut base = url.clone();
+            base.set_path(&format!("{dir}/"));
+            base.set_query(None);
+            base.set_fragment(None);
+            let allow_http = url.scheme() == "http";
+            let b = HttpBuilder::new().with_url(base.as_str()).with_retry(retry(o)).with_http_connector(Connector);
+            let what = format!("{}: cannot set up the HTTP client", base.as_str());
+            let store = two_clients(
+                |c| b.clone().with_client_options(c).build(),
+                o,
+                allow_http,
+                "",
+                base.as_str().to_string(),
+                &what,
+            )?;
+            Ok((Arc::new(Bounded::new(store, o.deadline)), name.to_string()))
+        }
+        _ => {
+            let mut parent = url.clone();
+            parent.set_path(if dir.is_empty() { "/" } else { dir });
+            let store = open(parent.as_str(), o)?;
+            Ok((store, name.to_string()))
+        }
+    }
+}

@@ -54,7 +54,7 @@ impl Drop for Scratch {
 }
 
 /// Free bytes on the filesystem holding `dir`.
-fn free_bytes(dir: &Path) -> Result<u64> {
+pub(crate) fn free_bytes(dir: &Path) -> Result<u64> {
     let s = rustix::fs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
     Ok(s.f_bavail.saturating_mul(s.f_frsize))
 }

@@ -6,6 +6,7 @@ mod check;
 mod demo;
 pub mod drill;
 mod enable;
+pub mod logical;
 mod rekey;
 pub mod restore;
 mod restore_point;
@@ -72,6 +73,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::RestorePoint { name } => finish(restore_point::run(&ctx, &name).await),
         Command::Restore(args) => finish(restore::run(&ctx, &args).await),
         Command::Demo { keep } => finish(demo::run(&ctx, keep).await),
+        Command::Logical { what } => finish(logical::run(&ctx, what).await),
     }
 }
 
