@@ -27,8 +27,10 @@ pub struct LogicalProgress {
 /// The phase at which `pg_restore` builds indexes and constraints after the data is in.
 pub const POST_DATA: &str = "indexes and constraints";
 
+type PhaseFn = Box<dyn Fn(&str) + Send + Sync>;
+
 #[derive(Default)]
-struct PhaseHook(Mutex<Option<Box<dyn Fn(&str) + Send + Sync>>>);
+struct PhaseHook(Mutex<Option<PhaseFn>>);
 
 impl std::fmt::Debug for PhaseHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

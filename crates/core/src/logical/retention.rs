@@ -52,7 +52,8 @@ pub fn plan(candidates: &[Candidate], keep: &Keep, now: DateTime<Utc>) -> Vec<De
     if let Some(newest) = scheduled.first() {
         reasons.entry(&newest.id).or_default().push("the newest scheduled capture".into());
     }
-    let periods: [(&str, u32, fn(&DateTime<Utc>) -> String); 3] = [
+    type PeriodOf = fn(&DateTime<Utc>) -> String;
+    let periods: [(&str, u32, PeriodOf); 3] = [
         ("daily", keep.daily, |t| t.format("%Y-%m-%d").to_string()),
         ("weekly", keep.weekly, |t| {
             let w = t.iso_week();
