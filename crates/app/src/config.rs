@@ -219,6 +219,8 @@ pub struct FileConfig {
     pub encryption: EncryptionSection,
     #[serde(default)]
     pub drill: DrillSection,
+    #[serde(default)]
+    pub logical: LogicalSection,
     /// `az://` settings by object_store's Azure key names (`account_name`, `account_key`,
     /// `endpoint`, ...); the `AZURE_*` environment variables win over them.
     #[serde(default)]
@@ -304,6 +306,26 @@ pub struct DrillSection {
     pub port: Option<u16>,
     /// A query run on the restored server (its first value is recorded), e.g. a row count.
     pub query: Option<String>,
+}
+
+/// Scheduled logical captures (the agent's).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogicalSection {
+    /// `daily HH:MM UTC`, `weekly DAY HH:MM UTC` or `every DURATION` (none: no scheduled captures).
+    pub schedule: Option<String>,
+    /// The database captured (default: the connection's own).
+    pub database: Option<String>,
+    /// Every database plus the globals, as one capture.
+    pub all: Option<bool>,
+    /// Capture from a fork restored from the archive's latest point, not from the server.
+    pub from_archive: Option<bool>,
+    /// Where `from_archive` restores its fork (default `state_dir/logical-scratch`).
+    pub scratch_dir: Option<PathBuf>,
+    /// Retention of scheduled captures: the newest of each of the last N days, weeks, months.
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
 }
 
 /// Encryption at rest (age): public keys for writing, a secret key for reading.
@@ -407,6 +429,13 @@ pub struct Config {
     pub drill_scratch_dir: Option<PathBuf>,
     pub drill_port: Option<u16>,
     pub drill_query: Option<String>,
+    /// `[logical]`: scheduled captures (none: the agent takes none).
+    pub logical_schedule: Option<walnut_core::logical::schedule::Schedule>,
+    pub logical_database: Option<String>,
+    pub logical_all: bool,
+    pub logical_from_archive: bool,
+    pub logical_scratch_dir: Option<PathBuf>,
+    pub logical_keep: walnut_core::logical::retention::Keep,
     pub settings: Settings,
 }
 
@@ -758,6 +787,31 @@ impl Config {
             drill_scratch_dir: file.drill.scratch_dir,
             drill_port: file.drill.port,
             drill_query: file.drill.query,
+            logical_schedule: match &file.logical.schedule {
+                Some(text) => Some(
+                    walnut_core::logical::schedule::Schedule::parse(text, parse_duration)
+                        .map_err(|e| BadKey::new("logical.schedule", e))?,
+                ),
+                None => None,
+            },
+            logical_all: match (file.logical.all.unwrap_or(false), &file.logical.database) {
+                (true, Some(_)) => {
+                    return Err(BadKey::new(
+                        "logical.all",
+                        "all = true captures every database: remove logical.database, or set all = false",
+                    )
+                    .into());
+                }
+                (all, _) => all,
+            },
+            logical_database: file.logical.database,
+            logical_from_archive: file.logical.from_archive.unwrap_or(false),
+            logical_scratch_dir: file.logical.scratch_dir,
+            logical_keep: walnut_core::logical::retention::Keep {
+                daily: in_range(file.logical.keep_daily, "logical.keep_daily", 7, 0, 10000)?,
+                weekly: in_range(file.logical.keep_weekly, "logical.keep_weekly", 4, 0, 10000)?,
+                monthly: in_range(file.logical.keep_monthly, "logical.keep_monthly", 3, 0, 10000)?,
+            },
             settings,
         })
     }
@@ -800,6 +854,8 @@ impl std::fmt::Debug for Config {
             .field("agent_verify_interval", &self.agent_verify_interval)
             .field("drill_interval", &self.drill_interval)
             .field("drill_scratch_dir", &self.drill_scratch_dir)
+            .field("logical_schedule", &self.logical_schedule)
+            .field("logical_keep", &self.logical_keep)
             .field("settings", &self.settings)
             .finish()
     }

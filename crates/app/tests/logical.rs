@@ -288,6 +288,20 @@ impl Drop for Locker {
     }
 }
 
+/// `pg_dump` processes connected to `pg` (other tests dump other clusters at the same time).
+fn pg_dumps_of(pg: &PgCluster) -> usize {
+    let port = format!("PGPORT={}", pg.port);
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "pg_dump"))
+        .filter(|e| {
+            std::fs::read(e.path().join("environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == port.as_bytes()))
+        })
+        .count()
+}
+
 #[test]
 fn cancel_refusals_corruption_and_bad_input() {
     let env = Env::new(Backend::File);
@@ -326,8 +340,7 @@ fn cancel_refusals_corruption_and_bad_input() {
     let id = all[0]["id"].as_str().unwrap().to_string();
     let kept: Vec<String> = walk(&env.dir.path().join("repo/logical").join(&id));
     assert_eq!(kept, ["running.json"], "nothing of the dump is left");
-    let pgrep = Command::new("pgrep").args(["-f", "pg_dump --format=custom"]).output().unwrap();
-    assert!(stdout(&pgrep).trim().is_empty(), "no pg_dump left running");
+    assert_eq!(pg_dumps_of(&pg), 0, "no pg_dump left running");
     drop(locker);
     let done = ok(&walnut(&env, &pg, &["logical", "capture", "--database", "postgres", "--name", "good"]));
     assert!(done.contains("DONE"), "{done}");
@@ -532,4 +545,150 @@ fn capture_at_a_past_point_from_the_archive() {
         &["logical", "capture", "--at", "2001-01-01T00:00:00Z", "--scratch", scratch.to_str().unwrap()],
     ));
     assert!(e.contains("earliest"), "{e}");
+}
+
+/// The value of a Prometheus sample in the agent's /metrics (0 when absent).
+fn metric(port: u16, name: &str) -> f64 {
+    let (_, body) = http(port, "GET", "/metrics", "", None);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn captures_of(port: u16) -> Vec<serde_json::Value> {
+    let (status, body) = http(port, "GET", "/v1/logical", "", None);
+    assert_eq!(status, 200, "{body}");
+    json_of(&body).as_array().cloned().unwrap_or_default()
+}
+
+/// `[logical] schedule` in the agent: captures come on schedule, retention (keep 1 daily)
+/// deletes the older scheduled ones and never an on-demand one; health and metrics say so.
+#[test]
+fn the_agent_takes_scheduled_captures_and_applies_their_retention() {
+    let env = Env::with_extra(
+        Backend::File,
+        "[logical]\nschedule = \"every 2s\"\ndatabase = \"postgres\"\nkeep_daily = 1\nkeep_weekly = 0\nkeep_monthly = 0\n",
+    );
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE t AS SELECT g, md5(g::text) h FROM generate_series(1, 2000) g");
+    let port = walnut_testkit::free_port();
+    let _agent = start_agent(&env, &pg, port, None);
+    let (_, h) = http(port, "GET", "/v1/health", "", None);
+    assert_eq!(json_of(&h)["logical"]["schedule"], "every 2s", "{h}");
+
+    // An on-demand capture between scheduled ones (409 while a scheduled one runs).
+    let mut id = String::new();
+    PgCluster::wait_for("an on-demand capture to start", WAIT, || {
+        let (status, b) = http(port, "POST", "/v1/logical", r#"{"name":"pre-upgrade","database":"postgres"}"#, None);
+        assert!(status == 202 || status == 409, "{status} {b}");
+        id = json_of(&b)["id"].as_str().unwrap_or_default().to_string();
+        status == 202
+    });
+    PgCluster::wait_for("the on-demand capture to be DONE", WAIT, || {
+        let (_, b) = http(port, "GET", &format!("/v1/logical/{id}"), "", None);
+        json_of(&b)["status"] == "DONE"
+    });
+
+    PgCluster::wait_for("retention to delete two scheduled captures", Duration::from_secs(120), || {
+        metric(port, "walnut_logical_retention_deletions_total") >= 2.0
+    });
+    let taken = metric(port, "walnut_logical_captures_total");
+    assert!(taken >= 4.0, "three scheduled captures and the on-demand one: {taken}");
+    let all = captures_of(port);
+    let scheduled_done: Vec<&serde_json::Value> =
+        all.iter().filter(|c| c["status"] == "DONE" && c["scheduled"] == true).collect();
+    // Keep 1 daily: the newest (a second one may have just finished, before its retention run).
+    assert!(
+        (1..=2).contains(&scheduled_done.len()) && (scheduled_done.len() as f64) < taken - 1.0,
+        "retention keeps the newest scheduled capture: {all:?}"
+    );
+    let kept = by_name(&all, "pre-upgrade");
+    assert_eq!(kept["status"], "DONE", "an on-demand capture is never deleted by retention: {all:?}");
+    assert_eq!(kept["scheduled"], false);
+    // The CLI sees the same captures.
+    let cli = list(&env, &pg);
+    assert!(cli.iter().any(|c| c["name"] == "pre-upgrade"), "{cli:?}");
+    let (_, h) = http(port, "GET", "/v1/health", "", None);
+    let h = json_of(&h);
+    assert!(h["logical"]["last_success"].is_string() && h["logical"]["next_capture"].is_string(), "{h}");
+    assert!(metric(port, "walnut_logical_last_success_timestamp_seconds") > 1.7e9);
+    assert!(metric(port, "walnut_logical_last_dump_bytes") > 10_000.0);
+}
+
+/// The agent's API: a capture started, followed, refused while one runs, cancelled (FAILED,
+/// its pg_dump and server session gone), deleted; bad requests named.
+#[test]
+fn the_agent_api_captures_cancels_and_deletes() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 5000) g");
+    let port = walnut_testkit::free_port();
+    let _agent = start_agent(&env, &pg, port, None);
+
+    // Bad requests: 400 naming the problem, nothing started.
+    for (body, needle) in [
+        (r#"{"name":"no spaces allowed"}"#, "invalid capture name"),
+        (r#"{"all":true,"database":"postgres"}"#, "all"),
+        (r#"{"bogus":1}"#, "unknown field"),
+        (r#"{"at":"2001-01-01T00:00:00Z"}"#, "cannot restore to it"),
+        ("{not json", "malformed JSON"),
+    ] {
+        let (status, b) = http(port, "POST", "/v1/logical", body, None);
+        assert_eq!(status, 400, "{body}: {b}");
+        assert!(json_of(&b)["error"].as_str().is_some_and(|e| e.contains(needle)), "{body}: {b}");
+    }
+    assert!(captures_of(port).is_empty());
+
+    // A capture stuck behind a lock: RUNNING with progress, a second one refused, no delete.
+    let locker = Locker::new(&pg, "t");
+    let (status, b) = http(port, "POST", "/v1/logical", r#"{"name":"stuck","database":"postgres"}"#, None);
+    assert_eq!(status, 202, "{b}");
+    let id = json_of(&b)["id"].as_str().unwrap().to_string();
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'walnut logical capture%'";
+    PgCluster::wait_for("pg_dump to wait on the lock", WAIT, || {
+        pg.sql(&format!("{waiting} AND wait_event_type = 'Lock'")).trim() == "1"
+    });
+    let (_, b) = http(port, "GET", "/v1/logical/stuck", "", None);
+    let c = json_of(&b);
+    assert_eq!(c["status"], "RUNNING", "{b}");
+    assert!(c["progress"]["tables_total"].as_u64().is_some() && c["progress"]["seconds"].as_f64().is_some(), "{b}");
+    let (status, b) = http(port, "POST", "/v1/logical", "{}", None);
+    assert_eq!(status, 409, "{b}");
+    assert!(b.contains(&id), "the refusal names the running capture: {b}");
+    let (status, b) = http(port, "DELETE", &format!("/v1/logical/{id}"), "", None);
+    assert_eq!(status, 409, "a running capture is not deleted: {b}");
+
+    // Cancel: FAILED, never DONE; no pg_dump and no session left while the lock is still held.
+    let (status, b) = http(port, "POST", &format!("/v1/logical/{id}/cancel"), "", None);
+    assert_eq!(status, 202, "{b}");
+    PgCluster::wait_for("the cancelled capture to be FAILED", WAIT, || {
+        let (_, b) = http(port, "GET", &format!("/v1/logical/{id}"), "", None);
+        json_of(&b)["status"] == "FAILED"
+    });
+    PgCluster::wait_for("the capture's session to end", WAIT, || pg.sql(waiting).trim() == "0");
+    assert_eq!(pg_dumps_of(&pg), 0, "no pg_dump left running");
+    assert_eq!(metric(port, "walnut_logical_failures_total"), 1.0);
+    assert_eq!(metric(port, "walnut_logical_running"), 0.0);
+    drop(locker);
+    let (status, _) = http(port, "POST", &format!("/v1/logical/{id}/cancel"), "", None);
+    assert_eq!(status, 409, "a FAILED capture cannot be cancelled");
+    assert_eq!(http(port, "POST", "/v1/logical/nope/cancel", "", None).0, 404);
+
+    // A good one, then deleted through the API.
+    let (status, b) = http(port, "POST", "/v1/logical", r#"{"name":"good"}"#, None);
+    assert_eq!(status, 202, "{b}");
+    PgCluster::wait_for("the capture to be DONE", WAIT, || {
+        let (_, b) = http(port, "GET", "/v1/logical/good", "", None);
+        json_of(&b)["status"] == "DONE"
+    });
+    let (_, b) = http(port, "GET", "/v1/logical/LATEST", "", None);
+    assert_eq!(json_of(&b)["name"], "good", "{b}");
+    assert!(json_of(&b)["tables"].as_u64().is_some_and(|n| n >= 1), "{b}");
+    let (status, b) = http(port, "DELETE", "/v1/logical/good", "", None);
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(http(port, "GET", "/v1/logical/good", "", None).0, 404);
+    // The FAILED one is deleted by its ID.
+    assert_eq!(http(port, "DELETE", &format!("/v1/logical/{id}"), "", None).0, 200);
+    assert!(captures_of(port).is_empty());
 }

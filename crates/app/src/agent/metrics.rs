@@ -74,8 +74,10 @@ pub(super) async fn health(State(a): State<Arc<Agent>>) -> Response {
             humantime::format_duration(max)
         ));
     }
+    let logical = logical::health_part(&a, &mut reasons).await;
     let body = serde_json::json!({
         "healthy": reasons.is_empty(),
+        "logical": logical,
         "replay_estimate": estimate,
         "reasons": reasons,
         "next_scheduled_backup": a.next_due().await.to_rfc3339(),
@@ -239,6 +241,7 @@ pub(super) async fn metrics(State(a): State<Arc<Agent>>) -> Response {
         }
     }
     drop(m);
+    logical::samples(&a, &mut samples).await;
     if let Ok(ar) = archiver(&a.ctx).await {
         samples.push((
             "walnut_wal_archived_total",

@@ -26,6 +26,7 @@ use walnut_core::backup::{self, Status};
 use walnut_core::schedule::{self, ScheduleState};
 
 mod api;
+mod logical;
 mod metrics;
 
 pub use api::is_loopback;
@@ -87,6 +88,11 @@ pub struct Agent {
     tasks: tokio_util::task::TaskTracker,
     /// The last replay-time estimate, and when it was made.
     replay_cache: Mutex<Option<(Instant, Option<walnut_core::replay::Estimate>)>>,
+    /// The logical capture this agent runs (one at a time).
+    logical: Mutex<Option<logical::RunningCapture>>,
+    logical_metrics: Mutex<logical::LogicalMetrics>,
+    /// When the next scheduled logical capture is due.
+    logical_next: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
 }
 
 /// How long a replay-time estimate is served before it is made again.
@@ -527,6 +533,9 @@ impl Agent {
             abandon: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
             replay_cache: Mutex::new(None),
+            logical: Mutex::new(None),
+            logical_metrics: Mutex::new(Default::default()),
+            logical_next: Mutex::new(None),
             ctx,
         }))
     }
@@ -572,10 +581,16 @@ pub fn router(state: Arc<Agent>) -> Router {
         .route("/v1/settings", get(settings_get).patch(settings_patch))
         .route("/v1/backups", get(backups_get).post(backups_post))
         .route("/v1/backups/{reference}", get(backup_get))
+        .route("/v1/logical", get(logical::captures_get).post(logical::captures_post))
+        .route("/v1/logical/{reference}", get(logical::capture_get).delete(logical::capture_delete))
+        .route("/v1/logical/{reference}/cancel", axum::routing::post(logical::capture_cancel))
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async {
-            err(StatusCode::NOT_FOUND, "no such endpoint: see GET /v1/health, /v1/settings, /v1/backups, /metrics")
+            err(
+                StatusCode::NOT_FOUND,
+                "no such endpoint: see GET /v1/health, /v1/settings, /v1/backups, /v1/logical, /metrics",
+            )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY + 1))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
@@ -589,6 +604,7 @@ pub async fn serve(state: Arc<Agent>, listener: tokio::net::TcpListener) -> Resu
     let sched = tokio::spawn(scheduler(state.clone()));
     let verifier = tokio::spawn(verifier(state.clone()));
     let driller = tokio::spawn(driller(state.clone()));
+    let captures = tokio::spawn(logical::logical_scheduler(state.clone()));
     let grace = state.ctx.config.agent_shutdown_timeout;
     let stopping = state.stop.clone();
     axum::serve(listener, router(state.clone()))
@@ -597,6 +613,9 @@ pub async fn serve(state: Arc<Agent>, listener: tokio::net::TcpListener) -> Resu
     verifier.abort();
     if tokio::time::timeout(grace + Duration::from_secs(30), driller).await.is_err() {
         tracing::error!("the restore drill did not stop in time");
+    }
+    if tokio::time::timeout(grace + Duration::from_secs(30), captures).await.is_err() {
+        tracing::error!("the logical capture scheduler did not stop in time");
     }
     // The server is closed; the scheduler returns once a running backup is DONE or abandoned.
     if tokio::time::timeout(grace + Duration::from_secs(30), sched).await.is_err() {

@@ -400,7 +400,10 @@ fn parse_at(at: &str) -> Result<Target> {
 }
 
 /// Plans the restore of the fork at `at`: the target, the plan and the backup's manifest.
-async fn plan_at(ctx: &Ctx, at: &str) -> Result<(Target, walnut_core::plan::Plan, walnut_core::backup::Manifest)> {
+pub(crate) async fn plan_at(
+    ctx: &Ctx,
+    at: &str,
+) -> Result<(Target, walnut_core::plan::Plan, walnut_core::backup::Manifest)> {
     let target = parse_at(at)?;
     let repo = ctx.repository()?;
     let req = Request { target: target.clone(), backup: None, timeline: TimelineChoice::Latest };

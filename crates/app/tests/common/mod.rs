@@ -294,3 +294,84 @@ pub fn pg_waldump(pg: &PgCluster, start: walnut_pg::Lsn, end: walnut_pg::Lsn, ex
         .unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+// The agent as a process, and a minimal HTTP client for its API.
+
+/// A minimal HTTP/1.1 client (loopback only): returns (status, body).
+pub fn http(port: u16, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    // Chunked bodies: keep the JSON/text part.
+    (status, body)
+}
+
+/// Sends `head` (request line and headers, without the blank line) and `body` as they are.
+pub fn http_raw(port: u16, head: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    write!(s, "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+pub fn json_of(body: &str) -> serde_json::Value {
+    let start = body.find(['{', '[']).unwrap_or(0);
+    let end = body.rfind(['}', ']']).map(|e| e + 1).unwrap_or(body.len());
+    serde_json::from_str(&body[start..end]).unwrap_or(serde_json::Value::Null)
+}
+
+pub struct AgentProc(pub std::process::Child);
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn start_agent(env: &Env, pg: &PgCluster, port: u16, token: Option<&str>) -> AgentProc {
+    start_agent_with(env, pg, port, token, false)
+}
+
+/// The agent run as the `postgres` OS user (when the tests run as root), like the archive command.
+pub fn start_agent_as(env: &Env, pg: &PgCluster, port: u16, as_postgres: bool) -> AgentProc {
+    start_agent_with(env, pg, port, None, as_postgres)
+}
+
+pub fn start_agent_with(env: &Env, pg: &PgCluster, port: u16, token: Option<&str>, as_postgres: bool) -> AgentProc {
+    let mut c = if as_postgres {
+        walnut_testkit::pg::as_postgres(std::path::Path::new(walnut_bin()))
+    } else {
+        std::process::Command::new(walnut_bin())
+    };
+    c.arg("--config").arg(&env.config).args(["agent", "--listen", &format!("127.0.0.1:{port}")]);
+    c.env("PGHOST", "127.0.0.1").env("PGPORT", pg.port.to_string()).env("PGUSER", "postgres");
+    c.env("PGDATA", &pg.pgdata);
+    if let Some(t) = token {
+        c.env("WALNUT_AGENT_TOKEN", t);
+    }
+    // The agent's log, kept beside its config (printed by a test that fails).
+    let log = std::fs::File::create(env.dir.path().join("agent.log")).unwrap();
+    c.stdout(log.try_clone().unwrap()).stderr(log);
+    let child = AgentProc(c.spawn().unwrap());
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "agent did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child
+}

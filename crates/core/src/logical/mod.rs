@@ -30,6 +30,7 @@ pub mod capture;
 pub mod progress;
 pub mod restore;
 pub mod retention;
+pub mod schedule;
 pub mod tools;
 
 pub use capture::*;
@@ -243,6 +244,10 @@ pub struct CaptureInfo {
     pub pending_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// RUNNING/FAILED: the marker's last heartbeat (retention keeps a FAILED capture's
+    /// leftovers a while after it).
+    #[serde(skip)]
+    pub last_seen: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl CaptureInfo {
@@ -297,6 +302,7 @@ pub async fn list(repo: &Repository) -> Result<Vec<CaptureInfo>, LogicalError> {
                     started_at: None,
                     pending_name: None,
                     error: None,
+                    last_seen: None,
                 });
             }
             let marker = match repo.get_object(&layout::logical_running(&id)).await {
@@ -315,6 +321,7 @@ pub async fn list(repo: &Repository) -> Result<Vec<CaptureInfo>, LogicalError> {
                 started_at: marker.as_ref().map(|m| m.started_at.clone()),
                 pending_name: marker.as_ref().and_then(|m| m.name.clone()),
                 error,
+                last_seen: marker_time,
             })
         })
         .buffered(8)
@@ -396,6 +403,37 @@ pub async fn delete(repo: &Repository, reference: &str) -> Result<CaptureInfo, L
     Ok(info)
 }
 
+/// Applies retention (`keep`) to the captures: decides with [`retention::plan`] and, when
+/// `execute`, deletes those not kept. Returns every decision.
+pub async fn prune(
+    repo: &Repository,
+    keep: &retention::Keep,
+    now: chrono::DateTime<chrono::Utc>,
+    execute: bool,
+) -> Result<Vec<retention::Decision>, LogicalError> {
+    let all = list(repo).await?;
+    let candidates: Vec<retention::Candidate> = all
+        .iter()
+        .map(|c| retention::Candidate {
+            id: c.id.clone(),
+            status: c.status,
+            time: match &c.catalog {
+                Some(k) => k.start_time,
+                // Unknown: as if just seen, so it is kept its grace.
+                None => c.last_seen.unwrap_or(now),
+            },
+            scheduled: c.catalog.as_ref().is_some_and(|k| k.scheduled),
+        })
+        .collect();
+    let decisions = retention::plan(&candidates, keep, now);
+    if execute {
+        for d in decisions.iter().filter(|d| !d.keep) {
+            delete_objects(repo, &d.id).await?;
+        }
+    }
+    Ok(decisions)
+}
+
 /// Removes every object of capture `id`, the manifest first.
 pub(crate) async fn delete_objects(repo: &Repository, id: &str) -> Result<(), LogicalError> {
     let manifest = layout::logical_manifest(id);
@@ -442,6 +480,7 @@ mod tests {
             started_at: None,
             pending_name: None,
             error: None,
+            last_seen: None,
         }
     }
 
