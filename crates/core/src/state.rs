@@ -113,9 +113,12 @@ impl StateDir {
 
     /// Spools `content`, the verified WAL file `name` (the file first, then its CRC: a file
     /// without its CRC is not spooled).
+    /// Spools `content` as `name`: the file, then its CRC-32C. Neither is fsynced: after a crash
+    /// a file without its CRC, or one that fails it, is never handed out (it is fetched again).
     pub fn write_spool(&self, name: &str, content: &[u8]) -> std::io::Result<()> {
-        write_atomic(&self.spool_path(name), content)?;
-        write_atomic(&self.spool_crc_path(name), format!("{:08x}\n", crc32c::crc32c(content)).as_bytes())
+        let crc = format!("{:08x}\n", crc32c::crc32c(content));
+        crate::durable::write_unsynced(&self.spool_path(name), content)?;
+        crate::durable::write_unsynced(&self.spool_crc_path(name), crc.as_bytes())
     }
 
     /// Drops `name` from the spool.
@@ -124,9 +127,10 @@ impl StateDir {
         let _ = fs::remove_file(self.spool_path(name));
     }
 
-    /// Hands the spooled `name` out as `dest`: checks its CRC, renames it into place (a durable
-    /// copy across file systems) and syncs `dest`'s directory. `Ok(false)` when `name` is not
-    /// spooled; an error (the spooled copy dropped) when it fails the check.
+    /// Hands the spooled `name` out as `dest`: checks its CRC and links it into place (a copy
+    /// across file systems). Not fsynced: PostgreSQL fsyncs a restored file it keeps as it renames
+    /// it into pg_wal, and reads the others once. `Ok(false)` when `name` is not spooled; an error
+    /// (the spooled copy dropped) when it fails the check.
     pub fn take_spooled(&self, name: &str, dest: &Path) -> std::io::Result<bool> {
         let (path, crc_path) = (self.spool_path(name), self.spool_crc_path(name));
         let Ok(want) = fs::read_to_string(&crc_path) else { return Ok(false) };
@@ -144,12 +148,9 @@ impl StateDir {
         // when it ends. PostgreSQL removes %p before it asks and only reads what it gets.
         let _ = fs::remove_file(dest);
         match fs::hard_link(&path, dest) {
-            Ok(()) => {
-                let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-                fs::File::open(dir)?.sync_all()?;
-            }
-            // Another file system: a durable copy of what was checked.
-            Err(e) if e.raw_os_error() == Some(18) => write_atomic(dest, &content)?,
+            Ok(()) => {}
+            // Another file system: a copy of what was checked.
+            Err(e) if e.raw_os_error() == Some(18) => crate::durable::write_unsynced(dest, &content)?,
             Err(e) => return Err(e),
         }
         Ok(true)

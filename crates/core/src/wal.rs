@@ -10,8 +10,10 @@
 //! Fetch: the repository's identity is read first: "not archived" (which PostgreSQL may take as
 //! the end of recovery) is said only of a repository that is there. The object is read from the
 //! spool (if the prefetcher put it there, for this repository instance: checked by its CRC-32C
-//! and renamed into place) or the repository (verified by the SHA-256 of the decoded content,
-//! written to a temporary file beside the destination, fsynced and renamed). [`prefetch`] is one
+//! and linked into place) or the repository (verified by the SHA-256 of the decoded content,
+//! written to a temporary file beside the destination and renamed). Neither is fsynced:
+//! PostgreSQL fsyncs a restored file it keeps (`durable_rename` into pg_wal) and reads the others
+//! once, so walnut's fsyncs only made recovery wait. [`prefetch`] is one
 //! long-running process per repository instance that keeps the next segments after the last one
 //! asked for verified in the spool, bounded by `[wal] prefetch` segments.
 
@@ -521,7 +523,10 @@ impl WalFetcher {
             }
             Err(e) => return Err(e.into()),
         };
-        write_durably(dest, &decoded.content).await?;
+        // Whole or absent, not fsynced: PostgreSQL fsyncs the restored files it keeps.
+        crate::durable::write_async(dest.to_path_buf(), decoded.content.clone(), false)
+            .await
+            .map_err(WalError::io(format!("write {}", dest.display())))?;
         Ok(Fetched { outcome: FetchOutcome::Fetched, start_prefetcher })
     }
 }
@@ -648,7 +653,7 @@ pub async fn wait_archived(repo: &Repository, name: &WalFileName, wait: std::tim
 
 /// Writes `data` to `dest` durably ([`crate::durable`]). On any failure `dest` does not exist.
 pub async fn write_durably(dest: &Path, data: &Bytes) -> Result<(), WalError> {
-    crate::durable::write_async(dest.to_path_buf(), data.clone())
+    crate::durable::write_async(dest.to_path_buf(), data.clone(), true)
         .await
         .map_err(WalError::io(format!("write {}", dest.display())))
 }
