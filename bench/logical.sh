@@ -54,7 +54,7 @@ for ds in $DATASETS; do
     say "$ds: round $rep of $REPEAT"
     step "$ds" lc.capture "$WALNUT" -q --config "$c" logical capture --database postgres || true
     "${AS_PG[@]}" "$WALNUT" -q --config "$c" --json logical show LATEST >"$W/$ds/show.json"
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["stored_bytes"])' "$W/$ds/show.json" >"$R/$ds.lc.capture.stored"
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["size"])' "$W/$ds/show.json" >"$R/$ds.lc.capture.stored"
     rm -f "$W/$ds/dump".*
     step "$ds" pd.fc "$PGBIN/pg_dump" -h "$W/sock" -p "$PORT" -U postgres -Fc -f "$W/$ds/dump.fc" postgres || true
     file_bytes "$ds" pd.fc "$W/$ds/dump.fc"

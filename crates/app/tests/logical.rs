@@ -487,7 +487,10 @@ fn capture_at_a_past_point_from_the_archive() {
     let log_before = std::fs::read_to_string(pg.log_path()).unwrap();
     assert!(log_before.contains("application_name=walnut logical capture"), "log_connections names the capture");
 
-    let scratch = env.dir.path().join("scratch");
+    // Deep enough that the fork's socket cannot live below it (unix socket paths hold 107
+    // bytes): walnut puts the socket in a private directory of the temporary directory.
+    let scratch = env.dir.path().join("d".repeat(70)).join("scratch");
+    assert!(scratch.join("at-20260101T000000-12345/sock/.s.PGSQL.5432").as_os_str().len() > 107);
     let o = walnut(
         &env,
         &pg,
@@ -517,6 +520,13 @@ fn capture_at_a_past_point_from_the_archive() {
         "the scratch directory is emptied"
     );
     let at = by_name(&list(&env, &pg), "at-t").clone();
+    let id = at["id"].as_str().unwrap().to_string();
+    let left: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("walnut-fork-") && n.ends_with(&id))
+        .collect();
+    assert!(left.is_empty(), "the fork's socket directory is removed: {left:?}");
     assert_eq!(at["source"], format!("archive at {t}"));
     assert_eq!(at["source_detail"]["kind"], "archive");
 

@@ -230,7 +230,8 @@ pub(super) async fn captures_get(State(a): State<Arc<Agent>>) -> Response {
 
 /// A listed capture, with the progress of the one this agent runs.
 fn capture_json(c: &logical::CaptureInfo, running: Option<&RunningCapture>) -> serde_json::Value {
-    let mut v = serde_json::to_value(c).unwrap_or_default();
+    // The same fields as `walnut logical list --json`.
+    let mut v = lcmd::row_json(c);
     if let Some(r) = running.filter(|r| r.id == c.id) {
         let (bytes, done, total) = r.progress.snapshot();
         v["progress"] = serde_json::json!({

@@ -353,6 +353,8 @@ struct Fork {
     work: PathBuf,
     data: PathBuf,
     sock: PathBuf,
+    /// The socket directory is not below `work` (removed on its own).
+    sock_outside: bool,
     bindir: Option<PathBuf>,
     target: String,
     backup: String,
@@ -373,6 +375,12 @@ impl Drop for Fork {
             && let Err(e) = std::fs::remove_dir_all(&self.work)
         {
             tracing::warn!("capture --at: remove {}: {e}", self.work.display());
+        }
+        if self.sock_outside
+            && self.sock.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.sock)
+        {
+            tracing::warn!("capture --at: remove {}: {e}", self.sock.display());
         }
     }
 }
@@ -431,12 +439,26 @@ impl Fork {
         }
         let work = base.join(format!("at-{id}-{}", std::process::id()));
         let data = work.join("data");
-        let sock = work.join("sock");
-        if sock.join(format!(".s.PGSQL.{FORK_PORT}")).as_os_str().len() > 100 {
-            bail!(
-                "the fork's socket path under {} is too long for a unix socket (PostgreSQL allows 107 bytes): give --scratch a shorter directory",
-                base.display()
-            );
+        let mut sock = work.join("sock");
+        // A unix socket path holds at most 107 bytes: under a deep scratch directory, the socket
+        // goes to a private directory of its own in the system's temporary directory.
+        let outside = sock.join(format!(".s.PGSQL.{FORK_PORT}")).as_os_str().len() > 100;
+        if outside {
+            sock = std::env::temp_dir().join(format!("walnut-fork-{}-{id}", std::process::id()));
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&sock)
+                    .with_context(|| format!("create the fork's socket directory {}", sock.display()))?;
+            }
+            if sock.join(format!(".s.PGSQL.{FORK_PORT}")).as_os_str().len() > 100 {
+                let _ = std::fs::remove_dir(&sock);
+                bail!(
+                    "the fork's socket path under {} is too long for a unix socket (PostgreSQL allows 107 bytes), and so is the temporary directory's: give --scratch a shorter directory",
+                    base.display()
+                );
+            }
         }
         let bindir = pgserver::bindir(ctx.config.pg_bindir.as_deref(), manifest.pg_major.0).ok();
         std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
@@ -444,6 +466,7 @@ impl Fork {
             work: work.clone(),
             data: data.clone(),
             sock: sock.clone(),
+            sock_outside: outside,
             bindir: bindir.clone(),
             target: walnut_core::restore::describe_target(&plan.recovery_target),
             backup: plan.backup_id.to_string(),
@@ -585,7 +608,7 @@ impl Fork {
 }
 
 /// A capture as `list --json` shows it: the columns, then the details.
-fn row_json(c: &logical::CaptureInfo) -> serde_json::Value {
+pub(crate) fn row_json(c: &logical::CaptureInfo) -> serde_json::Value {
     let k = c.catalog.as_ref();
     serde_json::json!({
         "id": c.id,
@@ -802,7 +825,7 @@ async fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
         match &capture {
             Some((_, d)) => {
                 let repo = repo.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
-                lrestore::fetch_object(repo, &d.object.key, &temp.0, progress.clone()).await?;
+                lrestore::fetch_object(repo, &d.object.key, &temp.0, false, progress.clone()).await?;
                 temp.0.clone()
             }
             None => {
@@ -964,12 +987,12 @@ async fn download(
         if std::io::stdout().is_terminal() {
             bail!("standard output is a terminal: give a FILE, or redirect it");
         }
-        lrestore::fetch_object(&repo, &object.key, Path::new("/dev/stdout"), progress).await?
+        lrestore::fetch_object(&repo, &object.key, Path::new("/dev/stdout"), false, progress).await?
     } else {
         let part = dest.with_extension("part");
         let r = {
             let _view = ProgressView::start("download", progress.clone(), ctx.global.quiet);
-            lrestore::fetch_object(&repo, &object.key, &part, progress).await
+            lrestore::fetch_object(&repo, &object.key, &part, true, progress).await
         };
         match r {
             Ok(n) => {

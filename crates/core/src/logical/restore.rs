@@ -33,11 +33,13 @@ fn from_backup(e: BackupError) -> LogicalError {
 }
 
 /// Writes the content of the streamed object `key` into `dest`, decoded and checked against the
-/// object's trailer (length and SHA-256): a corrupt object is an error naming it.
+/// object's trailer (length and SHA-256): a corrupt object is an error naming it. `sync`: fsync
+/// `dest` at the end (a file the user keeps; not a scratch copy read once by `pg_restore`).
 pub async fn fetch_object(
     repo: &Repository,
     key: &str,
     dest: &Path,
+    sync: bool,
     progress: Arc<LogicalProgress>,
 ) -> Result<u64, LogicalError> {
     let (k, keys, path) = (key.to_string(), repo.keys().cloned(), dest.to_path_buf());
@@ -53,7 +55,9 @@ pub async fn fetch_object(
         let file = out
             .into_inner()
             .map_err(|e| BackupError::Io { context: format!("write {}", path.display()), source: e.into_error() })?;
-        file.sync_all().map_err(|e| BackupError::Io { context: format!("write {}", path.display()), source: e })?;
+        if sync {
+            file.sync_all().map_err(|e| BackupError::Io { context: format!("write {}", path.display()), source: e })?;
+        }
         Ok(n)
     })
     .await
@@ -66,13 +70,17 @@ enum Decode {
     Write(std::io::Error),
 }
 
-/// Decodes an enveloped stream into `out`, verifying the trailer.
+/// Decodes an enveloped stream into `out`, verifying the trailer. Decoding (decryption,
+/// decompression) runs on this thread, hashing and writing on another, so that a restore's
+/// download goes at the pace of the slower of the two rather than of their sum.
 fn decode_into(
     reader: impl Read,
     keys: Option<&crate::crypt::Identities>,
-    out: &mut impl Write,
+    out: &mut (impl Write + Send),
     progress: &LogicalProgress,
 ) -> Result<u64, Decode> {
+    use sha2::Digest;
+    const CHUNK: usize = 1 << 20;
     let mut payload = envelope::PayloadReader::new(reader).map_err(|e| Decode::Object(e.to_string()))?;
     let (codecs, meta) = (payload.codecs.clone(), payload.meta.clone());
     if payload.sealed() && keys.is_some() {
@@ -80,21 +88,50 @@ fn decode_into(
         payload.skip_stored_check();
     }
     let (n, sum) = {
-        let buffered = std::io::BufReader::with_capacity(1 << 20, &mut payload);
-        let decoded = envelope::decoder(buffered, &codecs, keys, &meta).map_err(|e| Decode::Object(e.to_string()))?;
-        let mut hashing = envelope::HashingReader::new(decoded);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = match hashing.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Decode::Object(e.to_string())),
-            };
-            out.write_all(&buf[..n]).map_err(Decode::Write)?;
-            progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        hashing.finish()
+        let buffered = std::io::BufReader::with_capacity(CHUNK, &mut payload);
+        let mut decoded =
+            envelope::decoder(buffered, &codecs, keys, &meta).map_err(|e| Decode::Object(e.to_string()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(move || -> std::io::Result<(u64, [u8; 32])> {
+                let (mut hasher, mut n) = (sha2::Sha256::new(), 0u64);
+                for chunk in rx {
+                    hasher.update(&chunk);
+                    out.write_all(&chunk)?;
+                    n += chunk.len() as u64;
+                    progress.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+                out.flush()?;
+                Ok((n, hasher.finalize().into()))
+            });
+            let read = (|| -> std::io::Result<()> {
+                loop {
+                    let mut buf = vec![0u8; CHUNK];
+                    let mut filled = 0;
+                    while filled < CHUNK {
+                        match decoded.read(&mut buf[filled..]) {
+                            Ok(0) => break,
+                            Ok(k) => filled += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    if filled == 0 {
+                        return Ok(());
+                    }
+                    buf.truncate(filled);
+                    // The writer stopped (a write failed): its error is the one reported.
+                    if tx.send(buf).is_err() {
+                        return Ok(());
+                    }
+                }
+            })();
+            drop(tx);
+            let written =
+                writer.join().map_err(|_| Decode::Write(std::io::Error::other("the writer thread panicked")))?;
+            read.map_err(|e| Decode::Object(e.to_string()))?;
+            written.map_err(Decode::Write)
+        })?
     };
     let (want_n, want_sum) = payload.trailer().map_err(|e| Decode::Object(e.to_string()))?;
     if n != want_n || sum != want_sum {
@@ -104,7 +141,6 @@ fn decode_into(
             hex::encode(sum)
         )));
     }
-    out.flush().map_err(Decode::Write)?;
     Ok(n)
 }
 
@@ -174,7 +210,6 @@ pub async fn fetch_external(
                 n += k as u64;
                 progress.bytes.fetch_add(k as u64, Ordering::Relaxed);
             }
-            out.sync_all().map_err(io_ctx(format!("write {}", dest2.display())))?;
             return Ok(n);
         }
         check_head(&name, &head)?;
