@@ -203,6 +203,23 @@ fn round_trip_of_a_rich_database_and_a_second_one_restore_copy_download() {
     assert!(std::fs::read(&file).unwrap().starts_with(b"PGDMP"));
     let listed = Command::new(pg.bindir.join("pg_restore")).arg("--list").arg(&file).output().unwrap();
     assert!(listed.status.success() && stdout(&listed).contains("TABLE DATA sales orders_2026"), "{}", stderr(&listed));
+    // It is the file `pg_dump -f` writes, but for the creation time in its header: the data
+    // offsets a dump streamed through a pipe lacks are filled in (pg_restore --jobs needs them
+    // to find each table's data without reading through the others).
+    let reference = env.dir.path().join("shop.ref.dump");
+    let o = Command::new(pg.bindir.join("pg_dump"))
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "shop", "--format=custom", "--compress=0", "-f"])
+        .arg(&reference)
+        .arg("-p")
+        .arg(pg.port.to_string())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "pg_dump -f: {}", stderr(&o));
+    let (got, want) = (std::fs::read(&file).unwrap(), std::fs::read(&reference).unwrap());
+    assert_eq!(got.len(), want.len(), "the same dump");
+    let differ: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
+    // The header: PGDMP, 6 bytes, the compression (5 bytes), then the creation time (7 x 5 bytes).
+    assert!(differ.iter().all(|i| (16..51).contains(i)), "bytes differing outside the creation time: {differ:?}");
     let globals = env.dir.path().join("globals.sql");
     ok(&walnut(&env, &pg, &["logical", "download", "everything", "--globals", globals.to_str().unwrap()]));
     assert!(std::fs::read_to_string(&globals).unwrap().contains("CREATE ROLE reporter"));
@@ -371,6 +388,30 @@ fn cancel_refusals_corruption_and_bad_input() {
     let e = one_line_error(&o);
     assert!(e.contains(&object) && e.contains("corrupt"), "{e}");
     assert_eq!(dump_sql(&pg, "busy"), before, "nothing was dropped for a corrupt dump");
+
+    // Into an empty database a capture is restored as it downloads: a corrupt one (several MiB,
+    // so pg_restore is loading rows when the corruption is found) commits nothing.
+    pg.sql(
+        "CREATE TABLE big AS SELECT g, md5(g::text) AS h, md5((g * 7)::text) AS k FROM generate_series(1, 100000) g",
+    );
+    ok(&walnut(&env, &pg, &["logical", "capture", "--database", "postgres", "--name", "big"]));
+    pg.sql("DROP TABLE big");
+    let object = format!("logical/{}/data/0001.dump", by_name(&list(&env, &pg), "big")["id"].as_str().unwrap());
+    let path = env.dir.path().join("repo").join(&object);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 3 << 20, "a dump of several chunks: {} bytes", bytes.len());
+    let at = bytes.len() * 3 / 4;
+    bytes[at] ^= 0x20;
+    std::fs::write(&path, bytes).unwrap();
+    pg.sql("CREATE DATABASE empty_target");
+    let o = walnut(&env, &pg, &["logical", "restore", "big", "--to", &url(&pg, "empty_target")]);
+    let e = one_line_error(&o);
+    assert!(e.contains(&object) && e.contains("corrupt"), "{e}");
+    let tables = "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace";
+    assert_eq!(sql_in(&pg, "empty_target", tables), "0", "nothing of the corrupt dump was committed");
+    PgCluster::wait_for("pg_restore's session to end", WAIT, || {
+        pg.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = 'empty_target'").trim() == "0"
+    });
 
     // Bad input, each a clear one-line error.
     let e = one_line_error(&walnut(&env, &pg, &["logical", "capture", "--database", "nosuch"]));

@@ -816,10 +816,41 @@ async fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
     }
     let target = open_target(ctx, &a.to, capture.as_ref().map(|(m, _)| m.pg_major)).await?;
     let dropping = check_target(ctx, &target, a.confirm).await?;
-    let progress = Arc::new(LogicalProgress::default());
-    // A verified local file first: a corrupt dump is refused before the target is touched.
+    let flags = lrestore::RestoreFlags {
+        jobs: a.jobs,
+        no_owner: a.no_owner,
+        no_privileges: a.no_privileges,
+        role: a.role.clone(),
+    };
     let t0 = Instant::now();
     let temp = temp_dump(ctx)?;
+    // A capture into an empty target: restored as it downloads (nothing commits unless the
+    // whole dump matched its checksum). Otherwise a verified local file first: a corrupt dump
+    // is refused before the target is emptied or touched.
+    if let (Some((_, d)), true) = (&capture, dropping.is_empty()) {
+        let repo = repo.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let progress = Arc::new(LogicalProgress::default());
+        progress.tables_total.store(d.tables, Ordering::Relaxed);
+        let streamed = {
+            let _view = ProgressView::start("restore", progress.clone(), ctx.global.quiet);
+            lrestore::restore_streaming(repo, &d.object.key, &temp.0, &target, &flags, progress.clone(), &cancel).await
+        };
+        match streamed {
+            Ok(size) => {
+                return report_restore(ctx, a, &name, &target, size, &progress, &dropping, None, t0);
+            }
+            Err(logical::LogicalError::Unstreamable(_)) => {
+                tracing::info!(
+                    "{name}: its table of contents is of a format walnut does not read: restoring it from a file"
+                );
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("restore {name} into {}", describe_conn(&target.cfg)));
+            }
+        }
+    }
+    let progress = Arc::new(LogicalProgress::default());
     let file = {
         let _view = ProgressView::start("download", progress.clone(), ctx.global.quiet);
         match &capture {
@@ -851,12 +882,6 @@ async fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
     if let Some((_, d)) = &capture {
         restore_progress.tables_total.store(d.tables, Ordering::Relaxed);
     }
-    let flags = lrestore::RestoreFlags {
-        jobs: a.jobs,
-        no_owner: a.no_owner,
-        no_privileges: a.no_privileges,
-        role: a.role.clone(),
-    };
     let t1 = Instant::now();
     {
         let _view = ProgressView::start("restore", restore_progress.clone(), ctx.global.quiet);
@@ -865,24 +890,45 @@ async fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
             .with_context(|| format!("restore {name} into {}", describe_conn(&target.cfg)))?;
     }
     let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    report_restore(ctx, a, &name, &target, size, &restore_progress, &dropping, Some(t1), t0)
+}
+
+/// The closing line (or JSON) of a restore. `fetched`: when a download that came first ended
+/// (none when the dump was restored as it downloaded).
+#[allow(clippy::too_many_arguments)]
+fn report_restore(
+    ctx: &Ctx,
+    a: &RestoreArgs,
+    name: &str,
+    target: &lrestore::Target,
+    size: u64,
+    progress: &LogicalProgress,
+    dropping: &[String],
+    fetched: Option<Instant>,
+    t0: Instant,
+) -> Result<()> {
+    let tables = progress.tables_done.load(Ordering::Relaxed);
+    let fetch_seconds = fetched.map(|t1| (t1 - t0).as_secs_f64());
     if ctx.global.json {
         println!(
             "{}",
             serde_json::json!({
                 "source": name, "target": describe_conn(&target.cfg), "dump_bytes": size,
-                "tables": restore_progress.tables_done.load(Ordering::Relaxed),
-                "emptied": dropping, "fetch_seconds": (t1 - t0).as_secs_f64(), "restore_seconds": t1.elapsed().as_secs_f64(),
+                "tables": tables, "emptied": dropping, "streamed": fetched.is_none(),
+                "fetch_seconds": fetch_seconds,
+                "restore_seconds": fetched.unwrap_or(t0).elapsed().as_secs_f64(),
             })
         );
     } else if !ctx.global.quiet {
+        let how = match fetched {
+            Some(t1) => format!("in {:.1?} (fetched and verified in {:.1?} first)", t1.elapsed(), t1 - t0),
+            None => format!("in {:.1?}, as it downloaded", t0.elapsed()),
+        };
         println!(
-            "restored {name} ({}, {} table(s)) into {} with pg_restore --jobs {} in {:.1?} (fetched and verified in {:.1?})",
+            "restored {name} ({}, {tables} table(s)) into {} with pg_restore --jobs {} {how}",
             output::bytes(size),
-            restore_progress.tables_done.load(Ordering::Relaxed),
             describe_conn(&target.cfg),
             a.jobs,
-            t1.elapsed(),
-            t1 - t0
         );
     }
     Ok(())

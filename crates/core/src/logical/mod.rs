@@ -13,6 +13,8 @@
 //! - [`capture`]: begin (claim an ID, the marker and its heartbeat), dump, commit.
 //! - [`restore`]: fetch a dump (repository, URL or file) into a verified local file, inspect
 //!   and empty a target database, run `pg_restore`; `copy` pipes `pg_dump` into `pg_restore`.
+//! - [`dumpfile`]: the data offsets a dump written to a pipe lacks, filled in when it is made
+//!   a local file again, so `pg_restore --jobs` finds each table's data at once.
 //! - [`tools`]: the PostgreSQL client binaries of a major version, and connection settings as a
 //!   child process's environment (never its command line).
 //! - [`retention`]: keep the last N daily, weekly and monthly captures, with reasons (pure).
@@ -27,6 +29,7 @@ use std::time::Duration;
 use walnut_storage::{PutMode, StorageError};
 
 pub mod capture;
+pub mod dumpfile;
 pub mod progress;
 pub mod restore;
 pub mod retention;
@@ -64,6 +67,10 @@ pub enum LogicalError {
     /// A PostgreSQL client program is missing or of the wrong major version.
     #[error("{0}")]
     Tool(String),
+    /// A dump walnut cannot stream into `pg_restore` (its TOC is of a format walnut does not
+    /// read): restore it from a file.
+    #[error("the dump {0} cannot be restored as it downloads (walnut does not read its table of contents)")]
+    Unstreamable(String),
     /// A PostgreSQL program ran and failed.
     #[error("{program} failed ({status}): {detail}")]
     Program { program: String, status: String, detail: String },

@@ -48,17 +48,20 @@ pub async fn fetch_object(
         let file = std::fs::File::create(&path)
             .map_err(|e| BackupError::Io { context: format!("create {}", path.display()), source: e })?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        let n = decode_into(reader, keys.as_deref(), &mut out, &progress).map_err(|e| match e {
+        let d = decode_into(reader, keys.as_deref(), &mut out, &progress, Sink::File).map_err(|e| match e {
             Decode::Object(why) => corrupt(why),
             Decode::Write(e) => BackupError::Io { context: format!("write {}", path.display()), source: e },
+            Decode::Unstreamable => unreachable!("a file sink"),
         })?;
         let file = out
             .into_inner()
             .map_err(|e| BackupError::Io { context: format!("write {}", path.display()), source: e.into_error() })?;
+        apply_offsets(&file, &d.patches)
+            .map_err(|e| BackupError::Io { context: format!("write {}", path.display()), source: e })?;
         if sync {
             file.sync_all().map_err(|e| BackupError::Io { context: format!("write {}", path.display()), source: e })?;
         }
-        Ok(n)
+        Ok(d.bytes)
     })
     .await
     .map_err(from_backup)
@@ -67,19 +70,150 @@ pub async fn fetch_object(
 enum Decode {
     /// The object is not what it says (corrupt, truncated, not an envelope, no key).
     Object(String),
+    /// Writing the output failed (for a pipe: its reader is gone).
     Write(std::io::Error),
+    /// [`Sink::Pipe`]: walnut does not read the dump's TOC (it stopped at once).
+    Unstreamable,
+}
+
+/// What [`decode_into`] writes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sink {
+    /// A file: the whole dump, and the data offsets its TOC lacks are found on the way
+    /// ([`Decoded::patches`], to be written into the file once it is complete).
+    File,
+    /// A pipe into `pg_restore`: every chunk but the last goes as soon as the next one is
+    /// decoded, and the last only once the trailer matched, so that `pg_restore` cannot finish
+    /// a dump that turns out corrupt. The header and TOC are kept ([`Decoded::toc`]).
+    Pipe,
+}
+
+struct Decoded {
+    bytes: u64,
+    patches: Vec<dumpfile::Patch>,
+    /// The dump's header and TOC ([`Sink::Pipe`]), when walnut could read them.
+    toc: Option<Vec<u8>>,
+}
+
+/// Writes the offsets [`decode_into`] found into `file`, when it is a regular file (a dump
+/// written to a pipe, such as standard output, stays as it was).
+fn apply_offsets(file: &std::fs::File, patches: &[dumpfile::Patch]) -> std::io::Result<()> {
+    if !patches.is_empty() && file.metadata()?.is_file() {
+        dumpfile::apply(file, patches)?;
+    }
+    Ok(())
+}
+
+/// The hashing and writing end of [`decode_into`], read by [`dumpfile`]'s scan as it goes: every
+/// chunk is hashed and written (to a pipe: the one before it) when it arrives, whatever the scan
+/// does with it.
+struct Tee<'a, W: Write> {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+    pos: u64,
+    hasher: sha2::Sha256,
+    n: u64,
+    out: &'a mut W,
+    sink: Sink,
+    /// The chunks so far, while the TOC is being read ([`Sink::Pipe`]).
+    kept: Option<Vec<u8>>,
+    progress: &'a LogicalProgress,
+}
+
+impl<W: Write> Tee<'_, W> {
+    /// The next chunk, hashed and written; `false` at the end.
+    fn next(&mut self) -> std::io::Result<bool> {
+        use sha2::Digest;
+        let Ok(chunk) = self.rx.recv() else { return Ok(false) };
+        self.hasher.update(&chunk);
+        if let Some(kept) = &mut self.kept {
+            kept.extend_from_slice(&chunk);
+        }
+        match self.sink {
+            Sink::File => self.out.write_all(&chunk)?,
+            Sink::Pipe => self.out.write_all(&self.chunk)?,
+        }
+        self.n += chunk.len() as u64;
+        self.progress.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        (self.chunk, self.at) = (chunk, 0);
+        Ok(true)
+    }
+
+    /// Hashes and writes what the scan did not read.
+    fn drain(&mut self) -> std::io::Result<()> {
+        while self.next()? {}
+        Ok(())
+    }
+
+    /// Reads the dump as it goes by: the offsets a file needs, the TOC a pipe's reader needs.
+    fn scan(&mut self) -> std::io::Result<(Vec<dumpfile::Patch>, Option<Vec<u8>>)> {
+        let scanned = match self.sink {
+            Sink::File => dumpfile::scan(self).map(|p| (p, None)),
+            Sink::Pipe => dumpfile::scan_toc(self).map(|toc| {
+                let mut kept = self.kept.take().unwrap_or_default();
+                kept.truncate(toc.data_start as usize);
+                (Vec::new(), Some(kept))
+            }),
+        };
+        self.kept = None;
+        match scanned {
+            Ok(found) => Ok(found),
+            Err(dumpfile::ScanError::Io(e)) => Err(e),
+            Err(dumpfile::ScanError::Unsupported(why)) => {
+                tracing::debug!("walnut does not read this dump's TOC: {why}");
+                Ok((Vec::new(), None))
+            }
+        }
+    }
+}
+
+impl<W: Write> dumpfile::Source for Tee<'_, W> {
+    fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.chunk.len() {
+            if !self.next()? {
+                return Ok(0);
+            }
+        }
+        let k = buf.len().min(self.chunk.len() - self.at);
+        buf[..k].copy_from_slice(&self.chunk[self.at..self.at + k]);
+        self.at += k;
+        self.pos += k as u64;
+        Ok(k)
+    }
+
+    fn skip(&mut self, n: u64) -> std::io::Result<u64> {
+        let mut left = n;
+        while left > 0 {
+            if self.at == self.chunk.len() && !self.next()? {
+                break;
+            }
+            let k = left.min((self.chunk.len() - self.at) as u64);
+            self.at += k as usize;
+            self.pos += k;
+            left -= k;
+        }
+        Ok(n - left)
+    }
+
+    fn pos(&self) -> u64 {
+        self.pos
+    }
 }
 
 /// Decodes an enveloped stream into `out`, verifying the trailer. Decoding (decryption,
 /// decompression) runs on this thread, hashing and writing on another, so that a restore's
-/// download goes at the pace of the slower of the two rather than of their sum.
+/// download goes at the pace of the slower of the two rather than of their sum. The writing
+/// thread also reads the dump as it goes by ([`dumpfile`]): for a file, the data offsets its
+/// TOC lacks (a dump captured through a pipe then restores in parallel as fast as one
+/// `pg_dump` wrote to a file); for a pipe, its TOC.
 fn decode_into(
     reader: impl Read,
     keys: Option<&crate::crypt::Identities>,
     out: &mut (impl Write + Send),
     progress: &LogicalProgress,
-) -> Result<u64, Decode> {
-    use sha2::Digest;
+    sink: Sink,
+) -> Result<Decoded, Decode> {
     const CHUNK: usize = 1 << 20;
     let mut payload = envelope::PayloadReader::new(reader).map_err(|e| Decode::Object(e.to_string()))?;
     let (codecs, meta) = (payload.codecs.clone(), payload.meta.clone());
@@ -87,22 +221,37 @@ fn decode_into(
         // Decrypted below: age authenticates every chunk.
         payload.skip_stored_check();
     }
-    let (n, sum) = {
+    let (n, sum, patches, toc, last) = {
         let buffered = std::io::BufReader::with_capacity(CHUNK, &mut payload);
         let mut decoded =
             envelope::decoder(buffered, &codecs, keys, &meta).map_err(|e| Decode::Object(e.to_string()))?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let out = &mut *out;
         std::thread::scope(|scope| {
-            let writer = scope.spawn(move || -> std::io::Result<(u64, [u8; 32])> {
-                let (mut hasher, mut n) = (sha2::Sha256::new(), 0u64);
-                for chunk in rx {
-                    hasher.update(&chunk);
-                    out.write_all(&chunk)?;
-                    n += chunk.len() as u64;
-                    progress.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            let writer = scope.spawn(move || {
+                use sha2::Digest;
+                let kept = (sink == Sink::Pipe).then(Vec::new);
+                let mut tee = Tee {
+                    rx,
+                    chunk: Vec::new(),
+                    at: 0,
+                    pos: 0,
+                    hasher: sha2::Sha256::new(),
+                    n: 0,
+                    out,
+                    sink,
+                    kept,
+                    progress,
+                };
+                let (patches, toc) = tee.scan()?;
+                if sink == Sink::Pipe && toc.is_none() {
+                    // Nothing more goes to the pipe: its reader cannot be given the rest.
+                    return Ok((0, [0; 32], patches, toc, Vec::new()));
                 }
-                out.flush()?;
-                Ok((n, hasher.finalize().into()))
+                tee.drain()?;
+                tee.out.flush()?;
+                let last = if sink == Sink::Pipe { std::mem::take(&mut tee.chunk) } else { Vec::new() };
+                std::io::Result::Ok((tee.n, <[u8; 32]>::from(tee.hasher.finalize()), patches, toc, last))
             });
             let read = (|| -> std::io::Result<()> {
                 loop {
@@ -129,8 +278,12 @@ fn decode_into(
             drop(tx);
             let written =
                 writer.join().map_err(|_| Decode::Write(std::io::Error::other("the writer thread panicked")))?;
+            let written = written.map_err(Decode::Write)?;
+            if sink == Sink::Pipe && written.3.is_none() {
+                return Err(Decode::Unstreamable);
+            }
             read.map_err(|e| Decode::Object(e.to_string()))?;
-            written.map_err(Decode::Write)
+            Ok(written)
         })?
     };
     let (want_n, want_sum) = payload.trailer().map_err(|e| Decode::Object(e.to_string()))?;
@@ -141,7 +294,9 @@ fn decode_into(
             hex::encode(sum)
         )));
     }
-    Ok(n)
+    // All is checked: the reader of a pipe may have the end.
+    out.write_all(&last).and_then(|()| out.flush()).map_err(Decode::Write)?;
+    Ok(Decoded { bytes: n, patches, toc })
 }
 
 /// Makes `what` (a URL or a local path, named `name` in messages) a local custom-format dump
@@ -167,10 +322,13 @@ pub async fn fetch_external(
         let n = crate::repo::cpu(move || -> Result<u64, LogicalError> {
             let input = std::fs::File::open(&path2).map_err(io_ctx(format!("read {}", path2.display())))?;
             let mut out = std::fs::File::create(&dest2).map_err(io_ctx(format!("create {}", dest2.display())))?;
-            decode_into(input, keys.as_deref(), &mut out, &progress).map_err(|e| match e {
+            let d = decode_into(input, keys.as_deref(), &mut out, &progress, Sink::File).map_err(|e| match e {
                 Decode::Object(reason) => LogicalError::Corrupt { key: name, reason },
                 Decode::Write(e) => LogicalError::Io { context: format!("write {}", dest2.display()), source: e },
-            })
+                Decode::Unstreamable => unreachable!("a file sink"),
+            })?;
+            apply_offsets(&out, &d.patches).map_err(io_ctx(format!("write {}", dest2.display())))?;
+            Ok(d.bytes)
         })
         .await?;
         return Ok(Some(n));
@@ -210,13 +368,21 @@ pub async fn fetch_external(
                 n += k as u64;
                 progress.bytes.fetch_add(k as u64, Ordering::Relaxed);
             }
+            drop(out);
+            // A dump as pg_dump wrote it: its missing offsets are filled in by a second read.
+            if let Err(why) = dumpfile::fill_offsets(&dest2) {
+                tracing::debug!("the dump's data offsets are left as they are: {why}");
+            }
             return Ok(n);
         }
         check_head(&name, &head)?;
-        decode_into(whole, keys.as_deref(), &mut out, &progress).map_err(|e| match e {
+        let d = decode_into(whole, keys.as_deref(), &mut out, &progress, Sink::File).map_err(|e| match e {
             Decode::Object(reason) => LogicalError::Corrupt { key: name.clone(), reason },
             Decode::Write(e) => LogicalError::Io { context: format!("write {}", dest2.display()), source: e },
-        })
+            Decode::Unstreamable => unreachable!("a file sink"),
+        })?;
+        apply_offsets(&out, &d.patches).map_err(io_ctx(format!("write {}", dest2.display())))?;
+        Ok(d.bytes)
     })
     .await
     .expect("download thread panicked");
@@ -485,26 +651,45 @@ pub async fn target(
     Ok(Target { cfg, client, major, pg_restore })
 }
 
-/// Runs `pg_restore` of `file` into the target, with progress (tables, then the index and
-/// constraint phase). An error of pg_restore's is reported with its messages.
-pub async fn run_pg_restore(
+/// A running `pg_restore`: the child, the task reading its messages, and their tail.
+struct Running {
+    child: tokio::process::Child,
+    program: String,
+    watcher: tokio::task::JoinHandle<()>,
+    tail: Arc<std::sync::Mutex<StderrTail>>,
+}
+
+/// Starts `pg_restore` into the target with `flags` and `extra` arguments, reading `file` (or
+/// its standard input, piped, when `None`). Its lines count tables and say when the index and
+/// constraint phase begins.
+fn start_pg_restore(
     target: &Target,
-    file: &Path,
     flags: &RestoreFlags,
-    progress: Arc<LogicalProgress>,
-    cancel: &CancellationToken,
-) -> Result<(), LogicalError> {
+    extra: &[&str],
+    file: Option<&Path>,
+    progress: &Arc<LogicalProgress>,
+) -> Result<Running, LogicalError> {
     let mut args = flags.args();
+    if file.is_none() {
+        // Standard input is read in order: one job.
+        args.retain(|a| !a.to_string_lossy().starts_with("--jobs"));
+    }
+    args.extend(extra.iter().map(OsString::from));
     args.push("--dbname".into());
     // The database by name from the environment; the option only guards against a name that
     // looks like a connection string.
     let env = tools::conn_env(&target.cfg, None);
     let db = env.iter().find(|(k, _)| *k == "PGDATABASE").and_then(|(_, v)| v.clone()).unwrap_or_default();
     args.push(db);
-    args.push(file.as_os_str().to_owned());
-    progress.set_phase("tables");
+    let stdin = match file {
+        Some(f) => {
+            args.push(f.as_os_str().to_owned());
+            std::process::Stdio::null()
+        }
+        None => std::process::Stdio::piped(),
+    };
     let program = program_name(&target.pg_restore);
-    let mut child = spawn(&target.pg_restore, &args, &env, std::process::Stdio::null())?;
+    let mut child = spawn(&target.pg_restore, &args, &env, stdin)?;
     let tail = Arc::new(std::sync::Mutex::new(StderrTail::default()));
     let watcher = {
         let p = progress.clone();
@@ -515,19 +700,131 @@ pub async fn run_pg_restore(
         })
     };
     drop(child.stdout.take());
-    let status = tokio::select! {
-        s = child.wait() => s.map_err(io_ctx(format!("wait for {program}")))?,
+    Ok(Running { child, program, watcher, tail })
+}
+
+impl Running {
+    /// Waits for the end; an error of pg_restore's is reported with its messages. `stopped`:
+    /// what a cancellation leaves in the target.
+    async fn finish(mut self, cancel: &CancellationToken, stopped: &str) -> Result<(), LogicalError> {
+        let status = tokio::select! {
+            s = self.child.wait() => s.map_err(io_ctx(format!("wait for {}", self.program)))?,
+            _ = cancel.cancelled() => {
+                self.kill().await;
+                return Err(LogicalError::Abandoned(format!("walnut was asked to stop; {stopped}")));
+            }
+        };
+        let detail = tail_of(self.watcher, &self.tail).await;
+        if !status.success() {
+            return Err(LogicalError::Program { program: self.program, status: capture_exit(status), detail });
+        }
+        Ok(())
+    }
+
+    async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// What a cancelled or failed restore of a file leaves.
+const PARTLY: &str = "the target database is partly restored";
+
+/// Runs `pg_restore` of `file` into the target, with progress (tables, then the index and
+/// constraint phase). An error of pg_restore's is reported with its messages.
+pub async fn run_pg_restore(
+    target: &Target,
+    file: &Path,
+    flags: &RestoreFlags,
+    progress: Arc<LogicalProgress>,
+    cancel: &CancellationToken,
+) -> Result<(), LogicalError> {
+    progress.set_phase("tables");
+    start_pg_restore(target, flags, &[], Some(file), &progress)?.finish(cancel, PARTLY).await
+}
+
+/// Restores the dump `key` of the repository into an empty target while it downloads, with
+/// nothing written to disk but its TOC (`toc_path`):
+///
+/// 1. the schema and the data: the dump streamed into `pg_restore --single-transaction
+///    --section=pre-data --section=data` as it is decoded. Its last chunk goes only once the
+///    whole object matched its checksum, so a corrupt or truncated object never commits: the
+///    transaction is rolled back and the target is left as it was (empty);
+/// 2. the indexes, constraints and the rest: `pg_restore --section=post-data --jobs N` of the
+///    dump's header and TOC, which is all that section reads.
+///
+/// A dump whose TOC walnut does not read is an error before anything was committed
+/// ([`LogicalError::Unstreamable`]): the caller restores it from a file instead.
+pub async fn restore_streaming(
+    repo: &Repository,
+    key: &str,
+    toc_path: &Path,
+    target: &Target,
+    flags: &RestoreFlags,
+    progress: Arc<LogicalProgress>,
+    cancel: &CancellationToken,
+) -> Result<u64, LogicalError> {
+    const ROLLED_BACK: &str = "nothing was restored (pg_restore's transaction is rolled back)";
+    progress.set_phase("tables");
+    let mut load = start_pg_restore(
+        target,
+        flags,
+        &["--single-transaction", "--section=pre-data", "--section=data"],
+        None,
+        &progress,
+    )?;
+    let pipe = load.child.stdin.take().expect("piped").into_owned_fd().map_err(io_ctx("write to pg_restore"))?;
+    let pipe_broke = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fetched = {
+        let (k, keys, p, broke) = (key.to_string(), repo.keys().cloned(), progress.clone(), pipe_broke.clone());
+        crate::backup::read_part(repo, key, move |reader| {
+            let mut pipe = std::fs::File::from(pipe);
+            match decode_into(reader, keys.as_deref(), &mut pipe, &p, Sink::Pipe) {
+                Ok(d) => Ok(Some(d)),
+                Err(Decode::Unstreamable) => Ok(None),
+                Err(Decode::Object(reason)) => Err(BackupError::Corrupt { key: k, reason }),
+                Err(Decode::Write(e)) => {
+                    broke.store(true, Ordering::Relaxed);
+                    Err(BackupError::Io { context: "write to pg_restore".into(), source: e })
+                }
+            }
+        })
+    };
+    let fetched = tokio::select! {
+        r = fetched => r,
         _ = cancel.cancelled() => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(LogicalError::Abandoned("walnut was asked to stop; the target database is partly restored".into()));
+            load.kill().await;
+            return Err(LogicalError::Abandoned(format!("walnut was asked to stop; {ROLLED_BACK}")));
         }
     };
-    let detail = tail_of(watcher, &tail).await;
-    if !status.success() {
-        return Err(LogicalError::Program { program, status: capture_exit(status), detail });
-    }
-    Ok(())
+    let decoded = match fetched {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            load.kill().await;
+            return Err(LogicalError::Unstreamable(key.to_string()));
+        }
+        Err(e) if pipe_broke.load(Ordering::Relaxed) => {
+            // pg_restore stopped reading: what it says is the error.
+            load.finish(cancel, ROLLED_BACK).await?;
+            return Err(from_backup(e));
+        }
+        Err(e) => {
+            // pg_restore never got the end of the dump: it cannot have committed.
+            load.kill().await;
+            return Err(match from_backup(e) {
+                LogicalError::Corrupt { key, reason } => LogicalError::Corrupt { key, reason },
+                other => LogicalError::Invalid(format!("{other}; {ROLLED_BACK}")),
+            });
+        }
+    };
+    let toc = decoded.toc.expect("a streamed dump's TOC");
+    load.finish(cancel, ROLLED_BACK).await?;
+    std::fs::write(toc_path, &toc).map_err(io_ctx(format!("write {}", toc_path.display())))?;
+    progress.set_phase(POST_DATA);
+    start_pg_restore(target, flags, &["--section=post-data"], Some(toc_path), &progress)?
+        .finish(cancel, "the data is restored, not all of its indexes and constraints")
+        .await?;
+    Ok(decoded.bytes)
 }
 
 fn capture_exit(status: std::process::ExitStatus) -> String {
