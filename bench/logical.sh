@@ -38,8 +38,8 @@ BENCH_NAME=logical SKIP_S3=1 SKIP_PGBACKREST=1
 source "$SRC/bench/lib.sh"
 
 CONN="host=$W/sock port=$PORT user=postgres"
-# fresh_db NAME: an empty database (untimed)
-fresh_db() { sql "DROP DATABASE IF EXISTS $1" >/dev/null; sql "CREATE DATABASE $1" >/dev/null; }
+# fresh_db NAME: an empty database, and no dirty buffers left by the step before (untimed)
+fresh_db() { sql "DROP DATABASE IF EXISTS $1" >/dev/null; sql "CREATE DATABASE $1" >/dev/null; sql "CHECKPOINT" >/dev/null; }
 # dump_bytes DS KEY FILE: the size of what a step wrote
 file_bytes() { stat -c %s "$3" >"$R/$1.$2.stored"; }
 
@@ -65,12 +65,15 @@ for ds in $DATASETS; do
     step "$ds" pd.z0 "$PGBIN/pg_dump" -h "$W/sock" -p "$PORT" -U postgres -Fc -Z0 -f "$W/$ds/dump.z0" postgres || true
     file_bytes "$ds" pd.z0 "$W/$ds/dump.z0"
 
-    fresh_db target
-    step "$ds" lc.restore "$WALNUT" -q --config "$c" logical restore LATEST --to "$CONN dbname=target" --jobs 2 || true
-    fresh_db target
-    step "$ds" pr.fc "$PGBIN/pg_restore" -h "$W/sock" -p "$PORT" -U postgres -j 2 -d target "$W/$ds/dump.fc" || true
-    fresh_db target
-    step "$ds" pr.z0 "$PGBIN/pg_restore" -h "$W/sock" -p "$PORT" -U postgres -j 2 -d target "$W/$ds/dump.z0" || true
+    # The three restores in a rotating order: none always comes first or after the same step.
+    for ((k = 0; k < 3; k++)); do
+      fresh_db target
+      case $(((rep + k) % 3)) in
+        0) step "$ds" lc.restore "$WALNUT" -q --config "$c" logical restore LATEST --to "$CONN dbname=target" --jobs 2 || true ;;
+        1) step "$ds" pr.fc "$PGBIN/pg_restore" -h "$W/sock" -p "$PORT" -U postgres -j 2 -d target "$W/$ds/dump.fc" || true ;;
+        2) step "$ds" pr.z0 "$PGBIN/pg_restore" -h "$W/sock" -p "$PORT" -U postgres -j 2 -d target "$W/$ds/dump.z0" || true ;;
+      esac
+    done
     sql "DROP DATABASE target" >/dev/null
 
     if [[ -z ${SKIP_AT:-} ]]; then

@@ -162,6 +162,25 @@ pub fn pg_ctl_stop(bindir: &Path, pgdata: &Path, mode: &str) -> Result<()> {
     Ok(())
 }
 
+/// Stops a throwaway server on `pgdata` (immediately: nothing of it is kept) and removes
+/// `dirs`, however far its set-up got; what fails is logged as `what`'s, never raised (this
+/// runs from `Drop`).
+pub fn discard(what: &str, pgdata: &Path, bindir: Option<&Path>, dirs: &[&Path]) {
+    if running(pgdata)
+        && let Some(b) = bindir
+        && let Err(e) = pg_ctl_stop(b, pgdata, "immediate")
+    {
+        tracing::warn!("{what}: stop the server: {e:#}");
+    }
+    for dir in dirs {
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(dir)
+        {
+            tracing::warn!("{what}: remove {}: {e}", dir.display());
+        }
+    }
+}
+
 /// Whether a postmaster is running on `pgdata`.
 pub fn running(pgdata: &Path) -> bool {
     let Ok(pid) = std::fs::read_to_string(pgdata.join("postmaster.pid")) else { return false };

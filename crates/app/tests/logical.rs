@@ -157,19 +157,29 @@ fn round_trip_of_a_rich_database_and_a_second_one_restore_copy_download() {
     assert!(shown.contains("pg_dump (PostgreSQL) 15") && shown.contains("logical/"), "{shown}");
 
     // Restore into empty databases: pg_dump of source and target compare equal.
+    // shop's data is in several tables alike: a file first, for pg_restore --jobs 2.
     pg.sql("CREATE DATABASE shop_copy");
-    ok(&walnut(&env, &pg, &["logical", "restore", "shop1", "--to", &url(&pg, "shop_copy"), "--jobs", "2"]));
+    let o = ok(&walnut(
+        &env,
+        &pg,
+        &["--json", "logical", "restore", "shop1", "--to", &url(&pg, "shop_copy"), "--jobs", "2"],
+    ));
+    let done: serde_json::Value = serde_json::from_str(&o).unwrap();
+    assert_eq!(done["streamed"], false, "{done}");
     assert_eq!(dump_sql(&pg, "shop_copy"), dump_sql(&pg, "shop"), "the restored database dumps as the source");
     assert_eq!(
         sql_in(&pg, "shop_copy", "SELECT \"naïve\" FROM \"Ünïcødé\".\"Tabellé\" WHERE \"ключ\" = 3"),
         "emoji 🦀🐘"
     );
+    // analytics has one table: restored as it downloads, with --jobs 2 all the same.
     pg.sql("CREATE DATABASE analytics_copy");
-    ok(&walnut(
+    let o = ok(&walnut(
         &env,
         &pg,
-        &["logical", "restore", "everything", "--database", "analytics", "--to", &url(&pg, "analytics_copy")],
+        &["--json", "logical", "restore", "everything", "--database", "analytics", "--to", &url(&pg, "analytics_copy")],
     ));
+    let done: serde_json::Value = serde_json::from_str(&o).unwrap();
+    assert_eq!((&done["streamed"], &done["tables"]), (&serde_json::json!(true), &serde_json::json!(1)), "{done}");
     assert_eq!(dump_sql(&pg, "analytics_copy"), dump_sql(&pg, "analytics"));
     // An --all capture names its databases when none is chosen.
     let e =

@@ -39,17 +39,7 @@ struct Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if pgserver::running(&self.dir)
-            && let Some(b) = &self.bindir
-            && let Err(e) = pgserver::pg_ctl_stop(b, &self.dir, "immediate")
-        {
-            tracing::warn!("drill: stop the scratch server: {e:#}");
-        }
-        if self.dir.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.dir)
-        {
-            tracing::warn!("drill: remove {}: {e}", self.dir.display());
-        }
+        pgserver::discard("drill", &self.dir, self.bindir.as_deref(), &[&self.dir]);
     }
 }
 

@@ -365,23 +365,8 @@ const FORK_PORT: u16 = 5432;
 
 impl Drop for Fork {
     fn drop(&mut self) {
-        if pgserver::running(&self.data)
-            && let Some(b) = &self.bindir
-            && let Err(e) = pgserver::pg_ctl_stop(b, &self.data, "immediate")
-        {
-            tracing::warn!("capture --at: stop the fork: {e:#}");
-        }
-        if self.work.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.work)
-        {
-            tracing::warn!("capture --at: remove {}: {e}", self.work.display());
-        }
-        if self.sock_outside
-            && self.sock.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.sock)
-        {
-            tracing::warn!("capture --at: remove {}: {e}", self.sock.display());
-        }
+        let dirs: &[&Path] = if self.sock_outside { &[&self.work, &self.sock] } else { &[&self.work] };
+        pgserver::discard("capture --at", &self.data, self.bindir.as_deref(), dirs);
     }
 }
 
@@ -824,10 +809,14 @@ async fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
     };
     let t0 = Instant::now();
     let temp = temp_dump(ctx)?;
-    // A capture into an empty target: restored as it downloads (nothing commits unless the
-    // whole dump matched its checksum). Otherwise a verified local file first: a corrupt dump
-    // is refused before the target is emptied or touched.
-    if let (Some((_, d)), true) = (&capture, dropping.is_empty()) {
+    // A capture into an empty target, when pg_restore --jobs would not load it faster from a
+    // file: restored as it downloads (nothing commits unless the whole dump matched its
+    // checksum). Otherwise a verified local file first: a corrupt dump is refused before the
+    // target is emptied or touched.
+    if let Some((_, d)) = &capture
+        && dropping.is_empty()
+        && lrestore::streams_well(a.jobs, d.table_data)
+    {
         let repo = repo.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let progress = Arc::new(LogicalProgress::default());
         progress.tables_total.store(d.tables, Ordering::Relaxed);

@@ -201,7 +201,7 @@ impl Running {
             progress.set_phase("globals (roles, tablespaces)");
             let env = with_app(tools::conn_env(&opts.pg, None), &application_name(&self.id));
             let args: Vec<OsString> = vec!["--globals-only".into()];
-            let (object, _) = dump_object(
+            let (object, _, _) = dump_object(
                 &self.repo,
                 &layout::logical_globals(&self.id),
                 &opts.codec,
@@ -219,7 +219,7 @@ impl Running {
             progress.set_phase(format!("database {db}"));
             let env = with_app(tools::conn_env(&opts.pg, Some(db)), &application_name(&self.id));
             let args: Vec<OsString> = vec!["--format=custom".into(), "--compress=0".into(), "--verbose".into()];
-            let (object, tables) = dump_object(
+            let (object, tables, table_data) = dump_object(
                 &self.repo,
                 &layout::logical_dump(&self.id, i + 1),
                 &opts.codec,
@@ -230,7 +230,7 @@ impl Running {
                 &opts.cancel,
             )
             .await?;
-            dumps.push(DatabaseDump { database: db.clone(), format: "custom".into(), tables, object });
+            dumps.push(DatabaseDump { database: db.clone(), format: "custom".into(), tables, object, table_data });
             progress.databases_done.fetch_add(1, Ordering::Relaxed);
         }
         let all_objects = dumps.iter().map(|d| &d.object).chain(globals.iter());
@@ -432,7 +432,8 @@ pub(crate) fn program_name(tool: &Tool) -> String {
 /// Runs `tool` and stores what it writes to stdout as the streamed object `key` (hash,
 /// compress, encrypt, upload in chunks). The object is finished only once the program exited
 /// successfully; on a failure or a cancellation the upload is aborted and the program killed.
-/// Returns the object and the tables its `--verbose` output named.
+/// Returns the object, the tables its `--verbose` output named, and the table data sizes of a
+/// custom-format dump.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn dump_object(
     repo: &Repository,
@@ -443,7 +444,7 @@ pub(crate) async fn dump_object(
     env: &[(&'static str, Option<OsString>)],
     progress: &Arc<LogicalProgress>,
     cancel: &CancellationToken,
-) -> Result<(StoredObject, u64), LogicalError> {
+) -> Result<(StoredObject, u64, Option<dumpfile::DataSizes>), LogicalError> {
     let program = program_name(tool);
     let mut child = spawn(tool, &args, env, std::process::Stdio::null())?;
     let tables = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -495,7 +496,7 @@ pub(crate) async fn dump_object(
     .await;
     let finish = async {
         upload?;
-        let (content_len, sha256, payload_sha256) = match producer.await.expect("dump producer panicked") {
+        let (content_len, sha256, payload_sha256, sizes) = match producer.await.expect("dump producer panicked") {
             Ok(t) => t,
             Err(e) => return Err(LogicalError::Io { context: format!("store the output of {program}"), source: e }),
         };
@@ -512,11 +513,11 @@ pub(crate) async fn dump_object(
         let trailer = envelope::stream_trailer(content_len, sha256, payload_sha256);
         stored += trailer.len() as u64;
         progress.stored.fetch_add(trailer.len() as u64, Ordering::Relaxed);
-        Ok((trailer, content_len, sha256))
+        Ok((trailer, content_len, sha256, sizes))
     }
     .await;
     match finish {
-        Ok((trailer, content_len, sha256)) => {
+        Ok((trailer, content_len, sha256, sizes)) => {
             writer.write(trailer.into()).await?;
             writer.finish().await?;
             let tables = tables.load(Ordering::Relaxed);
@@ -528,6 +529,7 @@ pub(crate) async fn dump_object(
                     content_sha256: hex::encode(sha256),
                 },
                 tables,
+                sizes,
             ))
         }
         Err(e) => {
@@ -550,29 +552,91 @@ pub(crate) async fn dump_object(
     }
 }
 
+/// The program's output as [`produce`] reads it: every read is stored (`w`) at once, and
+/// read again by [`dumpfile::data_sizes`] as it goes by.
+struct Feed<'a, W: Write> {
+    input: std::fs::File,
+    w: W,
+    buf: Vec<u8>,
+    at: usize,
+    len: usize,
+    pos: u64,
+    counted: &'a std::sync::atomic::AtomicU64,
+}
+
+impl<W: Write> Feed<'_, W> {
+    /// Reads and stores the next piece of output; `false` at its end.
+    fn fill(&mut self) -> std::io::Result<bool> {
+        let n = loop {
+            match self.input.read(&mut self.buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        self.w.write_all(&self.buf[..n])?;
+        self.counted.fetch_add(n as u64, Ordering::Relaxed);
+        (self.at, self.len) = (0, n);
+        Ok(n > 0)
+    }
+}
+
+impl<W: Write> dumpfile::Source for Feed<'_, W> {
+    fn read_some(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.len {
+            if !self.fill()? {
+                return Ok(0);
+            }
+        }
+        let k = out.len().min(self.len - self.at);
+        out[..k].copy_from_slice(&self.buf[self.at..self.at + k]);
+        self.at += k;
+        self.pos += k as u64;
+        Ok(k)
+    }
+
+    fn skip(&mut self, n: u64) -> std::io::Result<u64> {
+        let mut left = n;
+        while left > 0 {
+            if self.at == self.len && !self.fill()? {
+                break;
+            }
+            let k = left.min((self.len - self.at) as u64);
+            self.at += k as usize;
+            self.pos += k;
+            left -= k;
+        }
+        Ok(n - left)
+    }
+
+    fn pos(&self) -> u64 {
+        self.pos
+    }
+}
+
 /// Reads `input` to its end through hash -> compress -> encrypt -> chunks on `tx`; returns the
-/// content's length and SHA-256, and the stored payload's SHA-256 when encrypted.
+/// content's length and SHA-256, the stored payload's SHA-256 when encrypted, and the table
+/// data sizes of a custom-format dump.
 fn produce(
-    mut input: std::fs::File,
+    input: std::fs::File,
     codec: Codec,
     tx: mpsc::Sender<Bytes>,
     counted: &std::sync::atomic::AtomicU64,
-) -> std::io::Result<(u64, [u8; 32], Option<[u8; 32]>)> {
+) -> std::io::Result<(u64, [u8; 32], Option<[u8; 32]>, Option<dumpfile::DataSizes>)> {
     let chunks = ChunkWriter::new(channel_sender(tx, |b| b));
-    let mut w = HashingWriter::new(Compressor::new(Sealing::new(chunks, &codec)?, &codec)?);
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        w.write_all(&buf[..n])?;
-        counted.fetch_add(n as u64, Ordering::Relaxed);
-    }
-    let (compressor, len, sum) = w.finish();
+    let w = HashingWriter::new(Compressor::new(Sealing::new(chunks, &codec)?, &codec)?);
+    let mut feed = Feed { input, w, buf: vec![0u8; 256 << 10], at: 0, len: 0, pos: 0, counted };
+    let sizes = match dumpfile::data_sizes(&mut feed) {
+        Ok(sizes) => Some(sizes),
+        Err(dumpfile::ScanError::Io(e)) => return Err(e),
+        Err(dumpfile::ScanError::Unsupported(why)) => {
+            tracing::debug!("no table data sizes for this output: {why}");
+            None
+        }
+    };
+    while feed.fill()? {}
+    let (compressor, len, sum) = feed.w.finish();
     let (mut chunks, payload_sum) = compressor.finish()?.finish()?;
     chunks.finish()?;
-    Ok((len, sum, payload_sum))
+    Ok((len, sum, payload_sum, sizes))
 }

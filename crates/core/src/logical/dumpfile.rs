@@ -96,7 +96,10 @@ impl<S: Source> Reader<'_, S> {
         while filled < buf.len() {
             match self.src.read_some(&mut buf[filled..])? {
                 0 => {
-                    return unsupported(format!("the archive ends in the middle of a field at byte {}", self.src.pos()));
+                    return unsupported(format!(
+                        "the archive ends in the middle of a field at byte {}",
+                        self.src.pos()
+                    ));
                 }
                 k => filled += k,
             }
@@ -177,7 +180,49 @@ pub struct Toc {
 /// data offsets its TOC lacks (none when they are all set). See the module documentation.
 pub fn scan(src: &mut impl Source) -> Result<Vec<Patch>, ScanError> {
     let toc = scan_toc(src)?;
-    scan_blocks(src, &toc)
+    let blocks = scan_blocks(src, &toc)?;
+    patches(&toc, &blocks)
+}
+
+/// How much table data an archive holds: all of it, and its largest block (a table's data, or
+/// the large objects). Read from `src` to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct DataSizes {
+    pub total: u64,
+    pub largest: u64,
+}
+
+pub fn data_sizes(src: &mut impl Source) -> Result<DataSizes, ScanError> {
+    let toc = scan_toc(src)?;
+    let blocks = scan_blocks(src, &toc)?;
+    Ok(DataSizes {
+        total: blocks.iter().map(|b| b.len).sum(),
+        largest: blocks.iter().map(|b| b.len).max().unwrap_or(0),
+    })
+}
+
+/// A data block: its entry's dump ID, where it starts and how long it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    pub id: i64,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// The patches that set the offsets of `blocks` the TOC lacks.
+fn patches(toc: &Toc, blocks: &[Block]) -> Result<Vec<Patch>, ScanError> {
+    let mut patches = Vec::new();
+    for b in blocks {
+        if let Some(at) = toc.unset.get(&b.id) {
+            let mut bytes = vec![OFFSET_SET];
+            bytes.extend_from_slice(&b.start.to_le_bytes()[..toc.off_size]);
+            if toc.off_size < 8 && b.start >> (8 * toc.off_size) != 0 {
+                return unsupported(format!("offset {} does not fit in {} bytes", b.start, toc.off_size));
+            }
+            patches.push(Patch { at: *at, bytes });
+        }
+    }
+    Ok(patches)
 }
 
 /// Reads the header and the TOC of a custom-format archive from `src`, up to its first data
@@ -256,19 +301,16 @@ pub fn scan_toc(src: &mut impl Source) -> Result<Toc, ScanError> {
 }
 
 /// Reads the data blocks that follow the TOC ([`scan_toc`] read it from `src`) to the end of
-/// the archive, and returns the patches that set the offsets the TOC lacks.
-pub fn scan_blocks(src: &mut impl Source, toc: &Toc) -> Result<Vec<Patch>, ScanError> {
-    let Toc { int_size, off_size, ids, unset, .. } = toc;
-    let (int_size, off_size) = (*int_size, *off_size);
-    let mut r = Reader { src, int_size, off_size };
-    // The data blocks: where each one starts.
-    let mut patches = Vec::new();
+/// the archive.
+pub fn scan_blocks(src: &mut impl Source, toc: &Toc) -> Result<Vec<Block>, ScanError> {
+    let mut r = Reader { src, int_size: toc.int_size, off_size: toc.off_size };
+    let mut blocks = Vec::new();
     let mut seen = std::collections::HashSet::new();
     loop {
         let start = r.src.pos();
         let Some(kind) = r.byte_or_end()? else { break };
         let id = r.int()?;
-        if !ids.contains(&id) || !seen.insert(id) {
+        if !toc.ids.contains(&id) || !seen.insert(id) {
             return unsupported(format!(
                 "a data block at byte {start} for entry {id}, which the TOC does not list once"
             ));
@@ -283,16 +325,9 @@ pub fn scan_blocks(src: &mut impl Source, toc: &Toc) -> Result<Vec<Patch>, ScanE
             },
             other => return unsupported(format!("unknown block type {other} at byte {start}")),
         }
-        if let Some(at) = unset.get(&id) {
-            let mut bytes = vec![OFFSET_SET];
-            bytes.extend_from_slice(&start.to_le_bytes()[..off_size]);
-            if off_size < 8 && start >> (8 * off_size) != 0 {
-                return unsupported(format!("offset {start} does not fit in {off_size} bytes"));
-            }
-            patches.push(Patch { at: *at, bytes });
-        }
+        blocks.push(Block { id, start, len: r.src.pos() - start });
     }
-    Ok(patches)
+    Ok(blocks)
 }
 
 /// A [`Source`] over any reader that can seek forward (a file).
@@ -464,6 +499,17 @@ mod tests {
         assert!(starts.values().all(|s| *s > 0));
         // An archive with its offsets set needs nothing.
         assert!(scan_bytes(&written).unwrap().is_empty());
+    }
+
+    #[test]
+    fn data_sizes_are_the_blocks_lengths() {
+        let entries = [(5, false), (7, true), (8, true), (99, true)];
+        let (bytes, starts) = archive(&entries, &[8, 7, 99], false);
+        let sizes = data_sizes(&mut Seekable::new(io::Cursor::new(&bytes))).unwrap();
+        let end = bytes.len() as u64;
+        let lens = [starts[&7] - starts[&8], starts[&99] - starts[&7], end - starts[&99]];
+        assert_eq!(sizes, DataSizes { total: end - starts[&8], largest: *lens.iter().max().unwrap() });
+        assert_eq!(lens.iter().sum::<u64>(), sizes.total);
     }
 
     #[test]

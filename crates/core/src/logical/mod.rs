@@ -135,6 +135,10 @@ pub struct DatabaseDump {
     pub tables: u64,
     #[serde(flatten)]
     pub object: StoredObject,
+    /// The bytes of table data in the dump and of its largest table (read from the dump as it
+    /// was stored; none in captures made before walnut recorded them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_data: Option<dumpfile::DataSizes>,
 }
 
 /// What a DONE capture holds: written last.
@@ -534,6 +538,7 @@ mod tests {
                     content_bytes: 20,
                     content_sha256: "00".into(),
                 },
+                table_data: None,
             }],
             globals: None,
             dump_bytes: 20,

@@ -743,6 +743,15 @@ pub async fn run_pg_restore(
     start_pg_restore(target, flags, &[], Some(file), &progress)?.finish(cancel, PARTLY).await
 }
 
+/// Whether a dump restores at least as fast as it downloads ([`restore_streaming`]) as from a
+/// file. Streamed, the data is loaded by one connection; from a file, `pg_restore --jobs N`
+/// loads N tables at once. That helps only when no single table holds most of the data, so a
+/// dump streams with `jobs` 1, or when its largest table holds 90% of its table data or more.
+/// Without the sizes (a capture older than their record) it does not.
+pub fn streams_well(jobs: u32, table_data: Option<dumpfile::DataSizes>) -> bool {
+    jobs <= 1 || table_data.is_some_and(|d| u128::from(d.largest) * 10 >= u128::from(d.total) * 9)
+}
+
 /// Restores the dump `key` of the repository into an empty target while it downloads, with
 /// nothing written to disk but its TOC (`toc_path`):
 ///
@@ -936,4 +945,24 @@ pub async fn copy(
     }
     relayed.map_err(io_ctx("pipe pg_dump into pg_restore"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dumpfile::DataSizes;
+
+    #[test]
+    fn a_dump_streams_when_parallel_loading_cannot_help() {
+        let sizes = |largest, total| Some(DataSizes { total, largest });
+        assert!(streams_well(1, None), "one job: streaming only saves the download");
+        assert!(streams_well(0, sizes(1, 100)));
+        assert!(!streams_well(2, None), "sizes unknown: the file and pg_restore --jobs");
+        assert!(streams_well(4, sizes(95, 100)), "one table holds the data: one connection loads it anyway");
+        assert!(streams_well(2, sizes(90, 100)));
+        assert!(!streams_well(2, sizes(89, 100)));
+        assert!(!streams_well(8, sizes(10, 100)), "ten tables alike: eight connections load them");
+        assert!(streams_well(2, sizes(0, 0)), "no table data at all");
+        assert!(streams_well(2, sizes(u64::MAX, u64::MAX)));
+    }
 }
