@@ -614,15 +614,17 @@ impl<W: Write> dumpfile::Source for Feed<'_, W> {
     }
 }
 
-/// Reads `input` to its end through hash -> compress -> encrypt -> chunks on `tx`; returns the
-/// content's length and SHA-256, the stored payload's SHA-256 when encrypted, and the table
-/// data sizes of a custom-format dump.
+/// What [`produce`] stored: the content's length and SHA-256, the stored payload's SHA-256 when
+/// encrypted, and the table data sizes of a custom-format dump.
+type Produced = (u64, [u8; 32], Option<[u8; 32]>, Option<dumpfile::DataSizes>);
+
+/// Reads `input` to its end through hash -> compress -> encrypt -> chunks on `tx`.
 fn produce(
     input: std::fs::File,
     codec: Codec,
     tx: mpsc::Sender<Bytes>,
     counted: &std::sync::atomic::AtomicU64,
-) -> std::io::Result<(u64, [u8; 32], Option<[u8; 32]>, Option<dumpfile::DataSizes>)> {
+) -> std::io::Result<Produced> {
     let chunks = ChunkWriter::new(channel_sender(tx, |b| b));
     let w = HashingWriter::new(Compressor::new(Sealing::new(chunks, &codec)?, &codec)?);
     let mut feed = Feed { input, w, buf: vec![0u8; 256 << 10], at: 0, len: 0, pos: 0, counted };
