@@ -134,12 +134,24 @@ impl StateDir {
     pub fn take_spooled(&self, name: &str, dest: &Path) -> std::io::Result<bool> {
         let (path, crc_path) = (self.spool_path(name), self.spool_crc_path(name));
         let Ok(want) = fs::read_to_string(&crc_path) else { return Ok(false) };
-        let content = match fs::read(&path) {
-            Ok(c) => c,
+        // Checked through a small buffer: a segment is 16 MiB, read while recovery waits.
+        let crc = match fs::File::open(&path) {
+            Ok(mut f) => {
+                use std::io::Read;
+                let (mut crc, mut buf) = (0u32, vec![0u8; 256 << 10]);
+                loop {
+                    match f.read(&mut buf) {
+                        Ok(0) => break crc,
+                        Ok(n) => crc = crc32c::crc32c_append(crc, &buf[..n]),
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         };
-        if u32::from_str_radix(want.trim(), 16).ok() != Some(crc32c::crc32c(&content)) {
+        if u32::from_str_radix(want.trim(), 16).ok() != Some(crc) {
             self.drop_spooled(name);
             return Err(std::io::Error::new(ErrorKind::InvalidData, format!("spooled {name} fails its CRC-32C")));
         }
@@ -149,8 +161,14 @@ impl StateDir {
         let _ = fs::remove_file(dest);
         match fs::hard_link(&path, dest) {
             Ok(()) => {}
-            // Another file system: a copy of what was checked.
-            Err(e) if e.raw_os_error() == Some(18) => crate::durable::write_unsynced(dest, &content)?,
+            // Another file system: a copy, checked again.
+            Err(e) if e.raw_os_error() == Some(18) => {
+                let content = fs::read(&path)?;
+                if crc32c::crc32c(&content) != crc {
+                    return Err(std::io::Error::new(ErrorKind::InvalidData, format!("spooled {name} changed")));
+                }
+                crate::durable::write_unsynced(dest, &content)?
+            }
             Err(e) => return Err(e),
         }
         Ok(true)
