@@ -558,15 +558,13 @@ struct Feed<'a, W: Write> {
     input: std::fs::File,
     w: W,
     buf: Vec<u8>,
-    at: usize,
     len: usize,
-    pos: u64,
     counted: &'a std::sync::atomic::AtomicU64,
 }
 
-impl<W: Write> Feed<'_, W> {
+impl<W: Write> dumpfile::Producer for Feed<'_, W> {
     /// Reads and stores the next piece of output; `false` at its end.
-    fn fill(&mut self) -> std::io::Result<bool> {
+    fn advance(&mut self) -> std::io::Result<bool> {
         let n = loop {
             match self.input.read(&mut self.buf) {
                 Ok(n) => break n,
@@ -576,41 +574,12 @@ impl<W: Write> Feed<'_, W> {
         };
         self.w.write_all(&self.buf[..n])?;
         self.counted.fetch_add(n as u64, Ordering::Relaxed);
-        (self.at, self.len) = (0, n);
+        self.len = n;
         Ok(n > 0)
     }
-}
 
-impl<W: Write> dumpfile::Source for Feed<'_, W> {
-    fn read_some(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.at == self.len {
-            if !self.fill()? {
-                return Ok(0);
-            }
-        }
-        let k = out.len().min(self.len - self.at);
-        out[..k].copy_from_slice(&self.buf[self.at..self.at + k]);
-        self.at += k;
-        self.pos += k as u64;
-        Ok(k)
-    }
-
-    fn skip(&mut self, n: u64) -> std::io::Result<u64> {
-        let mut left = n;
-        while left > 0 {
-            if self.at == self.len && !self.fill()? {
-                break;
-            }
-            let k = left.min((self.len - self.at) as u64);
-            self.at += k as usize;
-            self.pos += k;
-            left -= k;
-        }
-        Ok(n - left)
-    }
-
-    fn pos(&self) -> u64 {
-        self.pos
+    fn piece(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -627,7 +596,7 @@ fn produce(
 ) -> std::io::Result<Produced> {
     let chunks = ChunkWriter::new(channel_sender(tx, |b| b));
     let w = HashingWriter::new(Compressor::new(Sealing::new(chunks, &codec)?, &codec)?);
-    let mut feed = Feed { input, w, buf: vec![0u8; 256 << 10], at: 0, len: 0, pos: 0, counted };
+    let mut feed = dumpfile::Pieces::new(Feed { input, w, buf: vec![0u8; 256 << 10], len: 0, counted });
     let sizes = match dumpfile::data_sizes(&mut feed) {
         Ok(sizes) => Some(sizes),
         Err(dumpfile::ScanError::Io(e)) => return Err(e),
@@ -636,8 +605,8 @@ fn produce(
             None
         }
     };
-    while feed.fill()? {}
-    let (compressor, len, sum) = feed.w.finish();
+    feed.drain()?;
+    let (compressor, len, sum) = feed.producer.w.finish();
     let (mut chunks, payload_sum) = compressor.finish()?.finish()?;
     chunks.finish()?;
     Ok((len, sum, payload_sum, sizes))

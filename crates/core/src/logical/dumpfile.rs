@@ -330,6 +330,75 @@ pub fn scan_blocks(src: &mut impl Source, toc: &Toc) -> Result<Vec<Block>, ScanE
     Ok(blocks)
 }
 
+/// What yields an archive piece by piece, doing its own work with each piece as it comes
+/// (storing it, hashing it): [`Pieces`] reads it as a [`Source`].
+pub trait Producer {
+    /// Moves to the next piece; `false` at the end.
+    fn advance(&mut self) -> io::Result<bool>;
+    /// The current piece.
+    fn piece(&self) -> &[u8];
+}
+
+/// A [`Source`] over a [`Producer`].
+pub struct Pieces<P> {
+    pub producer: P,
+    at: usize,
+    pos: u64,
+}
+
+impl<P: Producer> Pieces<P> {
+    pub fn new(producer: P) -> Self {
+        Pieces { producer, at: 0, pos: 0 }
+    }
+
+    /// The next piece when the current one is read; `false` at the end.
+    fn next_if_read(&mut self) -> io::Result<bool> {
+        while self.at == self.producer.piece().len() {
+            if !self.producer.advance()? {
+                return Ok(false);
+            }
+            self.at = 0;
+        }
+        Ok(true)
+    }
+
+    /// Runs the producer to its end (what a scan did not read).
+    pub fn drain(&mut self) -> io::Result<()> {
+        while self.producer.advance()? {}
+        self.at = self.producer.piece().len();
+        Ok(())
+    }
+}
+
+impl<P: Producer> Source for Pieces<P> {
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.next_if_read()? {
+            return Ok(0);
+        }
+        let piece = &self.producer.piece()[self.at..];
+        let k = buf.len().min(piece.len());
+        buf[..k].copy_from_slice(&piece[..k]);
+        self.at += k;
+        self.pos += k as u64;
+        Ok(k)
+    }
+
+    fn skip(&mut self, n: u64) -> io::Result<u64> {
+        let mut left = n;
+        while left > 0 && self.next_if_read()? {
+            let k = left.min((self.producer.piece().len() - self.at) as u64);
+            self.at += k as usize;
+            self.pos += k;
+            left -= k;
+        }
+        Ok(n - left)
+    }
+
+    fn pos(&self) -> u64 {
+        self.pos
+    }
+}
+
 /// A [`Source`] over any reader that can seek forward (a file).
 pub struct Seekable<R> {
     inner: R,
@@ -510,6 +579,46 @@ mod tests {
         let lens = [starts[&7] - starts[&8], starts[&99] - starts[&7], end - starts[&99]];
         assert_eq!(sizes, DataSizes { total: end - starts[&8], largest: *lens.iter().max().unwrap() });
         assert_eq!(lens.iter().sum::<u64>(), sizes.total);
+    }
+
+    /// Yields a byte string in pieces of the given lengths, counting what it yielded.
+    struct Sliced<'a> {
+        bytes: &'a [u8],
+        cuts: Vec<usize>,
+        done: usize,
+        piece: &'a [u8],
+    }
+    impl<'a> Producer for Sliced<'a> {
+        fn advance(&mut self) -> io::Result<bool> {
+            if self.done == self.bytes.len() {
+                return Ok(false);
+            }
+            let n = self.cuts.pop().unwrap_or(usize::MAX).min(self.bytes.len() - self.done).max(1);
+            self.piece = &self.bytes[self.done..self.done + n];
+            self.done += n;
+            Ok(true)
+        }
+        fn piece(&self) -> &[u8] {
+            self.piece
+        }
+    }
+
+    #[test]
+    fn a_producer_in_pieces_of_any_size_reads_as_the_whole() {
+        let entries = [(7, true), (8, true), (99, true)];
+        let (piped, _) = archive(&entries, &[8, 7, 99], false);
+        let whole = scan_bytes(&piped).unwrap();
+        for cut in [1, 2, 3, 7, 64, piped.len()] {
+            let mut src = Pieces::new(Sliced { bytes: &piped, cuts: vec![cut; piped.len()], done: 0, piece: &[] });
+            assert_eq!(scan(&mut src).unwrap(), whole, "pieces of {cut}");
+            assert_eq!(src.pos(), piped.len() as u64);
+        }
+        // What a scan leaves is drained: a TOC read, then the rest yielded.
+        let mut src = Pieces::new(Sliced { bytes: &piped, cuts: vec![5; piped.len()], done: 0, piece: &[] });
+        let toc = scan_toc(&mut src).unwrap();
+        assert!(toc.data_start < piped.len() as u64);
+        src.drain().unwrap();
+        assert_eq!(src.producer.done, piped.len());
     }
 
     #[test]

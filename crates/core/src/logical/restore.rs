@@ -110,8 +110,6 @@ fn apply_offsets(file: &std::fs::File, patches: &[dumpfile::Patch]) -> std::io::
 struct Tee<'a, W: Write> {
     rx: std::sync::mpsc::Receiver<Vec<u8>>,
     chunk: Vec<u8>,
-    at: usize,
-    pos: u64,
     hasher: sha2::Sha256,
     n: u64,
     out: &'a mut W,
@@ -121,9 +119,9 @@ struct Tee<'a, W: Write> {
     progress: &'a LogicalProgress,
 }
 
-impl<W: Write> Tee<'_, W> {
+impl<W: Write> dumpfile::Producer for Tee<'_, W> {
     /// The next chunk, hashed and written; `false` at the end.
-    fn next(&mut self) -> std::io::Result<bool> {
+    fn advance(&mut self) -> std::io::Result<bool> {
         use sha2::Digest;
         let Ok(chunk) = self.rx.recv() else { return Ok(false) };
         self.hasher.update(&chunk);
@@ -136,68 +134,35 @@ impl<W: Write> Tee<'_, W> {
         }
         self.n += chunk.len() as u64;
         self.progress.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        (self.chunk, self.at) = (chunk, 0);
+        self.chunk = chunk;
         Ok(true)
     }
 
-    /// Hashes and writes what the scan did not read.
-    fn drain(&mut self) -> std::io::Result<()> {
-        while self.next()? {}
-        Ok(())
-    }
-
-    /// Reads the dump as it goes by: the offsets a file needs, the TOC a pipe's reader needs.
-    fn scan(&mut self) -> std::io::Result<(Vec<dumpfile::Patch>, Option<Vec<u8>>)> {
-        let scanned = match self.sink {
-            Sink::File => dumpfile::scan(self).map(|p| (p, None)),
-            Sink::Pipe => dumpfile::scan_toc(self).map(|toc| {
-                let mut kept = self.kept.take().unwrap_or_default();
-                kept.truncate(toc.data_start as usize);
-                (Vec::new(), Some(kept))
-            }),
-        };
-        self.kept = None;
-        match scanned {
-            Ok(found) => Ok(found),
-            Err(dumpfile::ScanError::Io(e)) => Err(e),
-            Err(dumpfile::ScanError::Unsupported(why)) => {
-                tracing::debug!("walnut does not read this dump's TOC: {why}");
-                Ok((Vec::new(), None))
-            }
-        }
+    fn piece(&self) -> &[u8] {
+        &self.chunk
     }
 }
 
-impl<W: Write> dumpfile::Source for Tee<'_, W> {
-    fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.at == self.chunk.len() {
-            if !self.next()? {
-                return Ok(0);
-            }
+/// Reads the dump as it goes by: the offsets a file needs, the TOC a pipe's reader needs.
+fn scan_dump<W: Write>(
+    src: &mut dumpfile::Pieces<Tee<'_, W>>,
+) -> std::io::Result<(Vec<dumpfile::Patch>, Option<Vec<u8>>)> {
+    let scanned = match src.producer.sink {
+        Sink::File => dumpfile::scan(src).map(|p| (p, None)),
+        Sink::Pipe => dumpfile::scan_toc(src).map(|toc| {
+            let mut kept = src.producer.kept.take().unwrap_or_default();
+            kept.truncate(toc.data_start as usize);
+            (Vec::new(), Some(kept))
+        }),
+    };
+    src.producer.kept = None;
+    match scanned {
+        Ok(found) => Ok(found),
+        Err(dumpfile::ScanError::Io(e)) => Err(e),
+        Err(dumpfile::ScanError::Unsupported(why)) => {
+            tracing::debug!("walnut does not read this dump's TOC: {why}");
+            Ok((Vec::new(), None))
         }
-        let k = buf.len().min(self.chunk.len() - self.at);
-        buf[..k].copy_from_slice(&self.chunk[self.at..self.at + k]);
-        self.at += k;
-        self.pos += k as u64;
-        Ok(k)
-    }
-
-    fn skip(&mut self, n: u64) -> std::io::Result<u64> {
-        let mut left = n;
-        while left > 0 {
-            if self.at == self.chunk.len() && !self.next()? {
-                break;
-            }
-            let k = left.min((self.chunk.len() - self.at) as u64);
-            self.at += k as usize;
-            self.pos += k;
-            left -= k;
-        }
-        Ok(n - left)
-    }
-
-    fn pos(&self) -> u64 {
-        self.pos
     }
 }
 
@@ -231,24 +196,15 @@ fn decode_into(
             let writer = scope.spawn(move || {
                 use sha2::Digest;
                 let kept = (sink == Sink::Pipe).then(Vec::new);
-                let mut tee = Tee {
-                    rx,
-                    chunk: Vec::new(),
-                    at: 0,
-                    pos: 0,
-                    hasher: sha2::Sha256::new(),
-                    n: 0,
-                    out,
-                    sink,
-                    kept,
-                    progress,
-                };
-                let (patches, toc) = tee.scan()?;
+                let tee = Tee { rx, chunk: Vec::new(), hasher: sha2::Sha256::new(), n: 0, out, sink, kept, progress };
+                let mut src = dumpfile::Pieces::new(tee);
+                let (patches, toc) = scan_dump(&mut src)?;
                 if sink == Sink::Pipe && toc.is_none() {
                     // Nothing more goes to the pipe: its reader cannot be given the rest.
                     return Ok((0, [0; 32], patches, toc, Vec::new()));
                 }
-                tee.drain()?;
+                src.drain()?;
+                let mut tee = src.producer;
                 tee.out.flush()?;
                 let last = if sink == Sink::Pipe { std::mem::take(&mut tee.chunk) } else { Vec::new() };
                 std::io::Result::Ok((tee.n, <[u8; 32]>::from(tee.hasher.finalize()), patches, toc, last))
