@@ -415,3 +415,76 @@ fn missing_block_maps_are_rebuilt_or_make_files_whole_and_say_so() {
     pg.sql("INSERT INTO t VALUES (0, 'last')");
     restores_like_the_source(&env, &pg, "blind", &["--backup", "blind"], None);
 }
+
+/// Two `pg_dumpall` outputs are the same (`what` names the second).
+fn assert_same(what: &str, want: &str, got: &str) {
+    assert!(got == want, "{what} differs: {}", first_difference(want, got));
+}
+
+#[test]
+fn an_incremental_on_a_new_timeline_reads_each_timeline_up_to_its_switch() {
+    // Timeline 1: a full backup, changes the fork keeps, the fork point, changes it never sees.
+    let env = Env::new(Backend::File);
+    let mut pg = cluster(&env);
+    pg.sql("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v1-' || g FROM generate_series(1, 30000) g");
+    push(&env, &pg, &["--name", "full"]);
+    pg.sql("UPDATE t SET v = 'tli1-kept' WHERE id <= 2000");
+    let fork = pg.sql("SELECT pg_current_wal_lsn()").trim().to_string();
+    pg.sql("UPDATE t SET v = 'tli1-lost' WHERE id BETWEEN 20001 AND 22000");
+    pg.sql("CREATE TABLE lost AS SELECT g FROM generate_series(1, 500) g");
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, WAIT);
+    pg.stop("fast");
+
+    // Timeline 2: the fork, restored to that point and archiving, changes other blocks.
+    let (_d, dest) = restore_dir("fork");
+    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
+    let o = env.walnut(&["restore", dest.to_str().unwrap(), "--target-lsn", &fork, "--archive", "--start"]);
+    assert!(o.status.success(), "restore the fork: {}{}", stdout(&o), stderr(&o));
+    let r = Restored::from_dir(&dest);
+    assert_eq!(r.sql("SELECT timeline_id FROM pg_control_checkpoint()"), "2");
+    assert_eq!(r.sql("SELECT count(*) FROM t WHERE v = 'tli1-lost'"), "0", "the fork is before those");
+    r.sql("UPDATE t SET v = 'tli2' WHERE id BETWEEN 10001 AND 12000; CHECKPOINT");
+
+    // An incremental on timeline 2 whose parent is timeline 1's full backup: the changes it
+    // stores are timeline 1's up to the switch and timeline 2's after it.
+    let mut c = Command::new(walnut_bin());
+    c.arg("--config")
+        .arg(&env.config)
+        .args(["backup-push", "--pgdata", r.pgdata.to_str().unwrap(), "--incremental", "--name", "inc-tli2"])
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", r.port.to_string())
+        .env("PGUSER", "postgres");
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "backup-push on timeline 2: {}{}", stdout(&o), stderr(&o));
+    let inc = backups(&env).into_iter().find(|b| b["name"] == "inc-tli2").expect("listed");
+    assert_eq!(inc["type"], "incremental", "{inc}");
+    assert_eq!(inc["parent"], backups(&env).iter().find(|b| b["name"] == "full").unwrap()["id"], "{inc}");
+
+    // Restored from the chain to the incremental's consistency point: the fork's data then
+    // (nothing was written on it since).
+    let want = dumpall(r.port);
+    let (_d2, dest2) = restore_dir("chain");
+    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
+    let o = env.walnut(&["restore", dest2.to_str().unwrap(), "--target-name", "inc-tli2", "--start"]);
+    assert!(o.status.success(), "restore the chain: {}{}", stdout(&o), stderr(&o));
+    let chain = Restored::from_dir(&dest2);
+    assert_same("the chain restored to its consistency point", &want, &dumpall(chain.port));
+    assert_eq!(chain.sql("SELECT count(*) FROM t WHERE v = 'tli2'"), "2000");
+    assert_eq!(chain.sql("SELECT count(*) FROM t WHERE v = 'tli1-kept'"), "2000");
+    assert_eq!(chain.sql("SELECT count(*) FROM pg_class WHERE relname = 'lost'"), "0");
+    drop(chain);
+
+    // To the end of the archive: the fork's own recovery target (its postgresql.auto.conf is in
+    // the backup) does not stop this recovery.
+    r.sql("CREATE TABLE after_backup AS SELECT 1 AS x");
+    let seg = r.sql("SELECT pg_walfile_name(pg_switch_wal())");
+    PgCluster::wait_for("timeline 2 archived", WAIT, || env.dir.path().join("repo/wal/00000002").join(&seg).exists());
+    let (_d3, dest3) = restore_dir("latest");
+    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
+    let o = env.walnut(&["restore", dest3.to_str().unwrap(), "--start"]);
+    assert!(o.status.success(), "restore the latest: {}{}", stdout(&o), stderr(&o));
+    let latest = Restored::from_dir(&dest3);
+    assert_eq!(latest.sql("SELECT count(*) FROM after_backup"), "1");
+    assert_same("the latest restore", &dumpall(r.port), &dumpall(latest.port));
+}

@@ -127,9 +127,12 @@ impl<S: Source> Reader<'_, S> {
     }
 
     fn int(&mut self) -> Result<i64, ScanError> {
-        let negative = self.byte()? != 0;
+        // The sign byte and the value in one read (a dump of small rows is mostly chunk lengths).
+        let mut raw = [0u8; 9];
+        self.exact(&mut raw[..1 + self.int_size])?;
+        let negative = raw[0] != 0;
         let mut bytes = [0u8; 8];
-        self.exact(&mut bytes[..self.int_size])?;
+        bytes[..self.int_size].copy_from_slice(&raw[1..1 + self.int_size]);
         let v = u64::from_le_bytes(bytes);
         let v = i64::try_from(v).or_else(|_| unsupported("an integer out of range"))?;
         Ok(if negative { -v } else { v })

@@ -119,9 +119,14 @@ impl RecoveryConf {
 
     /// Appends the settings to `dest/postgresql.auto.conf`, writes an empty `postgresql.conf`
     /// when the backup has none (Debian keeps it in /etc), and the signal file last, each durably.
+    /// The recovery settings of an earlier recovery that the backup holds (a backup of a cluster
+    /// that was itself restored keeps them: PostgreSQL ignores them once promoted) are commented
+    /// out first: another target kind beside this one's is refused by PostgreSQL ("multiple
+    /// recovery targets specified"), and with none of this one's (the end of the archive) the old
+    /// target would stop this recovery there.
     pub fn write(&self, dest: &Path) -> Result<(), RestoreError> {
         let auto = dest.join("postgresql.auto.conf");
-        let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+        let mut text = disable_earlier_recovery(&std::fs::read_to_string(&auto).unwrap_or_default());
         if !text.is_empty() && !text.ends_with('\n') {
             text.push('\n');
         }
@@ -145,6 +150,36 @@ impl RecoveryConf {
     pub fn get(&self, key: &str) -> Option<&str> {
         self.settings.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
+}
+
+/// The settings of a recovery: they describe the restore that wrote them, never a later one.
+const RECOVERY_SETTINGS: &[&str] = &[
+    "restore_command",
+    "archive_cleanup_command",
+    "recovery_end_command",
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+    "recovery_target_inclusive",
+    "recovery_target_action",
+    "recovery_target_timeline",
+];
+
+/// `text` (a `postgresql.auto.conf`) with every recovery setting commented out, saying why.
+fn disable_earlier_recovery(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let name = line.trim_start().split(|c: char| c == '=' || c.is_whitespace()).next().unwrap_or("");
+        if RECOVERY_SETTINGS.iter().any(|s| s.eq_ignore_ascii_case(name)) {
+            out += "# an earlier recovery's setting, disabled by walnut restore: ";
+            out += line.trim_start();
+        } else {
+            out += line;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -284,5 +319,29 @@ mod tests {
         assert!(auto.starts_with("work_mem = '8MB'\n# walnut restore of backup 20260101T110000"), "{auto}");
         assert!(auto.contains("recovery_target_timeline = '2'\n"), "{auto}");
         assert!(d.path().join("recovery.signal").exists() && d.path().join("postgresql.conf").exists());
+    }
+
+    #[test]
+    fn an_earlier_recoverys_settings_are_disabled() {
+        // A backup of a cluster that walnut restored to an LSN keeps that restore's settings.
+        let d = tempfile::tempdir().unwrap();
+        let earlier = "work_mem = '8MB'\n# walnut restore of backup X to LSN 0/30964E8\nrestore_command = 'walnut wal-fetch %f %p'\nrecovery_target_lsn = '0/30964E8'\n  Recovery_Target_Action='promote'\nrecovery_target_timeline = '1'\narchive_mode = 'on'\n# recovery_target_name = 'kept as a comment'\nrecovery_target_inclusive = off";
+        std::fs::write(d.path().join("postgresql.auto.conf"), earlier).unwrap();
+        let c = RecoveryConf::from_plan(&plan(RecoveryTarget::EndOfArchive), &opts());
+        c.write(d.path()).unwrap();
+        let auto = std::fs::read_to_string(d.path().join("postgresql.auto.conf")).unwrap();
+        let active: Vec<&str> = auto.lines().map(str::trim).filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
+        let names: Vec<&str> = active.iter().map(|l| l.split(['=', ' ']).next().unwrap()).collect();
+        assert!(
+            names.iter().all(|n| !n.eq_ignore_ascii_case("recovery_target_lsn")
+                && !n.eq_ignore_ascii_case("recovery_target_action")
+                && !n.eq_ignore_ascii_case("recovery_target_inclusive")),
+            "no earlier target is active: {auto}"
+        );
+        assert_eq!(names.iter().filter(|n| **n == "restore_command").count(), 1, "{auto}");
+        assert_eq!(active.iter().filter(|l| l.starts_with("recovery_target_timeline")).count(), 1, "{auto}");
+        assert!(active.contains(&"work_mem = '8MB'") && active.contains(&"archive_mode = 'on'"), "{auto}");
+        assert!(auto.contains("disabled by walnut restore: recovery_target_lsn = '0/30964E8'\n"), "{auto}");
+        assert!(auto.contains("\n# recovery_target_name = 'kept as a comment'\n"), "{auto}");
     }
 }
