@@ -301,10 +301,23 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
     std::fs::create_dir_all(log.parent().expect("parent"))?;
     pgserver::prepare_ownership(&a.dest.join("log"))?;
     let t0 = Instant::now();
+    // What this start logs comes after what the file held (a backup of a restored cluster
+    // carries that restore's log).
+    let log_from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let this_start = || {
+        let text = std::fs::read(&log).unwrap_or_default();
+        String::from_utf8_lossy(text.get(log_from as usize..).unwrap_or_default()).into_owned()
+    };
     pgserver::pg_ctl_start(&bindir, &a.dest, &log, &format!("-p {port} -c listen_addresses=127.0.0.1"), false)?;
-    // pg_ctl -W returns at once: wait for the postmaster to exist before watching it.
+    // pg_ctl -W returns at once: wait for the postmaster to exist before watching it, or for
+    // its log to say it already ended (a short recovery that shuts down at its target can be
+    // over before the first look).
     let appeared = Instant::now();
     while !pgserver::running(&a.dest) {
+        let text = this_start();
+        if text.contains("database system is shut down") || text.contains("FATAL:") {
+            break;
+        }
         if appeared.elapsed() > Duration::from_secs(30) {
             bail!("the restored server did not start{}", pgserver::tail(&log, 20));
         }
@@ -329,9 +342,8 @@ async fn start_and_wait(ctx: &Ctx, a: &RestoreArgs, p: &Plan, m: &backup::Manife
     let mut restored_log = LogCounter::default();
     loop {
         if !pgserver::running(&a.dest) {
-            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
             // PostgreSQL logs this when it stops as asked (not on a crash or a failed recovery).
-            if a.target_action == "shutdown" && log_text.contains("shutdown at recovery target") {
+            if a.target_action == "shutdown" && this_start().contains("shutdown at recovery target") {
                 tell!(
                     ctx,
                     "recovery reached {} and the server shut down as asked ({:.1?})",
