@@ -237,6 +237,22 @@ fn round_trip_of_a_rich_database_and_a_second_one_restore_copy_download() {
     pg.sql("CREATE DATABASE shop_file");
     ok(&walnut(&env, &pg, &["logical", "restore", file.to_str().unwrap(), "--to", &url(&pg, "shop_file")]));
     assert_eq!(dump_sql(&pg, "shop_file"), dump_sql(&pg, "shop"));
+    // A dump pg_dump wrote to a pipe (no data offsets), served over HTTP: downloaded, restored.
+    let piped = Command::new(pg.bindir.join("pg_dump"))
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "shop", "--format=custom"])
+        .arg("-p")
+        .arg(pg.port.to_string())
+        .output()
+        .unwrap();
+    assert!(piped.status.success() && piped.stdout.starts_with(b"PGDMP"), "{}", stderr(&piped));
+    let server = TextServer::start(piped.stdout);
+    pg.sql("CREATE DATABASE shop_url");
+    ok(&walnut(
+        &env,
+        &pg,
+        &["logical", "restore", &server.url("shop.dump"), "--to", &url(&pg, "shop_url"), "--jobs", "2"],
+    ));
+    assert_eq!(dump_sql(&pg, "shop_url"), dump_sql(&pg, "shop"));
 
     // Delete: gone from the listing and the repository.
     ok(&walnut(&env, &pg, &["logical", "delete", "shop1"]));
@@ -487,7 +503,8 @@ struct TextServer {
 }
 
 impl TextServer {
-    fn start(body: &'static str) -> TextServer {
+    fn start(body: impl Into<Vec<u8>>) -> TextServer {
+        let body: Vec<u8> = body.into();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         std::thread::spawn(move || {
@@ -497,9 +514,10 @@ impl TextServer {
                 let _ = std::io::Read::read(&mut s, &mut req);
                 let _ = write!(
                     s,
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
                 );
+                let _ = s.write_all(&body);
             }
         });
         TextServer { port }

@@ -552,37 +552,6 @@ pub(crate) async fn dump_object(
     }
 }
 
-/// The program's output as [`produce`] reads it: every read is stored (`w`) at once, and
-/// read again by [`dumpfile::data_sizes`] as it goes by.
-struct Feed<'a, W: Write> {
-    input: std::fs::File,
-    w: W,
-    buf: Vec<u8>,
-    len: usize,
-    counted: &'a std::sync::atomic::AtomicU64,
-}
-
-impl<W: Write> dumpfile::Producer for Feed<'_, W> {
-    /// Reads and stores the next piece of output; `false` at its end.
-    fn advance(&mut self) -> std::io::Result<bool> {
-        let n = loop {
-            match self.input.read(&mut self.buf) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        };
-        self.w.write_all(&self.buf[..n])?;
-        self.counted.fetch_add(n as u64, Ordering::Relaxed);
-        self.len = n;
-        Ok(n > 0)
-    }
-
-    fn piece(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
 /// What [`produce`] stored: the content's length and SHA-256, the stored payload's SHA-256 when
 /// encrypted, and the table data sizes of a custom-format dump.
 type Produced = (u64, [u8; 32], Option<[u8; 32]>, Option<dumpfile::DataSizes>);
@@ -596,7 +565,7 @@ fn produce(
 ) -> std::io::Result<Produced> {
     let chunks = ChunkWriter::new(channel_sender(tx, |b| b));
     let w = HashingWriter::new(Compressor::new(Sealing::new(chunks, &codec)?, &codec)?);
-    let mut feed = dumpfile::Pieces::new(Feed { input, w, buf: vec![0u8; 256 << 10], len: 0, counted });
+    let mut feed = dumpfile::Pieces::new(dumpfile::Copying::new(input, w, counted));
     let sizes = match dumpfile::data_sizes(&mut feed) {
         Ok(sizes) => Some(sizes),
         Err(dumpfile::ScanError::Io(e)) => return Err(e),
@@ -606,7 +575,7 @@ fn produce(
         }
     };
     feed.drain()?;
-    let (compressor, len, sum) = feed.producer.w.finish();
+    let (compressor, len, sum) = feed.producer.output.finish();
     let (mut chunks, payload_sum) = compressor.finish()?.finish()?;
     chunks.finish()?;
     Ok((len, sum, payload_sum, sizes))

@@ -342,6 +342,50 @@ pub trait Producer {
     fn piece(&self) -> &[u8];
 }
 
+/// A [`Producer`] that copies `input` to `output` piece by piece, counting what it copied
+/// (also into `counted`, a progress counter).
+pub struct Copying<'a, R: io::Read, W: io::Write> {
+    pub input: R,
+    pub output: W,
+    buf: Vec<u8>,
+    len: usize,
+    /// Bytes copied so far.
+    pub copied: u64,
+    counted: &'a std::sync::atomic::AtomicU64,
+    /// The last error came from writing `output` (not from reading `input`).
+    pub failed_writing: bool,
+}
+
+impl<'a, R: io::Read, W: io::Write> Copying<'a, R, W> {
+    pub fn new(input: R, output: W, counted: &'a std::sync::atomic::AtomicU64) -> Self {
+        Copying { input, output, buf: vec![0u8; 256 << 10], len: 0, copied: 0, counted, failed_writing: false }
+    }
+}
+
+impl<R: io::Read, W: io::Write> Producer for Copying<'_, R, W> {
+    fn advance(&mut self) -> io::Result<bool> {
+        let n = loop {
+            match self.input.read(&mut self.buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if let Err(e) = self.output.write_all(&self.buf[..n]) {
+            self.failed_writing = true;
+            return Err(e);
+        }
+        self.copied += n as u64;
+        self.counted.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.len = n;
+        Ok(n > 0)
+    }
+
+    fn piece(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 /// A [`Source`] over a [`Producer`].
 pub struct Pieces<P> {
     pub producer: P,
@@ -402,63 +446,13 @@ impl<P: Producer> Source for Pieces<P> {
     }
 }
 
-/// A [`Source`] over any reader that can seek forward (a file).
-pub struct Seekable<R> {
-    inner: R,
-    pos: u64,
-}
-
-impl<R: io::BufRead + io::Seek> Seekable<R> {
-    pub fn new(inner: R) -> Self {
-        Seekable { inner, pos: 0 }
-    }
-}
-
-impl<R: io::BufRead + io::Seek> Source for Seekable<R> {
-    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-
-    fn skip(&mut self, n: u64) -> io::Result<u64> {
-        // Within what is buffered, a skip moves in the buffer; beyond it, a seek. The end is
-        // found by reading: a seek past the end of a file succeeds.
-        let buffered = self.inner.fill_buf()?.len() as u64;
-        if n <= buffered {
-            self.inner.consume(n as usize);
-            self.pos += n;
-            return Ok(n);
-        }
-        let end = self.inner.seek(io::SeekFrom::End(0))?;
-        let to = (self.pos + n).min(end);
-        self.inner.seek(io::SeekFrom::Start(to))?;
-        let skipped = to - self.pos;
-        self.pos = to;
-        Ok(skipped)
-    }
-
-    fn pos(&self) -> u64 {
-        self.pos
-    }
-}
-
-/// Writes `patches` into the file at `path` (which [`scan`] read). Returns how many.
+/// Writes `patches` (what [`scan`] found) into `file`, the archive it read. Returns how many.
 pub fn apply(file: &std::fs::File, patches: &[Patch]) -> io::Result<usize> {
     use std::os::unix::fs::FileExt;
     for p in patches {
         file.write_all_at(&p.bytes, p.at)?;
     }
     Ok(patches.len())
-}
-
-/// Scans the custom-format archive `path` and sets the data offsets its TOC lacks, in place.
-/// Returns how many were set, or why none could be.
-pub fn fill_offsets(path: &std::path::Path) -> Result<usize, ScanError> {
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-    let mut src = Seekable::new(io::BufReader::with_capacity(1 << 20, &file));
-    let patches = scan(&mut src)?;
-    Ok(apply(&file, &patches)?)
 }
 
 #[cfg(test)]
@@ -553,8 +547,15 @@ mod tests {
         (w.0, starts)
     }
 
+    static COUNTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    /// `bytes` as a source (copied to nowhere).
+    fn source(bytes: &[u8]) -> Pieces<Copying<'static, &[u8], io::Sink>> {
+        Pieces::new(Copying::new(bytes, io::sink(), &COUNTED))
+    }
+
     fn scan_bytes(bytes: &[u8]) -> Result<Vec<Patch>, ScanError> {
-        scan(&mut Seekable::new(io::Cursor::new(bytes)))
+        scan(&mut source(bytes))
     }
 
     #[test]
@@ -577,7 +578,7 @@ mod tests {
     fn data_sizes_are_the_blocks_lengths() {
         let entries = [(5, false), (7, true), (8, true), (99, true)];
         let (bytes, starts) = archive(&entries, &[8, 7, 99], false);
-        let sizes = data_sizes(&mut Seekable::new(io::Cursor::new(&bytes))).unwrap();
+        let sizes = data_sizes(&mut source(&bytes)).unwrap();
         let end = bytes.len() as u64;
         let lens = [starts[&7] - starts[&8], starts[&99] - starts[&7], end - starts[&99]];
         assert_eq!(sizes, DataSizes { total: end - starts[&8], largest: *lens.iter().max().unwrap() });
@@ -647,15 +648,16 @@ mod tests {
     }
 
     #[test]
-    fn fill_offsets_patches_a_file_in_place() {
+    fn patches_are_applied_to_a_file_in_place() {
         let entries = [(7, true), (8, true)];
         let (piped, _) = archive(&entries, &[8, 7], false);
         let (written, _) = archive(&entries, &[8, 7], true);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.dump");
         std::fs::write(&path, &piped).unwrap();
-        assert_eq!(fill_offsets(&path).unwrap(), 2);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert_eq!(apply(&file, &scan_bytes(&piped).unwrap()).unwrap(), 2);
         assert_eq!(std::fs::read(&path).unwrap(), written);
-        assert_eq!(fill_offsets(&path).unwrap(), 0);
+        assert!(scan_bytes(&written).unwrap().is_empty());
     }
 }

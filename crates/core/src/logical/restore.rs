@@ -312,23 +312,27 @@ pub async fn fetch_external(
         let mut out = std::fs::File::create(&dest2).map_err(io_ctx(format!("create {}", dest2.display())))?;
         let whole = std::io::Cursor::new(head.clone()).chain(reader);
         if head.starts_with(CUSTOM_MAGIC) {
-            let mut counting = whole;
-            let mut buf = vec![0u8; 1 << 20];
-            let mut n = 0u64;
-            loop {
-                let k = counting.read(&mut buf).map_err(|e| LogicalError::Invalid(format!("download {name}: {e}")))?;
-                if k == 0 {
-                    break;
+            // A dump as pg_dump wrote it: copied, with the offsets it lacks found on the way.
+            let mut src = dumpfile::Pieces::new(dumpfile::Copying::new(whole, &mut out, &progress.bytes));
+            let scanned = dumpfile::scan(&mut src);
+            let failed = |e: std::io::Error, writing: bool| {
+                if writing {
+                    LogicalError::Io { context: format!("write {}", dest2.display()), source: e }
+                } else {
+                    LogicalError::Invalid(format!("download {name}: {e}"))
                 }
-                out.write_all(&buf[..k]).map_err(io_ctx(format!("write {}", dest2.display())))?;
-                n += k as u64;
-                progress.bytes.fetch_add(k as u64, Ordering::Relaxed);
-            }
-            drop(out);
-            // A dump as pg_dump wrote it: its missing offsets are filled in by a second read.
-            if let Err(why) = dumpfile::fill_offsets(&dest2) {
-                tracing::debug!("the dump's data offsets are left as they are: {why}");
-            }
+            };
+            let patches = match scanned {
+                Ok(p) => p,
+                Err(dumpfile::ScanError::Io(e)) => return Err(failed(e, src.producer.failed_writing)),
+                Err(dumpfile::ScanError::Unsupported(why)) => {
+                    tracing::debug!("the dump's data offsets are left as they are: {why}");
+                    Vec::new()
+                }
+            };
+            src.drain().map_err(|e| failed(e, src.producer.failed_writing))?;
+            let n = src.producer.copied;
+            apply_offsets(&out, &patches).map_err(io_ctx(format!("write {}", dest2.display())))?;
             return Ok(n);
         }
         check_head(&name, &head)?;
