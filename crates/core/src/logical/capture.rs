@@ -10,7 +10,6 @@ use crate::backup::{ChunkWriter, channel_sender, pg_error};
 use crate::envelope::{Compressor, HashingWriter, Sealing};
 use bytes::Bytes;
 use std::ffi::OsString;
-use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::io::AsyncBufReadExt;
