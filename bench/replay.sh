@@ -62,6 +62,7 @@ replay() {
   awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f\n", b - a}' >>"$R/replay.$kind"
   say "$kind: $(tail -1 "$R/replay.$kind") s"
   "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$dest" -m immediate -w stop >/dev/null
+  cp "$W/restored.log" "$W/restored.$kind.$(wc -l <"$R/replay.$kind").log"
 }
 for ((rep = 1; rep <= REPEAT; rep++)); do
   say "round $rep of $REPEAT"

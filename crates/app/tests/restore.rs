@@ -794,3 +794,68 @@ fn two_backups_at_once_one_is_refused() {
     // The lock is released: the next backup runs.
     assert_ok(&backup_push(&env, &pg, None), "the next backup");
 }
+
+/// A restore run as the user the restored server runs as starts the prefetcher at the backup's
+/// first segment: recovery's first request is served from the spool, not fetched while a
+/// prefetcher gets going (the first segments used to be fetched one by one).
+#[test]
+fn a_restore_spools_the_first_segments_before_the_server_asks() {
+    let env = Env::new(Backend::File);
+    let pg = env.cluster();
+    pg.sql("CREATE TABLE t(x int)");
+    assert_ok(&backup_push(&env, &pg, None), "backup-push");
+    for i in 0..3 {
+        pg.sql(&format!("INSERT INTO t SELECT generate_series(1, 1000); SELECT {i}"));
+        flush_archive(&pg);
+    }
+    // The restore's own config, with a state directory the postgres user owns (the server's
+    // restore_command runs as that user and uses the same file).
+    let state = env.dir.path().join("restore-state");
+    let config = env.dir.path().join("restore.toml");
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    let text = text.replace(&env.dir.path().join("state").display().to_string(), &state.display().to_string());
+    assert!(text.contains("restore-state"), "{text}");
+    std::fs::write(&config, text).unwrap();
+    walnut_testkit::pg::give_to_postgres_user(env.dir.path());
+    // Twice: the second restore's recovery starts where the first one's ended (a prefetcher
+    // may still follow the first, and the spool remembers its last request).
+    for round in 0..2 {
+        let (d, dest) = restore_dir(&format!("prespooled-{round}"));
+        walnut_testkit::pg::give_to_postgres_user(d.path());
+        let port = walnut_testkit::free_port().to_string();
+        let o = walnut_testkit::pg::as_postgres(std::path::Path::new(&walnut_bin()))
+            .arg("--config")
+            .arg(&config)
+            .args(["restore", dest.to_str().unwrap(), "--port", &port])
+            .output()
+            .unwrap();
+        assert_ok(&o, "restore as the postgres user");
+        let label = std::fs::read_to_string(dest.join("backup_label")).unwrap();
+        let first =
+            label.split("(file ").nth(1).and_then(|s| s.split(')').next()).expect("backup_label names its file");
+        let spooled = |name: &str| {
+            walkdir(&state)
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| n == name) && p.to_string_lossy().contains("spool"))
+        };
+        PgCluster::wait_for("the first segment in the spool", WAIT, || spooled(first));
+        let r = start_restored(&dest);
+        assert_eq!(r.sql("SELECT count(*) FROM t"), "3000");
+        let log = std::fs::read_to_string(dest.join("test-start.log")).unwrap();
+        assert!(log.contains(&format!("{first}: restored from the prefetch spool")), "round {round}: {log}");
+    }
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -531,6 +531,17 @@ impl WalFetcher {
     }
 }
 
+/// Points the prefetch spool at `after` (a recovery about to start asks for the segments after
+/// it first): a running prefetcher follows, and an earlier recovery's last request is forgotten.
+/// Returns whether a prefetcher must be started (none holds the spool).
+pub async fn aim_prefetch(repo: &Repository, state_base: &Path, after: &str) -> Result<bool, WalError> {
+    let Some(identity) = repo.identity().await? else { return Ok(false) };
+    let state = StateDir::open(state_base, &repo.describe(), &identity)
+        .map_err(WalError::io(format!("open the state directory {}", state_base.display())))?;
+    state.set_wanted(after);
+    Ok(!state.spool_locked())
+}
+
 /// How often the prefetcher looks for what recovery asked for last.
 const PREFETCH_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 

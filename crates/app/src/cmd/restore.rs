@@ -221,6 +221,7 @@ pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
         pgserver::prepare_ownership(&t.dir)?;
     }
     say(format!("fetched backup {} ({}) in {:.1?}", m.id, output::bytes(m.data_bytes), took));
+    prespool(ctx, &repo, &m, &a.dest).await;
     let configured = configure(ctx, a, &p);
     if let Err(e) = configured {
         clean_dest(&a.dest, existed);
@@ -258,6 +259,34 @@ pub async fn run(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
         println!("{}", serde_json::json!({"plan": p, "dest": a.dest, "started": true, "port": port}));
     }
     Ok(())
+}
+
+/// Aims the prefetch spool at the backup's first WAL segment (starting a prefetcher if none
+/// runs), so that the segments recovery asks for first are spooled when the server starts
+/// (otherwise they are fetched one by one while a prefetcher gets going, and a prefetcher still
+/// following an earlier recovery would not serve this one). Only when this user is the one the
+/// restored server runs as: the spool is below its state directory, which must be that user's.
+async fn prespool(ctx: &Ctx, repo: &walnut_core::Repository, m: &backup::Manifest, dest: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    if ctx.config.prefetch == 0 {
+        return;
+    }
+    let owner = std::fs::metadata(dest).map(|d| d.uid()).ok();
+    if owner.is_none() || owner != walnut_storage::local::effective_uid() {
+        return;
+    }
+    let Ok(size) = walnut_pg::lsn::WalSegSize::new(m.wal_segment_size) else { return };
+    let first = size.segno(m.start_lsn).0;
+    if first == 0 {
+        return;
+    }
+    // The prefetcher keeps the segments after the one named.
+    let before = walnut_pg::names::SegName::new(m.timeline, walnut_pg::lsn::SegNo(first - 1), size).to_string();
+    match walnut_core::wal::aim_prefetch(repo, &ctx.config.state_dir, &before).await {
+        Ok(true) => super::wal::spawn_prefetcher(ctx, &before),
+        Ok(false) => {}
+        Err(e) => tracing::debug!("no WAL prefetch before the start: {e}"),
+    }
 }
 
 /// Asks the primary, when it can be reached (`[postgres] url` or the libpq variables), whether it

@@ -113,7 +113,7 @@ pub async fn fetch(ctx: &Ctx, name: &str, dest: &Path) -> u8 {
 
 /// Starts `walnut wal-prefetch NAME` detached, with the same global options: the fetch itself
 /// returns to PostgreSQL at once.
-fn spawn_prefetcher(ctx: &Ctx, name: &str) {
+pub(super) fn spawn_prefetcher(ctx: &Ctx, name: &str) {
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     let Ok(exe) = std::env::current_exe() else { return };
