@@ -270,6 +270,10 @@ fn damaged_ciphertext_is_refused_and_named() {
     let key_file = env.dir.path().join("age.key");
     std::fs::write(&key_file, &key_file_text).unwrap();
     env.write_config(&format!("[encryption]\nrecipients = [\"{public}\"]\nidentity_file = \"{}\"", key_file.display()));
+    // verify with the key checks the same stored form (it does not decrypt) and names both.
+    let o = env.walnut(&["verify"]);
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(!o.status.success() && all.contains(&seg) && all.contains(&part_name), "{all}");
     let dest = env.dir.path().join("seg");
     let o = env.walnut(&["wal-fetch", &seg, dest.to_str().unwrap()]);
     assert!(o.status.code().unwrap_or(0) > 125 && !dest.exists(), "{:?} {}", o.status, stderr(&o));
@@ -290,6 +294,12 @@ fn damaged_ciphertext_is_refused_and_named() {
     assert!(o.status.code().unwrap_or(0) > 125, "{:?} {}", o.status, stderr(&o));
     let e = stderr(&o);
     assert!(e.contains("does not match any recipient") && e.contains(&other_public) && !e.contains(&secret), "{e}");
+    // Its stored form is whole (verify passes); decrypting it (verify --deep) is refused, named.
+    let o = env.walnut(&["verify"]);
+    assert!(o.status.success(), "stored form whole: {}{}", stdout(&o), stderr(&o));
+    let o = env.walnut(&["verify", "--deep"]);
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(!o.status.success() && all.contains(&seg) && all.contains("does not match any recipient"), "{all}");
     std::fs::write(&wal, &wal_bytes).unwrap();
     let o = env.walnut(&["verify", "--deep"]);
     assert!(o.status.success(), "whole again: {}{}", stdout(&o), stderr(&o));

@@ -3,7 +3,7 @@
 //!
 //! The host that writes needs only public keys ([`Recipients`]); reading needs a secret key
 //! ([`Identities`]). An encrypted object keeps in clear what listing and planning read (its
-//! metadata, see docs/repository-format.md) and a SHA-256 of its stored form, so that it can
+//! metadata, see docs/repository-format.md) and a checksum of its stored form, so that it can
 //! be checked whole without the identity.
 
 use std::io::{Read, Write};

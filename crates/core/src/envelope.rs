@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! "WLNT"            4 bytes magic
-//! version           u8  (2; version 1 has no metadata checksum and is still read)
+//! version           u8  (2 clear, 3 encrypted; version 1 has no metadata checksum and is
+//!                       still read, and so are encrypted objects of version 2)
 //! n                 u8  number of codecs in the chain
 //! codec ids         n bytes, in the order they were applied on write (compression, then encryption)
 //! meta length       u32 LE
@@ -12,9 +13,15 @@
 //! payload           the content after every codec
 //! content length    u64 LE   } trailer: written last, so a writer can stream; a reader verifies
 //! content SHA-256   32 bytes } the decoded content against it before anything is used
-//! payload SHA-256   32 bytes   encrypted objects only (codec 16, age): the stored form, so
-//!                              that an object can be checked whole without the identity
+//! stored checksum   16 bytes   encrypted objects only (codec 16, age): XXH3-128 of the
+//!                              payload as stored (big-endian), so that an object can be checked
+//!                              whole without the identity (version 2: 32 bytes, SHA-256)
 //! ```
+//!
+//! The stored checksum finds damage; it is not what makes an encrypted object trustworthy: the
+//! trailer is not keyed (anyone can recompute any hash of it), and age authenticates every chunk
+//! of the payload, and its end, when it is decrypted. A fast non-cryptographic hash is therefore
+//! as good as SHA-256 there, at a small fraction of its cost (version 3).
 //!
 //! Readers never guess: the codec chain is recorded in every object. Readers never trust a
 //! length either: the metadata length is bounded by the object's size and by [`MAX_META`], the
@@ -27,11 +34,17 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
 const MAGIC: &[u8; 4] = b"WLNT";
-/// The version written.
+/// The version written for clear objects.
 const VERSION: u8 = 2;
-/// Versions read: 1 (no metadata checksum) and 2.
+/// The version written for encrypted objects: version 2 but for the stored checksum (XXH3-128).
+const SEALED_VERSION: u8 = 3;
+/// Versions read: 1 (no metadata checksum), 2 and 3.
 fn known_version(v: u8) -> bool {
-    v == 1 || v == 2
+    (1..=3).contains(&v)
+}
+/// The version a new object with this codec is written as.
+fn version_for(codec: &Codec) -> u8 {
+    if codec.seal.is_some() { SEALED_VERSION } else { VERSION }
 }
 /// Bytes of the metadata checksum in `version`'s header.
 fn meta_sum_len(version: u8) -> usize {
@@ -47,12 +60,55 @@ fn check_meta(meta: &[u8], sum: &[u8]) -> Result<(), EnvelopeError> {
     }
 }
 const TRAILER: usize = 40;
-/// The trailer of an encrypted object: [`TRAILER`] plus the SHA-256 of the payload.
-const SEALED_TRAILER: usize = TRAILER + 32;
 
-fn trailer_len(ids: &[u8]) -> usize {
-    if ids.last() == Some(&AGE) { SEALED_TRAILER } else { TRAILER }
+/// The trailer's length: [`TRAILER`], plus the stored checksum of an encrypted object.
+fn trailer_len(version: u8, ids: &[u8]) -> usize {
+    if ids.last() == Some(&AGE) { TRAILER + StoredHasher::new(version).len() } else { TRAILER }
 }
+
+/// The checksum of an encrypted object's stored form (its payload): SHA-256 in version 2,
+/// XXH3-128 from version 3 (see the module docs for why a non-cryptographic hash suffices).
+enum StoredHasher {
+    Sha256(Sha256),
+    Xxh3(Box<twox_hash::XxHash3_128>),
+}
+
+impl StoredHasher {
+    fn new(version: u8) -> Self {
+        if version >= SEALED_VERSION { StoredHasher::Xxh3(Box::default()) } else { StoredHasher::Sha256(Sha256::new()) }
+    }
+    /// Bytes of the checksum in the trailer.
+    fn len(&self) -> usize {
+        match self {
+            StoredHasher::Sha256(_) => 32,
+            StoredHasher::Xxh3(_) => 16,
+        }
+    }
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            StoredHasher::Sha256(h) => h.update(data),
+            StoredHasher::Xxh3(h) => h.write(data),
+        }
+    }
+    fn finish(self) -> Vec<u8> {
+        match self {
+            StoredHasher::Sha256(h) => h.finalize().to_vec(),
+            StoredHasher::Xxh3(h) => h.finish_128().to_be_bytes().to_vec(),
+        }
+    }
+}
+
+/// The stored checksum of an encrypted `payload` in a `version` object.
+fn stored_sum(version: u8, payload: &[u8]) -> Vec<u8> {
+    if version >= SEALED_VERSION {
+        twox_hash::XxHash3_128::oneshot(payload).to_be_bytes().to_vec()
+    } else {
+        sha256(payload).to_vec()
+    }
+}
+
+/// The stored checksum of what an encrypted object's payload is written as (version 3).
+pub type StoredSum = [u8; 16];
 
 /// The recipients an encrypted object names in its metadata, for messages.
 fn recipients_of(meta: &serde_json::Value) -> String {
@@ -211,14 +267,14 @@ pub fn encode_with_sum(content: &[u8], meta: &serde_json::Value, codec: Codec) -
         None => (ids, payload, meta_bytes, None),
         Some(seal) => {
             let sealed = seal.encrypt(&payload);
-            let sum = sha256(&sealed);
+            let sum = stored_sum(SEALED_VERSION, &sealed);
             let meta = serde_json::to_vec(&with_recipients(meta, seal)).expect("JSON value");
             ([ids, vec![AGE]].concat(), sealed.into(), meta, Some(sum))
         }
     };
     let mut out = Vec::with_capacity(payload.len() + meta_bytes.len() + 96);
     out.extend_from_slice(MAGIC);
-    out.push(VERSION);
+    out.push(version_for(&codec));
     out.push(ids.len() as u8);
     out.extend_from_slice(&ids);
     out.extend_from_slice(&(meta_bytes.len() as u32).to_le_bytes());
@@ -276,7 +332,8 @@ pub fn is_encrypted(object: &[u8]) -> bool {
 /// Reads the trailer's content checksum without decoding (cheap comparisons of stored objects:
 /// the same content has the same checksum, encrypted or not).
 pub fn stored_checksum(object: &[u8]) -> Option<[u8; 32]> {
-    let t = trailer_len(codec_ids(object)?);
+    let ids = codec_ids(object)?;
+    let t = trailer_len(object[4], ids);
     (object.len() >= 6 + t).then(|| split_trailer(&object[object.len() - t..]).1)
 }
 
@@ -284,13 +341,21 @@ pub fn stored_checksum(object: &[u8]) -> Option<[u8; 32]> {
 /// encrypted object without `keys` against the checksum of its stored form.
 pub fn check_stored(object: &[u8], keys: Option<&Identities>) -> Result<(), EnvelopeError> {
     if keys.is_none() && is_encrypted(object) {
-        let body = object.len().checked_sub(SEALED_TRAILER).filter(|b| *b >= 10).ok_or(EnvelopeError::NotAnObject)?;
+        let version = object[4];
+        if !known_version(version) {
+            return Err(EnvelopeError::Version(version));
+        }
+        let body = object
+            .len()
+            .checked_sub(trailer_len(version, &[AGE]))
+            .filter(|b| *b >= 10)
+            .ok_or(EnvelopeError::NotAnObject)?;
         let start = payload_start(object)?;
         if start > body {
             return Err(EnvelopeError::Corrupt("metadata longer than the object".into()));
         }
         let want = &object[body + TRAILER..];
-        let actual = sha256(&object[start..body]);
+        let actual = stored_sum(version, &object[start..body]);
         if actual[..] != *want {
             return Err(EnvelopeError::Checksum { expected: hex::encode(want), actual: hex::encode(actual) });
         }
@@ -345,7 +410,7 @@ pub fn decode_with(object: &[u8], keys: Option<&Identities>) -> Result<Decoded, 
         .ok_or_else(|| corrupt("truncated header".into()))?;
     pos += 4;
     let sealed = ids.last() == Some(&AGE);
-    let body_end = object.len().checked_sub(trailer_len(ids)).ok_or(EnvelopeError::NotAnObject)?;
+    let body_end = object.len().checked_sub(trailer_len(object[4], ids)).ok_or(EnvelopeError::NotAnObject)?;
     if pos > body_end || meta_len.saturating_add(sum_len) > body_end - pos {
         return Err(corrupt(format!("metadata length {meta_len} is longer than the object ({} bytes)", object.len())));
     }
@@ -365,7 +430,7 @@ pub fn decode_with(object: &[u8], keys: Option<&Identities>) -> Result<Decoded, 
     let opened;
     let payload = if sealed {
         let want = &object[body_end + TRAILER..];
-        let actual = sha256(payload);
+        let actual = stored_sum(object[4], payload);
         if actual[..] != *want {
             return Err(EnvelopeError::Checksum { expected: hex::encode(want), actual: hex::encode(actual) });
         }
@@ -860,7 +925,7 @@ pub fn stream_header(codec: &Codec) -> Vec<u8> {
     };
     let mut out = Vec::with_capacity(16 + meta.len() + 32);
     out.extend_from_slice(MAGIC);
-    out.push(VERSION);
+    out.push(version_for(codec));
     out.push(ids.len() as u8);
     out.extend_from_slice(&ids);
     out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
@@ -869,37 +934,65 @@ pub fn stream_header(codec: &Codec) -> Vec<u8> {
     out
 }
 
-/// The trailer of a streamed object (`payload_sha256`: an encrypted one's stored form).
-pub fn stream_trailer(content_len: u64, sha256: [u8; 32], payload_sha256: Option<[u8; 32]>) -> Vec<u8> {
-    let mut t = Vec::with_capacity(SEALED_TRAILER);
+/// The trailer of a streamed object (`stored`: an encrypted one's stored checksum, from
+/// [`Sealing::finish`]).
+pub fn stream_trailer(content_len: u64, sha256: [u8; 32], stored: Option<StoredSum>) -> Vec<u8> {
+    let mut t = Vec::with_capacity(TRAILER + 16);
     t.extend_from_slice(&content_len.to_le_bytes());
     t.extend_from_slice(&sha256);
-    if let Some(p) = payload_sha256 {
+    if let Some(p) = stored {
         t.extend_from_slice(&p);
     }
     t
 }
 
+/// A writer that passes what it is given on and keeps the stored checksum (XXH3-128) of it: an
+/// encrypted payload as it is written.
+pub struct StoredSumWriter<W> {
+    inner: W,
+    hasher: Box<twox_hash::XxHash3_128>,
+}
+
+impl<W: std::io::Write> StoredSumWriter<W> {
+    pub fn new(inner: W) -> Self {
+        StoredSumWriter { inner, hasher: Box::default() }
+    }
+    pub fn finish(self) -> (W, StoredSum) {
+        (self.inner, self.hasher.finish_128().to_be_bytes())
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for StoredSumWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.write(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The encrypting end of a streamed object (below the compressor): plain, or age with the
-/// SHA-256 of what it writes (the payload's stored form, for the trailer).
+/// stored checksum of what it writes (the payload's stored form, for the trailer).
 pub enum Sealing<W: std::io::Write> {
     Plain(W),
-    Age(age::stream::StreamWriter<HashingWriter<W>>),
+    Age(age::stream::StreamWriter<StoredSumWriter<W>>),
 }
 
 impl<W: std::io::Write> Sealing<W> {
     pub fn new(inner: W, codec: &Codec) -> std::io::Result<Self> {
         Ok(match &codec.seal {
             None => Sealing::Plain(inner),
-            Some(seal) => Sealing::Age(seal.writer(HashingWriter::new(inner))?),
+            Some(seal) => Sealing::Age(seal.writer(StoredSumWriter::new(inner))?),
         })
     }
-    /// The inner writer, and the payload's SHA-256 when encrypted.
-    pub fn finish(self) -> std::io::Result<(W, Option<[u8; 32]>)> {
+    /// The inner writer, and the payload's stored checksum when encrypted.
+    pub fn finish(self) -> std::io::Result<(W, Option<StoredSum>)> {
         match self {
             Sealing::Plain(w) => Ok((w, None)),
             Sealing::Age(a) => {
-                let (w, _, sum) = a.finish()?.finish();
+                let (w, sum) = a.finish()?.finish();
                 Ok((w, Some(sum)))
             }
         }
@@ -971,17 +1064,17 @@ pub fn reseal<R: std::io::Read, W: std::io::Write>(
     };
     let new_meta = serde_json::to_vec(&with_recipients(&meta, to)).expect("JSON value");
     let ids = [compression, vec![AGE]].concat();
-    let mut out = HashingWriter::new(output);
+    let mut out = CountingWriter { inner: output, count: 0 };
     let mut header = Vec::with_capacity(16 + new_meta.len() + 32);
     header.extend_from_slice(MAGIC);
-    header.push(VERSION);
+    header.push(SEALED_VERSION);
     header.push(ids.len() as u8);
     header.extend_from_slice(&ids);
     header.extend_from_slice(&(new_meta.len() as u32).to_le_bytes());
     header.extend_from_slice(&new_meta);
     header.extend_from_slice(&sha256(&new_meta));
     out.write_all(&header).map_err(ResealError::Write)?;
-    let mut sealer = to.writer(HashingWriter::new(&mut out)).map_err(ResealError::Write)?;
+    let mut sealer = to.writer(StoredSumWriter::new(&mut out)).map_err(ResealError::Write)?;
     {
         let buffered = std::io::BufReader::with_capacity(1 << 20, &mut payload);
         let mut plain: Box<dyn Read + '_> = match keys.filter(|_| sealed) {
@@ -1002,11 +1095,11 @@ pub fn reseal<R: std::io::Read, W: std::io::Write>(
             sealer.write_all(&buf[..n]).map_err(ResealError::Write)?;
         }
     }
-    let (_, _, payload_sum) = sealer.finish().map_err(ResealError::Write)?.finish();
+    let (_, payload_sum) = sealer.finish().map_err(ResealError::Write)?.finish();
     let (content_len, content_sha256) = payload.trailer()?;
     out.write_all(&stream_trailer(content_len, content_sha256, Some(payload_sum))).map_err(ResealError::Write)?;
     out.flush().map_err(ResealError::Write)?;
-    let (_, stored_bytes, _) = out.finish();
+    let stored_bytes = out.count;
     Ok(Resealed { content_len, content_sha256, stored_bytes })
 }
 
@@ -1015,6 +1108,23 @@ pub fn recipients(meta: &serde_json::Value) -> Vec<String> {
     match meta.get("recipients").and_then(|r| r.as_array()) {
         Some(r) => r.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
         None => Vec::new(),
+    }
+}
+
+/// A writer that counts what passes through it.
+struct CountingWriter<W> {
+    inner: W,
+    count: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -1098,8 +1208,10 @@ pub struct PayloadReader<R> {
     pub meta: serde_json::Value,
     /// The trailer's length (longer for an encrypted object).
     trailer: usize,
+    /// Whether the payload is encrypted.
+    sealed: bool,
     /// An encrypted object's payload, hashed as it is read.
-    payload_hash: Option<Sha256>,
+    payload_hash: Option<StoredHasher>,
 }
 
 impl<R: std::io::Read> PayloadReader<R> {
@@ -1135,9 +1247,10 @@ impl<R: std::io::Read> PayloadReader<R> {
         } else {
             serde_json::from_slice(&meta).map_err(|e| EnvelopeError::Corrupt(format!("metadata: {e}")))?
         };
-        let trailer = trailer_len(&codecs);
-        let payload_hash = (trailer == SEALED_TRAILER).then(Sha256::new);
-        Ok(PayloadReader { inner, buf: Vec::new(), pos: 0, eof: false, codecs, meta, trailer, payload_hash })
+        let trailer = trailer_len(head[4], &codecs);
+        let sealed = codecs.last() == Some(&AGE);
+        let payload_hash = sealed.then(|| StoredHasher::new(head[4]));
+        Ok(PayloadReader { inner, buf: Vec::new(), pos: 0, eof: false, codecs, meta, trailer, sealed, payload_hash })
     }
 
     fn fill(&mut self) -> std::io::Result<()> {
@@ -1170,7 +1283,7 @@ impl<R: std::io::Read> PayloadReader<R> {
             )));
         }
         if let Some(h) = self.payload_hash.take() {
-            let actual: [u8; 32] = h.finalize().into();
+            let actual = h.finish();
             if actual[..] != rest[TRAILER..] {
                 return Err(EnvelopeError::Checksum {
                     expected: hex::encode(&rest[TRAILER..]),
@@ -1190,7 +1303,7 @@ impl<R: std::io::Read> PayloadReader<R> {
 
     /// Whether the payload is encrypted.
     pub fn sealed(&self) -> bool {
-        self.payload_hash.is_some() || self.trailer == SEALED_TRAILER
+        self.sealed
     }
 }
 
@@ -1369,11 +1482,60 @@ mod sealed_tests {
             assert!(matches!(check_stored(&bad, None), Err(EnvelopeError::Checksum { .. })));
             assert!(decode_with(&bad, Some(&id)).is_err());
             // Truncated ciphertext (trailer kept): refused.
-            let mut cut = obj[..obj.len() - SEALED_TRAILER - 100].to_vec();
-            cut.extend_from_slice(&obj[obj.len() - SEALED_TRAILER..]);
+            let sealed_trailer = TRAILER + 16;
+            let mut cut = obj[..obj.len() - sealed_trailer - 100].to_vec();
+            cut.extend_from_slice(&obj[obj.len() - sealed_trailer..]);
             assert!(decode_with(&cut, Some(&id)).is_err());
             assert!(check_stored(&cut, None).is_err());
         }
+    }
+
+    /// `object` (version 3, encrypted) as version 2 wrote it: the stored checksum is SHA-256.
+    fn as_version_2(object: &[u8]) -> Vec<u8> {
+        assert_eq!(object[4], SEALED_VERSION);
+        let start = payload_start(object).unwrap();
+        let body = object.len() - TRAILER - 16;
+        let mut old = object[..body + TRAILER].to_vec();
+        old[4] = 2;
+        old.extend_from_slice(&sha256(&object[start..body]));
+        old
+    }
+
+    #[test]
+    fn encrypted_objects_of_version_2_are_still_read_and_checked() {
+        let (id, to) = keys();
+        let content = marker_content();
+        let codec = Codec { compression: Compression::Zstd, level: 1, seal: Some(to.clone()) };
+        let obj = encode(&content, &serde_json::json!({"k": 1}), codec.clone());
+        assert_eq!(obj[4], 3, "encrypted objects are written as version 3");
+        assert_eq!(encode(&content, &serde_json::Value::Null, Codec::default())[4], 2, "clear ones as version 2");
+        let old = as_version_2(&obj);
+        assert_eq!(old.len(), obj.len() + 16);
+        assert_eq!(decode_with(&old, Some(&id)).unwrap().content.to_vec(), content);
+        check_stored(&old, None).unwrap();
+        assert_eq!(stored_checksum(&old), stored_checksum(&obj));
+        // Streamed: the SHA-256 of the stored form is checked at the end.
+        let mut p = PayloadReader::new(&old[..]).unwrap();
+        assert!(p.sealed());
+        std::io::copy(&mut p, &mut std::io::sink()).unwrap();
+        p.trailer().unwrap();
+        // A flipped payload byte is found by each reader, in each version.
+        for o in [obj.to_vec(), old] {
+            let mut bad = o.clone();
+            let at = payload_start(&o).unwrap() + 40;
+            bad[at] ^= 0x10;
+            assert!(matches!(check_stored(&bad, None), Err(EnvelopeError::Checksum { .. })), "v{}", o[4]);
+            let mut p = PayloadReader::new(&bad[..]).unwrap();
+            std::io::copy(&mut p, &mut std::io::sink()).unwrap();
+            assert!(matches!(p.trailer(), Err(EnvelopeError::Checksum { .. })), "v{}", o[4]);
+            assert!(decode_with(&bad, Some(&id)).is_err(), "v{}", o[4]);
+        }
+        // Re-encrypted, a version 2 object becomes version 3.
+        let mut out = Vec::new();
+        reseal(&as_version_2(&obj)[..], &mut out, Some(&id), &to).unwrap();
+        assert_eq!(out[4], 3);
+        assert_eq!(decode_with(&out, Some(&id)).unwrap().content.to_vec(), content);
+        check_stored(&out, None).unwrap();
     }
 
     #[test]

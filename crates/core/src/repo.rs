@@ -216,6 +216,16 @@ impl Repository {
         self.check_raw(key, raw).await
     }
 
+    /// Reads one object whole and checks what is stored: a clear object decoded, an encrypted
+    /// one against the checksum of its stored form even when this handle has the keys (what
+    /// `verify` without `--deep` asks: are the stored bytes whole; decrypting proves no more
+    /// about them).
+    pub async fn check_stored_form(&self, key: &str) -> Result<(), RepoError> {
+        let raw = self.store.get(key).await?;
+        let k = key.to_string();
+        cpu(move || envelope::check_stored(&raw, None)).await.map_err(|source| RepoError::Corrupt { key: k, source })
+    }
+
     /// [`Repository::check_object`] of an object already read from `key`.
     pub async fn check_raw(&self, key: &str, raw: Bytes) -> Result<(), RepoError> {
         let (k, keys) = (key.to_string(), self.keys.clone());

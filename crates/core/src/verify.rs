@@ -5,8 +5,10 @@
 //! every part is listed with the size the manifest records, then read whole (streamed, nothing
 //! kept) and its content matched against the part's trailer and the manifest; the WAL from the
 //! backup's start along the newest timeline descending from it is present and every segment
-//! object (and history file on the way) decodes against its checksum. `deep` also reads each
-//! part's tar and checks every file against the manifest, and decodes every WAL record.
+//! object (and history file on the way) decodes against its checksum. An encrypted object is
+//! checked in its stored form (its payload against the trailer's checksum of it), with or
+//! without the key. `deep` also decrypts, reads each part's tar and checks every file against
+//! the manifest, and decodes every WAL record.
 //!
 //! The verdict is the restore planner's own answer on the archive with every defective segment
 //! taken out: "restorable to [earliest, latest]", shorter than the archive when a segment is
@@ -128,7 +130,7 @@ fn chain(
 /// Reads one WAL object whole and checks it; `deep` decodes every record of a segment too.
 async fn check_wal(repo: &Repository, key: &str, start: Option<walnut_pg::Lsn>, deep: bool) -> Option<String> {
     if !deep {
-        return repo.check_object(key).await.err().map(|e| e.to_string());
+        return repo.check_stored_form(key).await.err().map(|e| e.to_string());
     }
     match repo.get_object(key).await {
         Ok(d) => match (deep, start) {

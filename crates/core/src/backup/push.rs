@@ -69,7 +69,7 @@ pub struct Progress {
 pub(super) enum Msg {
     Start(String),
     Data(Bytes),
-    End { content_len: u64, sha256: [u8; 32], payload_sha256: Option<[u8; 32]> },
+    End { content_len: u64, sha256: [u8; 32], stored_sum: Option<envelope::StoredSum> },
 }
 
 /// A `Write` that hands fixed-size chunks to `send` (an upload's channel); [`ChunkWriter::finish`]
@@ -124,9 +124,9 @@ type PartWriter = tar::Builder<HashingWriter<Compressor<Sealing<ChunkWriter>>>>;
 pub(super) fn finish_part(builder: PartWriter, tx: &mpsc::Sender<Msg>) -> std::io::Result<()> {
     let hashing = builder.into_inner()?;
     let (compressor, content_len, sha256) = hashing.finish();
-    let (mut chunks, payload_sha256) = compressor.finish()?.finish()?;
+    let (mut chunks, stored_sum) = compressor.finish()?.finish()?;
     chunks.finish()?;
-    tx.blocking_send(Msg::End { content_len, sha256, payload_sha256 })
+    tx.blocking_send(Msg::End { content_len, sha256, stored_sum })
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))
 }
 
@@ -240,9 +240,9 @@ pub(super) async fn upload_stream(
                         _ = stop.cancelled() => return Err(abandoned()),
                     }
                 }
-                Msg::End { content_len, sha256, payload_sha256 } => {
+                Msg::End { content_len, sha256, stored_sum } => {
                     let (w, _, n) = current.as_mut().expect("part started");
-                    let trailer = envelope::stream_trailer(content_len, sha256, payload_sha256);
+                    let trailer = envelope::stream_trailer(content_len, sha256, stored_sum);
                     let stored = *n + trailer.len() as u64;
                     tokio::select! {
                         r = w.write(trailer.into()) => r?,

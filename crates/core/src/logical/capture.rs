@@ -495,7 +495,7 @@ pub(crate) async fn dump_object(
     .await;
     let finish = async {
         upload?;
-        let (content_len, sha256, payload_sha256, sizes) = match producer.await.expect("dump producer panicked") {
+        let (content_len, sha256, stored_sum, sizes) = match producer.await.expect("dump producer panicked") {
             Ok(t) => t,
             Err(e) => return Err(LogicalError::Io { context: format!("store the output of {program}"), source: e }),
         };
@@ -509,7 +509,7 @@ pub(crate) async fn dump_object(
             let detail = tail_of(stderr.take().expect("watched"), &tail).await;
             return Err(LogicalError::Program { program: program.clone(), status: exit_text(status), detail });
         }
-        let trailer = envelope::stream_trailer(content_len, sha256, payload_sha256);
+        let trailer = envelope::stream_trailer(content_len, sha256, stored_sum);
         stored += trailer.len() as u64;
         progress.stored.fetch_add(trailer.len() as u64, Ordering::Relaxed);
         Ok((trailer, content_len, sha256, sizes))
@@ -553,7 +553,7 @@ pub(crate) async fn dump_object(
 
 /// What [`produce`] stored: the content's length and SHA-256, the stored payload's SHA-256 when
 /// encrypted, and the table data sizes of a custom-format dump.
-type Produced = (u64, [u8; 32], Option<[u8; 32]>, Option<dumpfile::DataSizes>);
+type Produced = (u64, [u8; 32], Option<envelope::StoredSum>, Option<dumpfile::DataSizes>);
 
 /// Reads `input` to its end through hash -> compress -> encrypt -> chunks on `tx`.
 fn produce(
