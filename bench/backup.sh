@@ -209,7 +209,13 @@ if [[ -z ${SKIP_AGE:-} ]]; then
     done
     echo
   done
-  echo "  medians of $REPEAT interleaved runs; the spreads of each figure are in the table above"
+  echo "  medians of $REPEAT interleaved runs; the spreads of the wall times are in the table above; CPU s [min-max]:"
+  for ds in "$@"; do
+    for op in push fetch restore verify; do
+      printf '    %-10s %-8s clear %s [%s]  age %s [%s]\n' "$ds" "$op" "$(num "$R/$ds.wfile.$op.cpu")" \
+        "$(tr ' ' - <"$R/$ds.wfile.$op.cpuspread" 2>/dev/null)" "$(num "$R/$ds.wage.$op.cpu")" "$(tr ' ' - <"$R/$ds.wage.$op.cpuspread" 2>/dev/null)"
+    done
+  done
 fi
 echo
 echo "== Goal: faster than pgBackRest at the same compression ratio; peak memory under 256 MiB =="

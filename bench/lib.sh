@@ -184,7 +184,10 @@ step() {
   sort -n "$f.runs" | awk '{a[NR] = $1} END {printf "%.2f\n", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}' >"$f.secs"
   sort -n "$f.runs" | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.2f %.2f %d\n", lo, hi, NR}' >"$f.spread"
   awk -F': ' '/Maximum resident set size/ {print $2}' "$f.time" >"$f.rss"
-  awk -F': ' '/(User|System) time \(seconds\)/ {s += $2} END {printf "%.2f\n", s}' "$f.time" >"$f.cpu"
+  # CPU: every run's kept too; .cpu is their median, .cpuspread their min and max.
+  awk -F': ' '/(User|System) time \(seconds\)/ {s += $2} END {printf "%.2f\n", s}' "$f.time" >>"$f.cpuruns"
+  sort -n "$f.cpuruns" | awk '{a[NR] = $1} END {printf "%.2f\n", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}' >"$f.cpu"
+  sort -n "$f.cpuruns" | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.2f %.2f\n", lo, hi}' >"$f.cpuspread"
   # Bytes read from disk by the command and its children (block input operations, 512 bytes each).
   awk -F': ' '/File system inputs/ {printf "%.0f\n", $2 * 512}' "$f.time" >>"$f.readruns"
   sort -n "$f.readruns" | awk '{a[NR] = $1} END {printf "%.0f\n", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}' >"$f.read"

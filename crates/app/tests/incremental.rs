@@ -210,6 +210,54 @@ fn a_chain_of_incrementals_stores_the_changes_and_restores_the_same_data() {
     drop(pg);
 }
 
+/// A page damaged on the source's disk before the full backup read it (a backup stores what it
+/// reads), in a file the incremental holds as blocks over the full's copy: restoring the chain
+/// checks every page an older member writes against its PostgreSQL checksum, and refuses,
+/// naming the member's part, the file and the block.
+#[test]
+fn a_damaged_page_from_an_older_chain_member_is_refused_at_restore() {
+    let env = Env::new(Backend::File);
+    let mut pg = cluster(&env);
+    pg.sql(
+        "CREATE TABLE victim WITH (autovacuum_enabled = false) AS SELECT g, md5(g::text) AS v \
+         FROM generate_series(1, 2000) g; CREATE TABLE other (id int)",
+    );
+    let file = pg.sql("SELECT pg_relation_filepath('victim')").trim().to_string();
+    pg.sql("CHECKPOINT");
+    pg.stop("fast");
+    let control = walnut_pg::control::ControlFile::parse(&std::fs::read(pg.pgdata.join("global/pg_control")).unwrap());
+    assert_eq!(control.unwrap().data_checksum_version, 1, "pg_control says the pages carry checksums");
+    let path = pg.pgdata.join(&file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 3 * 8192, "victim spans several pages");
+    bytes[8192 + 6000] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    pg.pg_ctl_start();
+    push(&env, &pg, &["--name", "full"]);
+    pg.sql("INSERT INTO other SELECT generate_series(1, 1000)");
+    push(&env, &pg, &["--incremental", "--name", "inc"]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&stdout(&env.walnut(&["--json", "backup-show", "inc"]))).unwrap();
+    let entry = shown["files"].as_array().unwrap().iter().find(|f| f["path"] == file.as_str()).unwrap().clone();
+    assert!(entry["blocks"].is_object(), "the incremental holds {file} as blocks: {entry}");
+    let full_id = backups(&env)[0]["id"].as_str().unwrap().to_string();
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg, WAIT);
+
+    let (_d, dest) = restore_dir("damaged-page");
+    let o = env.walnut(&["restore", dest.to_str().unwrap(), "--backup", "inc"]);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "restored a damaged page: {}{e}", stdout(&o));
+    assert!(
+        e.contains(&format!("backups/{full_id}/"))
+            && e.contains(&file)
+            && e.contains("block 1 ")
+            && e.contains("page checksum"),
+        "{e}"
+    );
+    drop(pg);
+}
+
 /// A full and an incremental backup taken on a streaming standby (the primary's own archive
 /// holds the WAL; it completes segments by archive_timeout): the chain restores to the
 /// primary's data.

@@ -15,6 +15,8 @@ pub struct ControlFile {
     pub checkpoint_redo: Lsn,
     pub checkpoint_tli: TimelineId,
     pub wal_seg_size: WalSegSize,
+    /// Non-zero when the cluster's data pages carry checksums (`initdb --data-checksums`).
+    pub data_checksum_version: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -58,6 +60,7 @@ impl ControlFile {
             checkpoint_redo: Lsn(u64_at(b, L::CHECKPOINT_REDO)),
             checkpoint_tli: TimelineId(u32_at(b, L::CHECKPOINT_TLI)),
             wal_seg_size: WalSegSize::new(u64::from(seg)).map_err(|_| ControlError::SegSize(seg))?,
+            data_checksum_version: u32_at(b, L::DATA_CHECKSUM_VERSION),
         })
     }
 }
@@ -77,6 +80,7 @@ mod tests {
         let c = ControlFile::parse(&b).unwrap();
         assert_eq!(c.system_identifier, SystemId(7));
         assert_eq!(c.wal_seg_size, WalSegSize::DEFAULT);
+        assert_eq!(c.data_checksum_version, 0);
         b[0] ^= 1;
         assert_eq!(ControlFile::parse(&b), Err(ControlError::Crc));
     }

@@ -13,6 +13,7 @@ pub mod control;
 pub mod history;
 pub mod lsn;
 pub mod names;
+pub mod page;
 pub mod relpath;
 pub mod version;
 pub mod walpage;

@@ -53,6 +53,7 @@ pub(crate) mod control_layout {
     pub const CHECKPOINT_REDO: usize = 40;
     pub const CHECKPOINT_TLI: usize = 48;
     pub const XLOG_SEG_SIZE: usize = 228;
+    pub const DATA_CHECKSUM_VERSION: usize = 252;
     pub const CRC: usize = 288;
 }
 

@@ -376,6 +376,9 @@ pub(super) struct ChainWrite {
     finals: HashMap<String, (u64, i64)>,
     /// The blocks of each such file written so far.
     written: std::sync::Mutex<HashMap<String, Vec<u64>>>,
+    /// Whether the cluster's pages carry checksums (from the newest member's `pg_control`,
+    /// read once that member is restored): then every page an older member writes is checked.
+    page_checksums: std::sync::atomic::AtomicBool,
 }
 
 /// One file of a [`ChainWrite`], while a member writes it.
@@ -383,6 +386,8 @@ pub(super) struct SharedFile {
     size: u64,
     written: Vec<u64>,
     first: bool,
+    /// The relation's number of the file's first block, when each page written is checked.
+    check_from: Option<u32>,
 }
 
 impl ChainWrite {
@@ -391,7 +396,16 @@ impl ChainWrite {
         let taken = self.written.lock().expect("chain bitmap").remove(rel);
         let first = taken.is_none();
         let written = taken.unwrap_or_else(|| vec![0; size.div_ceil(BLCKSZ).div_ceil(64) as usize]);
-        Some(SharedFile { size, written, first })
+        // An older member's pages (the newest member writes each file first) are checked: a
+        // block an older member writes did not change from that member's start to the newest
+        // one's (else a newer member would hold it), so it was not being written while it was
+        // read and its checksum must hold; a page the newest member read while PostgreSQL
+        // wrote it may be torn, which replay repairs, so the newest member's are not checked.
+        let check_from = (!first && self.page_checksums.load(Ordering::Relaxed))
+            .then(|| walnut_pg::relpath::parse_relpath(rel))
+            .flatten()
+            .map(|r| r.segno.wrapping_mul(walnut_pg::page::RELSEG_SIZE));
+        Some(SharedFile { size, written, first, check_from })
     }
 
     fn put(&self, rel: &str, f: SharedFile) {
@@ -424,6 +438,17 @@ impl SharedFile {
             data.read_exact(&mut buf[..n])?;
             let (word, bit) = ((b / 64) as usize, 1u64 << (b % 64));
             if at < self.size && self.written.get(word).is_some_and(|w| w & bit == 0) {
+                if let (Some(from), Ok(page)) = (self.check_from, <&[u8; BLCKSZ as usize]>::try_from(&buf[..n])) {
+                    let blkno = from.wrapping_add(b as u32);
+                    if let walnut_pg::page::PageCheck::Mismatch { stored, computed } =
+                        walnut_pg::page::verify(page, blkno)
+                    {
+                        return Err(std::io::Error::other(format!(
+                            "block {b} (block {blkno} of its relation) fails its page checksum (stored {stored}, \
+                             computed {computed}): the page was damaged before this backup stored it"
+                        )));
+                    }
+                }
                 file.write_all_at(&buf[..n.min((self.size - at) as usize)], at)?;
                 self.written[word] |= bit;
             }
@@ -713,6 +738,7 @@ pub async fn fetch(
             .map(|f| (f.path.clone(), (f.size, f.mtime)))
             .collect(),
         written: Default::default(),
+        page_checksums: Default::default(),
     };
     let shared = (chain.len() > 1).then_some(Arc::new(shared));
     for ((member, only), rewritten) in chain.iter().zip(stages).zip(rewritten).rev() {
@@ -720,7 +746,19 @@ pub async fn fetch(
             continue;
         }
         match fetch_stage(repo, member, dest, only, rewritten, shared.clone(), &fsync, parallel, &progress).await {
-            Ok(files) => seen.extend(files),
+            Ok(files) => {
+                seen.extend(files);
+                // The newest member (restored first) holds pg_control: whether pages carry checksums.
+                if let Some(shared) = &shared
+                    && member.id == manifest.id
+                {
+                    let control = std::fs::read(dest.join("global/pg_control")).ok();
+                    let on = control
+                        .and_then(|b| walnut_pg::control::ControlFile::parse(&b).ok())
+                        .is_some_and(|c| c.data_checksum_version != 0);
+                    shared.page_checksums.store(on, Ordering::Relaxed);
+                }
+            }
             Err(e) => {
                 failed = Some(e);
                 break;
