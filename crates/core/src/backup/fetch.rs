@@ -413,9 +413,14 @@ impl ChainWrite {
     }
 }
 
+/// Blocks read at once by [`SharedFile::write`]: runs of them are written in one call.
+const BATCH_BLOCKS: usize = 128;
+
 impl SharedFile {
     /// Writes what this member holds of the file (its blocks `stored`, or the whole file of
-    /// `len` bytes) at the blocks no newer member wrote, within the restored size.
+    /// `len` bytes) at the blocks no newer member wrote, within the restored size. Data is
+    /// read [`BATCH_BLOCKS`] blocks at a time, and each run of consecutive blocks to write is
+    /// written in one call (a whole file that no newer member touched: one call per batch).
     fn write(
         &mut self,
         data: &mut impl Read,
@@ -427,36 +432,69 @@ impl SharedFile {
         if self.first {
             file.set_len(self.size)?;
         }
-        let blocks: Box<dyn Iterator<Item = u64>> = match stored {
+        let mut blocks: Box<dyn Iterator<Item = u64>> = match stored {
             Some(b) => Box::new(b.stored.iter().map(u64::from)),
             None => Box::new(0..len.div_ceil(BLCKSZ)),
         };
-        let mut buf = vec![0u8; BLCKSZ as usize];
-        for b in blocks {
-            let at = b * BLCKSZ;
-            let n = if stored.is_some() { BLCKSZ } else { BLCKSZ.min(len - at) } as usize;
-            data.read_exact(&mut buf[..n])?;
-            let (word, bit) = ((b / 64) as usize, 1u64 << (b % 64));
-            if at < self.size && self.written.get(word).is_some_and(|w| w & bit == 0) {
-                if let (Some(from), Ok(page)) = (self.check_from, <&[u8; BLCKSZ as usize]>::try_from(&buf[..n])) {
-                    let blkno = from.wrapping_add(b as u32);
-                    if let walnut_pg::page::PageCheck::Mismatch { stored, computed } =
-                        walnut_pg::page::verify(page, blkno)
-                    {
-                        return Err(std::io::Error::other(format!(
-                            "block {b} (block {blkno} of its relation) fails its page checksum (stored {stored}, \
-                             computed {computed}): the page was damaged before this backup stored it"
-                        )));
-                    }
+        let block_len = |at: u64| if stored.is_some() { BLCKSZ } else { BLCKSZ.min(len - at) } as usize;
+        let mut buf = vec![0u8; BATCH_BLOCKS * BLCKSZ as usize];
+        let mut batch: Vec<u64> = Vec::with_capacity(BATCH_BLOCKS);
+        loop {
+            batch.clear();
+            batch.extend(blocks.by_ref().take(BATCH_BLOCKS));
+            if batch.is_empty() {
+                break;
+            }
+            let total: usize = batch.iter().map(|b| block_len(b * BLCKSZ)).sum();
+            data.read_exact(&mut buf[..total])?;
+            // The run to write: (offset in buf, offset in the file, bytes).
+            let mut run: Option<(usize, u64, usize)> = None;
+            let mut off = 0;
+            for &b in &batch {
+                let at = b * BLCKSZ;
+                let n = block_len(at);
+                let (word, bit) = ((b / 64) as usize, 1u64 << (b % 64));
+                if at < self.size && self.written.get(word).is_some_and(|w| w & bit == 0) {
+                    self.check_page(&buf[off..off + n], b)?;
+                    self.written[word] |= bit;
+                    let w = n.min((self.size - at) as usize);
+                    run = match run {
+                        Some((o, a, l)) if o + l == off && a + l as u64 == at => Some((o, a, l + w)),
+                        other => {
+                            if let Some((o, a, l)) = other {
+                                file.write_all_at(&buf[o..o + l], a)?;
+                            }
+                            Some((off, at, w))
+                        }
+                    };
+                } else if let Some((o, a, l)) = run.take() {
+                    file.write_all_at(&buf[o..o + l], a)?;
                 }
-                file.write_all_at(&buf[..n.min((self.size - at) as usize)], at)?;
-                self.written[word] |= bit;
+                off += n;
+            }
+            if let Some((o, a, l)) = run {
+                file.write_all_at(&buf[o..o + l], a)?;
             }
         }
         if data.read(&mut buf[..1])? != 0 {
             return Err(std::io::Error::other("more data than the manifest names"));
         }
         Ok(())
+    }
+
+    /// Checks `page`, block `b` of this file, against its PostgreSQL checksum when asked to.
+    fn check_page(&self, page: &[u8], b: u64) -> std::io::Result<()> {
+        let (Some(from), Ok(page)) = (self.check_from, <&[u8; BLCKSZ as usize]>::try_from(page)) else {
+            return Ok(());
+        };
+        let blkno = from.wrapping_add(b as u32);
+        match walnut_pg::page::verify(page, blkno) {
+            walnut_pg::page::PageCheck::Mismatch { stored, computed } => Err(std::io::Error::other(format!(
+                "block {b} (block {blkno} of its relation) fails its page checksum (stored {stored}, computed \
+                 {computed}): the page was damaged before this backup stored it"
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -797,4 +835,65 @@ pub async fn fetch(
         .await
         .map_err(|e| BackupError::Invalid(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocks(of: &[u8], n: u64) -> Vec<u8> {
+        of.iter().flat_map(|&c| std::iter::repeat_n(c, BLCKSZ as usize)).take((n * BLCKSZ) as usize).collect()
+    }
+
+    /// Members written newest first: each block from the newest member holding it, runs of
+    /// blocks written together, the file cut to its restored size (a whole copy longer than it,
+    /// a last block shorter than a page).
+    #[test]
+    fn a_chain_writes_each_block_once_from_the_newest_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+        let size = 300 * BLCKSZ - 100;
+        let chain = ChainWrite {
+            finals: [("base/1/16384".to_string(), (size, 0))].into(),
+            written: Default::default(),
+            page_checksums: Default::default(),
+        };
+        let rel = "base/1/16384";
+        // The newest member: blocks 1-2, 5 and 200-259 (more than a batch apart).
+        let newest: Vec<u32> = [1, 2, 5].into_iter().chain(200..260).collect();
+        let stored = FileBlocks { limit: 400, stored: BlockRanges::from_sorted(newest.iter().copied()) };
+        let data: Vec<u8> = newest.iter().flat_map(|_| blocks(b"N", 1)).collect();
+        let mut f = chain.take(rel).unwrap();
+        f.write(&mut &data[..], &file, Some(&stored), 0).unwrap();
+        chain.put(rel, f);
+        // A middle member: blocks 2-3 (2 is the newest's).
+        let stored = FileBlocks { limit: 400, stored: BlockRanges::from_sorted([2, 3]) };
+        let mut f = chain.take(rel).unwrap();
+        f.write(&mut &blocks(b"MM", 2)[..], &file, Some(&stored), 0).unwrap();
+        chain.put(rel, f);
+        // The oldest: the whole file, longer than the restored size, its last block short.
+        let len = 320 * BLCKSZ - 10;
+        let whole: Vec<u8> = (0..len).map(|i| b'a' + (i / BLCKSZ % 26) as u8).collect();
+        let mut f = chain.take(rel).unwrap();
+        f.write(&mut &whole[..], &file, None, len).unwrap();
+        chain.put(rel, f);
+        // More data than named is refused (block 7, written already, is not written again).
+        let mut f = chain.take(rel).unwrap();
+        let stored = FileBlocks { limit: 400, stored: BlockRanges::from_sorted([7]) };
+        assert!(f.write(&mut &blocks(b"XX", 2)[..], &file, Some(&stored), 0).is_err());
+        let got = std::fs::read(&path).unwrap();
+        assert_eq!(got.len() as u64, size);
+        for b in 0..300u64 {
+            let want = if [1, 2, 5].contains(&b) || (200..260).contains(&b) {
+                b'N'
+            } else if b == 3 {
+                b'M'
+            } else {
+                b'a' + (b % 26) as u8
+            };
+            let page = &got[(b * BLCKSZ) as usize..((b + 1) * BLCKSZ).min(size) as usize];
+            assert!(page.iter().all(|&c| c == want), "block {b}: want {:?}, got {:?}", want as char, page[0] as char);
+        }
+    }
 }
