@@ -2,7 +2,9 @@
 # bench/wal.sh: WAL archiving figures for walnut, measured in one run next to two references:
 # `cp %p DIR/%f && sync DIR/%f` and pgBackRest archive-push/archive-get (zst and lz4 at level 1, as
 # walnut; synchronous for latency, and both synchronous and archive-async process-max=4 under load,
-# against walnut's upload_ahead = 4).
+# against walnut's upload_ahead = 4). Latency on three datasets: idle (a small transaction, then a
+# WAL switch, on a new cluster: what sets the RPO of an idle server with archive_timeout), pgbench
+# and realistic (segments full of WAL).
 #
 #   bash bench/wal.sh                       # builds this checkout (release), then measures
 #   WALNUT_REV=HEAD bash bench/wal.sh       # builds a git revision instead (for a dirty tree)
@@ -136,13 +138,22 @@ make_dataset() { # NAME
   [[ $name == pgbench ]] && pgbench 300 -i -s 5 -q >/dev/null 2>&1
   for round in $(seq 1 60); do
     (($(find "$dir/collect" -type f | wc -l) > SEGS + 2)) && break
-    if [[ $name == pgbench ]]; then pgbench 60 -n -N -c 2 -j 2 -T 5 >/dev/null; else sql "$REAL_SQL"; fi
+    case $name in
+      pgbench) pgbench 60 -n -N -c 2 -j 2 -T 5 >/dev/null ;;
+      # An idle server: one small transaction, then the switch archive_timeout would force.
+      idle) sql "CREATE TABLE IF NOT EXISTS beat (at timestamptz); INSERT INTO beat VALUES (now())" && sql "SELECT pg_switch_wal()" >/dev/null ;;
+      *) sql "$REAL_SQL" ;;
+    esac
   done
   wait_drained 120 || { echo "archiver did not drain" >&2; exit 1; }
   find "$dir/collect" -type f -printf '%f\n' | sort | tail -n "$SEGS" | while read -r f; do cp "$dir/collect/$f" "$dir/pg_wal/"; done
   chown -R postgres:postgres "$dir"
   say "dataset $name: $(ls "$dir/pg_wal" | grep -c '^[0-9A-F]\{24\}$') segments (first $(ls "$dir/pg_wal" | awk '/^[0-9A-F]/ && !f {print; f = 1}')), $round rounds"
 }
+# idle first: on the new cluster every segment is a new, zero-filled file, as on a server that has
+# been idle for a while (its recycled segments held idle WAL too); a server that was busy until
+# recently recycles segments full of older WAL, and its idle segments cost what a full one does.
+make_dataset idle
 make_dataset pgbench
 make_dataset realistic
 set_archive ''
@@ -210,7 +221,7 @@ stop_workers() { pkill -f "$WALNUT.* wal-worker " 2>/dev/null || true; sleep 0.3
 TARGETS=(walnut-file walnut-s3 walnut-file-worker walnut-s3-worker cp-sync)
 ((HAVE_PGBR)) && TARGETS+=(pgbr-zst pgbr-lz4)
 chown postgres:postgres "$W/fetch" "$W/repo" "$W/arch" "$W/state"
-for ds in pgbench realistic; do
+for ds in idle pgbench realistic; do
   c=$(walnut_conf "$ds-file" "file://$W/repo/$ds-file" 0 0)
   latency "$ds" walnut-file "$WALNUT -q --config $c wal-push %p" "$WALNUT -q --config $c wal-fetch %f %p" "$W/repo/$ds-file"
   c=$(walnut_conf "$ds-s3" "s3://walnut/$ds" 0 0)
@@ -332,7 +343,7 @@ echo
 echo "walnut WAL benchmark  walnut $REV_DESC  $(date -u +%Y-%m-%dT%H:%MZ)  $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)  PostgreSQL $("$PGBIN/postgres" -V | awk '{print $3}')  $( ((HAVE_PGBR)) && pgbackrest version || echo 'pgBackRest: not installed')"
 echo "Load average (1/5/15 min) at start: $LOAD_START, at end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every figure)"
 echo "Segments: $SEGS x 16 MiB per dataset, each call a fresh process (sh -c as postgres); walnut upload_ahead=0 prefetch=0 for latency; every tool at compression level 1 (zst and lz4); under load walnut upload_ahead=4 against pgBackRest synchronous and archive-async with process-max=4"
-for ds in pgbench realistic; do
+for ds in idle pgbench realistic; do
   echo
   echo "== Latency per segment, dataset: $ds =="
   printf '%-18s %12s %12s %13s %16s %16s %17s\n' target "push p50 ms" "push p90 ms" "fetch p50 ms" "stored/original" "push p50 / cp" "fetch p50 / cp"

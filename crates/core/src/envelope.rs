@@ -1337,12 +1337,22 @@ pub fn decoder<'a, R: std::io::BufRead + 'a>(
 ) -> Result<Box<dyn std::io::Read + 'a>, EnvelopeError> {
     match codecs.split_last() {
         Some((&AGE, rest)) => {
-            let keys = keys.ok_or_else(|| EnvelopeError::NoIdentity { recipients: recipients_of(meta) })?;
-            let plain = keys.reader(payload).map_err(|r| EnvelopeError::refused(r, meta, keys))?;
+            let plain = decrypter(payload, keys, meta)?;
             decompressor(std::io::BufReader::with_capacity(1 << 20, plain), rest)
         }
         _ => decompressor(payload, codecs),
     }
+}
+
+/// Decrypts a streamed encrypted payload with `keys` (the object's metadata is `meta`): the
+/// first step of [`decoder`], for a reader that runs the steps on threads of their own.
+pub fn decrypter<'a, R: std::io::Read + 'a>(
+    payload: R,
+    keys: Option<&'a Identities>,
+    meta: &serde_json::Value,
+) -> Result<Box<dyn std::io::Read + 'a>, EnvelopeError> {
+    let keys = keys.ok_or_else(|| EnvelopeError::NoIdentity { recipients: recipients_of(meta) })?;
+    keys.reader(payload).map_err(|r| EnvelopeError::refused(r, meta, keys))
 }
 
 /// Undoes the compression of a streamed payload.

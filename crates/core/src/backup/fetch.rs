@@ -58,6 +58,46 @@ impl Read for QueueReader {
     }
 }
 
+/// The sending end of a queue of chunks read ahead by a thread of a part's pipeline.
+type Chunks = std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>;
+
+/// The reader a step of a part's pipeline opened, or `None` when it could not be opened: the
+/// error is then sent on (the part fails) and kept in `opening` (for what the caller reports).
+fn opened<'a>(
+    r: Result<Box<dyn Read + 'a>, envelope::EnvelopeError>,
+    tx: &Chunks,
+    opening: &std::sync::Mutex<Option<envelope::EnvelopeError>>,
+) -> Option<Box<dyn Read + 'a>> {
+    match r {
+        Ok(r) => Some(r),
+        Err(e) => {
+            let _ = tx.send(Err(std::io::Error::other(e.to_string())));
+            *opening.lock().unwrap() = Some(e);
+            None
+        }
+    }
+}
+
+/// Reads `r` to its end in 1 MiB chunks into `tx`; an error is sent and ends it, and so does a
+/// receiver that hung up (the extraction stopped). The end is the hang-up of `tx`.
+fn pump(mut r: impl Read, tx: &Chunks) {
+    loop {
+        let mut buf = Vec::with_capacity(1 << 20);
+        match (&mut r).take(1 << 20).read_to_end(&mut buf) {
+            Ok(_) if buf.is_empty() => return,
+            Ok(_) => {
+                if tx.send(Ok(buf)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
 /// Counts what passes through it, and hashes it too when asked (verification).
 pub(super) struct CountingReader<R> {
     pub(super) inner: R,
@@ -205,35 +245,33 @@ pub(super) fn extract_part(
     let opening_ref = &opening;
     let n = std::thread::scope(|scope| -> Result<(u64, Option<[u8; 32]>), BackupError> {
         // Decompression runs on its own thread, a few MiB ahead of this one (which checksums and
-        // writes): a part whose sibling parts are done still uses two cores.
+        // writes): a part whose sibling parts are done still uses two cores. Decryption, when
+        // the part is encrypted, on a third, ahead of decompression.
         let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(4);
-        scope.spawn(move || {
-            let buffered = std::io::BufReader::with_capacity(1 << 20, payload_ref);
-            let mut decompressed = match envelope::decoder(buffered, &codecs, keys, &meta) {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = tx.send(Err(std::io::Error::other(e.to_string())));
-                    *opening_ref.lock().unwrap() = Some(e);
-                    return;
+        if codecs.last() == Some(&crate::crypt::AGE) {
+            let rest = codecs[..codecs.len() - 1].to_vec();
+            let (ptx, prx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(4);
+            scope.spawn(move || {
+                let buffered = std::io::BufReader::with_capacity(1 << 20, payload_ref);
+                if let Some(plain) = opened(envelope::decrypter(buffered, keys, &meta), &ptx, opening_ref) {
+                    pump(plain, &ptx);
                 }
-            };
-            loop {
-                let mut buf = Vec::with_capacity(1 << 20);
-                let r = (&mut decompressed).take(1 << 20).read_to_end(&mut buf).map(|_| buf);
-                match r {
-                    Ok(b) if b.is_empty() => return, // the end: the receiver sees the hang-up
-                    Ok(b) => {
-                        if tx.send(Ok(b)).is_err() {
-                            return; // the extraction stopped
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
+            });
+            scope.spawn(move || {
+                let plain =
+                    std::io::BufReader::with_capacity(1 << 20, QueueReader { rx: prx, cur: Vec::new(), pos: 0 });
+                if let Some(d) = opened(envelope::decompressor(plain, &rest), &tx, opening_ref) {
+                    pump(d, &tx);
                 }
-            }
-        });
+            });
+        } else {
+            scope.spawn(move || {
+                let buffered = std::io::BufReader::with_capacity(1 << 20, payload_ref);
+                if let Some(d) = opened(envelope::decompressor(buffered, &codecs), &tx, opening_ref) {
+                    pump(d, &tx);
+                }
+            });
+        }
         // Counts, does not hash: every file's content is checked against its SHA-256 in the
         // (itself checksummed) manifest, tar headers are checked by the parser and against the
         // manifest's paths and sizes, and nothing else in the tar is written. Hashing the whole
