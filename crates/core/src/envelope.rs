@@ -1197,12 +1197,17 @@ impl<W: std::io::Write> std::io::Write for Compressor<W> {
     }
 }
 
+/// The read-ahead buffer of a [`PayloadReader`] (far longer than any trailer).
+const PAYLOAD_BUF: usize = 256 << 10;
+
 /// Reads a streamed object's payload: parses the header, withholds the trailer, and exposes the
 /// trailer once the payload is exhausted.
 pub struct PayloadReader<R> {
     inner: R,
+    /// Read ahead: `buf[pos..end]` is unread.
     buf: Vec<u8>,
     pos: usize,
+    end: usize,
     eof: bool,
     pub codecs: Vec<u8>,
     pub meta: serde_json::Value,
@@ -1250,21 +1255,24 @@ impl<R: std::io::Read> PayloadReader<R> {
         let trailer = trailer_len(head[4], &codecs);
         let sealed = codecs.last() == Some(&AGE);
         let payload_hash = sealed.then(|| StoredHasher::new(head[4]));
-        Ok(PayloadReader { inner, buf: Vec::new(), pos: 0, eof: false, codecs, meta, trailer, sealed, payload_hash })
+        let buf = vec![0; PAYLOAD_BUF];
+        Ok(PayloadReader { inner, buf, pos: 0, end: 0, eof: false, codecs, meta, trailer, sealed, payload_hash })
     }
 
+    /// Reads more when no more than the trailer's length is left unread, into the buffer
+    /// itself (what is left, a few bytes, moved to its start first).
     fn fill(&mut self) -> std::io::Result<()> {
-        if self.pos > 0 && self.pos >= self.buf.len() / 2 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
-        }
-        while !self.eof && self.buf.len() - self.pos <= self.trailer {
-            let mut chunk = [0u8; 64 * 1024];
-            let n = self.inner.read(&mut chunk)?;
+        while !self.eof && self.end - self.pos <= self.trailer {
+            if self.pos > 0 {
+                self.buf.copy_within(self.pos..self.end, 0);
+                self.end -= self.pos;
+                self.pos = 0;
+            }
+            let n = self.inner.read(&mut self.buf[self.end..])?;
             if n == 0 {
                 self.eof = true;
             } else {
-                self.buf.extend_from_slice(&chunk[..n]);
+                self.end += n;
             }
         }
         Ok(())
@@ -1274,7 +1282,7 @@ impl<R: std::io::Read> PayloadReader<R> {
     /// encrypted object's payload is checked against its SHA-256 here.
     pub fn trailer(&mut self) -> Result<(u64, [u8; 32]), EnvelopeError> {
         self.fill().map_err(|e| EnvelopeError::Corrupt(e.to_string()))?;
-        let rest = &self.buf[self.pos..];
+        let rest = &self.buf[self.pos..self.end];
         if !self.eof || rest.len() != self.trailer {
             return Err(EnvelopeError::Corrupt(format!(
                 "{} bytes after the payload, expected {}",
@@ -1310,9 +1318,9 @@ impl<R: std::io::Read> PayloadReader<R> {
 impl<R: std::io::Read> std::io::Read for PayloadReader<R> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         self.fill()?;
-        let available = (self.buf.len() - self.pos).saturating_sub(self.trailer);
+        let available = (self.end - self.pos).saturating_sub(self.trailer);
         if available == 0 {
-            if self.eof && self.buf.len() - self.pos < self.trailer {
+            if self.eof && self.end - self.pos < self.trailer {
                 return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "object shorter than its trailer"));
             }
             return Ok(0);

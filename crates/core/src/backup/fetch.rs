@@ -45,16 +45,30 @@ pub(super) struct QueueReader {
 
 impl Read for QueueReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = {
+            let chunk = std::io::BufRead::fill_buf(self)?;
+            let n = buf.len().min(chunk.len());
+            buf[..n].copy_from_slice(&chunk[..n]);
+            n
+        };
+        std::io::BufRead::consume(self, n);
+        Ok(n)
+    }
+}
+
+/// Read in place: a decompressor reads each chunk where it is.
+impl std::io::BufRead for QueueReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         while self.pos == self.cur.len() {
             match self.rx.recv() {
                 Ok(chunk) => (self.cur, self.pos) = (chunk?, 0),
-                Err(_) => return Ok(0),
+                Err(_) => return Ok(&[]),
             }
         }
-        let n = buf.len().min(self.cur.len() - self.pos);
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
+        Ok(&self.cur[self.pos..])
+    }
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.cur.len());
     }
 }
 
@@ -251,15 +265,15 @@ pub(super) fn extract_part(
         if codecs.last() == Some(&crate::crypt::AGE) {
             let rest = codecs[..codecs.len() - 1].to_vec();
             let (ptx, prx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(4);
+            // age reads whole chunks from the payload's own buffer; decompression reads the
+            // decrypted chunks where they are.
             scope.spawn(move || {
-                let buffered = std::io::BufReader::with_capacity(1 << 20, payload_ref);
-                if let Some(plain) = opened(envelope::decrypter(buffered, keys, &meta), &ptx, opening_ref) {
+                if let Some(plain) = opened(envelope::decrypter(payload_ref, keys, &meta), &ptx, opening_ref) {
                     pump(plain, &ptx);
                 }
             });
             scope.spawn(move || {
-                let plain =
-                    std::io::BufReader::with_capacity(1 << 20, QueueReader { rx: prx, cur: Vec::new(), pos: 0 });
+                let plain = QueueReader { rx: prx, cur: Vec::new(), pos: 0 };
                 if let Some(d) = opened(envelope::decompressor(plain, &rest), &tx, opening_ref) {
                     pump(d, &tx);
                 }
