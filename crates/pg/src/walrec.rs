@@ -365,16 +365,18 @@ struct Stream<'a> {
     seg_size: u64,
 }
 
-enum Read {
-    Bytes(Vec<u8>),
+enum Read<'a> {
+    /// Borrowed from the segment when the bytes lie within one page (most records), else
+    /// gathered across page headers.
+    Bytes(std::borrow::Cow<'a, [u8]>),
     /// Ran past the data available.
     Eof,
     Invalid(String),
 }
 
-impl Stream<'_> {
+impl<'a> Stream<'a> {
     /// `n` bytes at `lsn`, within one page (so within one segment).
-    fn slice(&self, lsn: u64, n: usize) -> Option<&[u8]> {
+    fn slice(&self, lsn: u64, n: usize) -> Option<&'a [u8]> {
         let off = lsn.checked_sub(self.seg_start)?;
         let (buf, o) = if off < self.seg_size {
             (self.seg, off.checked_sub(self.seg_off)?)
@@ -416,7 +418,15 @@ impl Stream<'_> {
 
     /// Reads `len` bytes of a record starting at `lsn`, crossing page headers. `total` is the
     /// record's total length and `done` how much of it came before `lsn` (for xlp_rem_len).
-    fn read(&self, mut lsn: u64, len: usize, total: u32, mut done: u32) -> (Read, u64) {
+    fn read(&self, mut lsn: u64, len: usize, total: u32, mut done: u32) -> (Read<'a>, u64) {
+        let in_page = (lsn % XLOG_BLCKSZ as u64) as usize;
+        if in_page != 0 && in_page + len <= XLOG_BLCKSZ {
+            // Within this page: no page header to check or skip, nothing to copy.
+            return match self.slice(lsn, len) {
+                Some(b) => (Read::Bytes(b.into()), lsn + len as u64),
+                None => (Read::Eof, lsn),
+            };
+        }
         let mut out = Vec::with_capacity(len);
         while out.len() < len {
             let in_page = (lsn % XLOG_BLCKSZ as u64) as usize;
@@ -437,7 +447,7 @@ impl Stream<'_> {
             lsn += want as u64;
             done += want as u32;
         }
-        (Read::Bytes(out), lsn)
+        (Read::Bytes(out.into()), lsn)
     }
 }
 
@@ -1091,7 +1101,7 @@ fn walk<F: FnMut(&Record<'_>, Option<u64>)>(
         }
         let start = lsn;
         let tot_len = match s.read(start, 4, 0, 0) {
-            (Read::Bytes(b), _) => u32::from_le_bytes(b.try_into().expect("4")),
+            (Read::Bytes(b), _) => u32::from_le_bytes(b[..].try_into().expect("4")),
             (Read::Eof, _) => {
                 d.end = End::ContinuesIntoNext;
                 return;
