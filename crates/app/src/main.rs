@@ -27,6 +27,11 @@ fn main() -> std::process::ExitCode {
             std::process::exit(i32::from(exit::FATAL));
         }));
     }
+    // The prefetcher only works ahead of a recovery: it yields the CPU to the server it serves.
+    // Set before the runtime's threads start, which inherit it (Linux: a nice value per thread).
+    if matches!(cli.command, cli::Command::WalPrefetch { .. }) {
+        let _ = rustix::process::setpriority_process(None, PREFETCH_NICE);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -39,6 +44,9 @@ fn main() -> std::process::ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     code.into()
 }
+
+/// The nice value of the detached prefetcher (`walnut wal-prefetch`).
+const PREFETCH_NICE: i32 = 10;
 
 fn init_logging(cli: &cli::Cli) {
     use std::io::IsTerminal;

@@ -1,22 +1,24 @@
 //! The local S3-compatible test server as a standalone process, for scripts (bench/wal.sh).
 //!
 //! ```text
-//! walnut-s3-server [--port N] [--exit-after SECS] [--stop-on-stdin-eof]
+//! walnut-s3-server [--port N] [--exit-after SECS] [--stop-on-stdin-eof] [--tls DIR]
 //! ```
 //! Prints `endpoint=http://127.0.0.1:PORT`, `bucket=walnut`, `data_dir=...` and `bucket_dir=...`,
-//! one per line, then serves until SIGTERM or SIGINT (or stdin closes, or `--exit-after` passes).
+//! one per line (with `--tls DIR`, also `https_endpoint=https://127.0.0.1:PORT` and `ca_file=...`:
+//! a TLS front, with a self-signed certificate made in DIR by `openssl`, forwarding to the server), then serves until SIGTERM or SIGINT (or stdin closes, or `--exit-after` passes).
 //! The port can also be given as `WALNUT_S3_PORT`. The data directory is removed on exit.
 
 use std::io::Write;
 use std::time::Duration;
 use walnut_testkit::s3::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
 
-const USAGE: &str = "usage: walnut-s3-server [--port N] [--exit-after SECS] [--stop-on-stdin-eof]";
+const USAGE: &str = "usage: walnut-s3-server [--port N] [--exit-after SECS] [--stop-on-stdin-eof] [--tls DIR]";
 
 fn main() {
     let mut port: u16 = std::env::var("WALNUT_S3_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(0);
     let mut exit_after: Option<u64> = None;
     let mut stdin_eof = false;
+    let mut tls: Option<std::path::PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |what: &str| -> u64 {
@@ -29,6 +31,12 @@ fn main() {
             "--port" => port = u16::try_from(value("--port")).unwrap_or_else(|_| panic!("--port: not a port")),
             "--exit-after" => exit_after = Some(value("--exit-after")),
             "--stop-on-stdin-eof" => stdin_eof = true,
+            "--tls" => {
+                tls = Some(args.next().map(Into::into).unwrap_or_else(|| {
+                    eprintln!("--tls needs a directory\n{USAGE}");
+                    std::process::exit(2)
+                }))
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return;
@@ -52,6 +60,10 @@ fn main() {
     };
 
     let server = S3Server::start_on(port);
+    let front = tls.map(|dir| {
+        let cert = walnut_testkit::tls::TlsCert::self_signed(&dir);
+        (walnut_testkit::tls::TlsFront::start(server.addr(), &cert), cert.ca)
+    });
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "endpoint={}", server.endpoint());
@@ -60,6 +72,10 @@ fn main() {
         let _ = writeln!(out, "secret_access_key={SECRET_KEY}");
         let _ = writeln!(out, "data_dir={}", server.root().display());
         let _ = writeln!(out, "bucket_dir={}", server.bucket_dir().display());
+        if let Some((front, ca)) = &front {
+            let _ = writeln!(out, "https_endpoint={}", front.endpoint());
+            let _ = writeln!(out, "ca_file={}", ca.display());
+        }
         let _ = out.flush();
     }
 
@@ -90,6 +106,7 @@ fn main() {
         }
     });
     eprintln!("walnut-s3-server: stopping ({why})");
+    drop(front);
     drop(server); // stops serving and removes the data directory
     rt.shutdown_background();
     std::process::exit(0);
