@@ -58,12 +58,15 @@ else S3_NOTE="S3 skipped (SKIP_S3)"; fi
 
 # ---------------------------------------------------------------- S3 server (loopback)
 if ((HAVE_S3)); then
-  TMPDIR=$W/s3tmp "$W/bin/walnut-s3-server" --exit-after 7200 >"$W/s3.out" 2>"$W/s3.err" 9>&- &
+  # S3_TLS=1: an HTTPS front too (S3_HTTPS, its certificate S3_CA), for tools that need https.
+  TMPDIR=$W/s3tmp "$W/bin/walnut-s3-server" --exit-after 7200 ${S3_TLS:+--tls "$W/tls"} >"$W/s3.out" 2>"$W/s3.err" 9>&- &
   S3_PID=$!
   for _ in $(seq 100); do grep -q '^bucket_dir=' "$W/s3.out" && break; sleep 0.1; done
   S3_ENDPOINT=$(sed -n 's/^endpoint=//p' "$W/s3.out") S3_BUCKET_DIR=$(sed -n 's/^bucket_dir=//p' "$W/s3.out")
   S3_ID=$(sed -n 's/^access_key_id=//p' "$W/s3.out") S3_SECRET=$(sed -n 's/^secret_access_key=//p' "$W/s3.out")
   [[ -n $S3_BUCKET_DIR && -n $S3_ID ]] || die "S3 server did not start: $(cat "$W/s3.err")"
+  S3_HTTPS=$(sed -n 's/^https_endpoint=//p' "$W/s3.out") S3_CA=$(sed -n 's/^ca_file=//p' "$W/s3.out")
+  [[ -z ${S3_TLS:-} || -n $S3_HTTPS ]] || die "the S3 server's TLS front did not start: $(cat "$W/s3.err")"
 fi
 
 # walnut_conf NAME REPO: writes a config, prints its path
