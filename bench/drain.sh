@@ -183,7 +183,12 @@ drain() { # DS TARGET ROUND
   c0=$(machine_cpu) t0=$EPOCHREALTIME
   run_start
   end=$((SECONDS + STEP_TIMEOUT))
-  while (($(ready_count) > 0)); do ((SECONDS < end)) || die "$ds $t: not drained in $STEP_TIMEOUT s"; sleep 0.05; done
+  while (($(ready_count) > 0)); do
+    ((SECONDS < end)) || die "$ds $t: not drained in $STEP_TIMEOUT s"
+    # An archive command that fails three times in a row is not going to drain: say why, now.
+    ! grep -q 'failed too many times' "$RUN.log" || { grep -v '^\s*$' "$RUN.log" | tail -6 >&2; die "$ds $t: the archive command fails"; }
+    sleep 0.05
+  done
   t1=$EPOCHREALTIME c1=$(machine_cpu)
   [[ -n $CG ]] && g=$(cat "$CG/cpuacct.usage")
   failed=$(run_sql "SELECT failed_count FROM pg_stat_archiver")
@@ -223,7 +228,7 @@ done
 # ---------------------------------------------------------------- report
 # col FILE N: median [min-max] of column N over the runs
 stat_of() { # FILE EXPR(awk, of $1..$5): median min max
-  awk "{print $2}" "$1" | sort -g | awk '{a[NR] = $1} END {printf "%.2f %.2f %.2f", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2, a[1], a[NR]}'
+  awk "{print $2}" "$1" | sort -g | awk '{a[NR] = $1} END {printf "%.2f %.2f %.2f\n", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2, a[1], a[NR]}'
 }
 GIB='($2 * 16 / 1024)'
 echo
@@ -232,7 +237,7 @@ echo "a backlog of ~$BACKLOG_MB MB of .ready segments per dataset, drained by ea
 echo "CPU s/GiB: whole machine (/proc/stat) and the server's tree ($CG_NOTE)"
 for ds in $DATASETS; do
   echo "-- $ds"
-  printf '  %-16s %9s %22s %26s %26s %7s\n' target segments "drain s" "segments/s" "machine CPU s/GiB" "tree CPU s/GiB" failed
+  printf '  %-16s %9s %22s %22s %26s %26s %7s\n' target segments "drain s" "segments/s" "machine CPU s/GiB" "tree CPU s/GiB" failed
   for t in "${TARGETS[@]}"; do
     f=$R/$ds.$t.runs
     [[ -s $f ]] || continue
@@ -240,7 +245,7 @@ for ds in $DATASETS; do
     read -r rm rlo rhi < <(stat_of "$f" '$2 / $1')
     read -r cm clo chi < <(stat_of "$f" "\$3 / $GIB")
     read -r gm glo ghi < <(stat_of "$f" "\$4 / $GIB")
-    printf '  %-16s %9s %22s %26s %26s %7s\n' "$t" "$(head -1 "$f" | cut -d' ' -f2)" "$sm [$slo-$shi]" "$rm [$rlo-$rhi]" "$cm [$clo-$chi]" \
+    printf '  %-16s %9s %22s %22s %26s %26s %7s\n' "$t" "$(head -1 "$f" | cut -d' ' -f2)" "$sm [$slo-$shi]" "$rm [$rlo-$rhi]" "$cm [$clo-$chi]" \
       "$( [[ -n $CG_ROOT ]] && echo "$gm [$glo-$ghi]" || echo n/a)" "$(awk '{s += $5} END {print s}' "$f")"
     echo "$rm $cm $gm" >"$R/$ds.$t.med"
   done
@@ -249,9 +254,12 @@ for ds in $DATASETS; do
       a=$R/$ds.walnut-$kind-ua$n.med b=$R/$ds.pgbr-$kind-pm$n.med
       [[ -s $a && -s $b ]] || continue
       read -r ar ac ag <"$a"; read -r br bc bg <"$b"
-      awk -v k="$kind" -v n="$n" -v ar="$ar" -v br="$br" -v ac="$ac" -v bc="$bc" -v ag="$ag" -v bg="$bg" 'BEGIN {
+      awk -v k="$kind" -v n="$n" -v ar="$ar" -v br="$br" -v ac="$ac" -v bc="$bc" -v ag="$ag" -v bg="$bg" -v cores="$(nproc)" 'BEGIN {
         printf "  %s, %d at a time: walnut drains %.2fx pgBackRest'"'"'s speed at %.2fx its machine CPU per GiB and %.2fx its server-tree CPU (goal >= 2x at <= 1x: %s)\n",
-          k, n, ar / br, ac / bc, (bg > 0 ? ag / bg : 0), (ar / br >= 2 && ac / bc <= 1 ? "met" : "NOT met") }'
+          k, n, ar / br, ac / bc, (bg > 0 ? ag / bg : 0), (ar / br >= 2 && ac / bc <= 1 ? "met" : "NOT met")
+        # What the goal asks of the machine: at twice the speed and the same CPU per GiB, twice the busy cores.
+        printf "    pgBackRest keeps %.2f cores busy (machine CPU / drain time); twice its speed at its CPU per GiB needs %.2f cores, the machine has %d\n",
+          bc * br * 16 / 1024, 2 * bc * br * 16 / 1024, cores }'
     done
   done
 done

@@ -61,7 +61,7 @@ fn main() {
 
     let server = S3Server::start_on(port);
     let front = tls.map(|dir| {
-        let cert = walnut_testkit::tls::TlsCert::self_signed(&dir);
+        let cert = walnut_testkit::tls::TlsCert::ca_signed(&dir);
         (walnut_testkit::tls::TlsFront::start(server.addr(), &cert), cert.ca)
     });
     {
