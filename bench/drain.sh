@@ -23,8 +23,8 @@
 # Live phase (pgbench dataset): the snapshot with its backlog marked archived, started with a
 # target's archive_command (the first UA figure) under pgbench -N (CLIENTS clients, LIVE_SECS s,
 # synchronous_commit off as in every bench cluster: the database keeps both cores busy). A sampler
-# sees every .ready file and when it goes: archive lag = gone - the .ready file's mtime (when
-# PostgreSQL asked for it), p50/p99/max. What archiving takes from the database: tps against the
+# sees each segment's .done file appear: archive lag = then - its mtime (the .ready file's, kept by
+# the rename: when PostgreSQL asked for the segment), p50/p99/max. What archiving takes from the database: tps against the
 # `true` target of the same round, and the archiver's CPU (cgroup) per GiB of WAL and in cores.
 #
 # Knobs: BACKLOG_MB=1024, REPEAT=3 (interleaved rounds), DATASETS="pgbench realistic", UA="2 4"
@@ -180,20 +180,22 @@ make_backlog() { # DS: PGDATA (running, archiving to /bin/true) becomes the snap
 # ---------------------------------------------------------------- one drain
 machine_cpu() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 cg_begin() { [[ -z $ACG ]] && return; CG=$ACG; mkdir -p "$CG"; chown postgres:postgres "$CG/cgroup.procs"; }
-cg_end() { # NAME: CG_NS = the archiver's CPU ns (0 without a cgroup); what the archive commands started is stopped first
+# cg_end NAME: CG_NS = the archiver's CPU ns (0 without a cgroup). What the archive commands started
+# (the worker, pgBackRest's async process) may outlive the server: it is stopped first, and what it
+# spent until then counts.
+cg_end() {
   local name=$1
   CG_NS=0
   pkill -f -- "--config $W/conf/$name.toml" 2>/dev/null || true
   pkill -f "pgbackrest --config=$W/pgbr/$name.conf" 2>/dev/null || true
   if [[ -n $CG ]]; then
-    for _ in $(seq 100); do [[ -s $CG/cgroup.procs ]] || break; sleep 0.1; done
+    # (cgroup files have no size: -s would not wait)
+    for _ in $(seq 100); do [[ -n $(cat "$CG/cgroup.procs") ]] || break; sleep 0.1; done
     CG_NS=$(cat "$CG/cpuacct.usage")
     rmdir "$CG" 2>/dev/null || { xargs -r kill -9 <"$CG/cgroup.procs"; sleep 0.5; rmdir "$CG"; }
     CG=''
   fi
 }
-# The archiver's CPU in one cgroup is read once its processes are gone: the worker or async process
-# outliving the run is stopped (cg_end) after the server, and what it spent until then counts.
 fresh_run() { # DS: a copy of the snapshot at $RUN
   rm -rf "$RUN" "$RUN.log"
   cp -a "$W/$1/snap" "$RUN"
@@ -314,7 +316,7 @@ for ds in $DATASETS; do
       for t in "${LIVE_TARGETS[@]}"; do live "$t" "L$r"; done
     done
   fi
-  rm -rf "$W/$ds/snap" "$RUN" "$W/repo" "$W/arch" "$S3_BUCKET_DIR"/* "$W/pgbr/$ds"-* "$W/pgbr/spool-$ds"-*
+  rm -rf "$W/$ds/snap" "$RUN" "$W/repo" "$W/arch" ${S3_BUCKET_DIR:+"$S3_BUCKET_DIR"/*} "$W/pgbr/$ds"-* "$W/pgbr/spool-$ds"-*
 done
 
 # ---------------------------------------------------------------- report
